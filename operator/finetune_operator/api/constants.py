@@ -1,0 +1,106 @@
+"""Names that the API, the renderer, the operator and the worker must agree on.
+
+They are constants rather than literals scattered through the code because a typo in a label key or a
+condition reason is a silent bug: the operator would simply never see its own children.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "finetune.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAME: Final = "ftj"
+CATEGORY: Final = "finetune"
+
+#: The value of ``app.kubernetes.io/managed-by`` on everything we create.
+MANAGER: Final = "finetune-operator"
+#: ``app.kubernetes.io/name`` on every child.
+APP_NAME: Final = "finetune-operator"
+
+# Labels on every child object (and every pod template).
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_JOB: Final = f"{GROUP}/job"
+LABEL_STAGE: Final = f"{GROUP}/stage"
+LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+
+# Annotations.
+ANNOTATION_SPEC_HASH: Final = f"{GROUP}/spec-hash"
+ANNOTATION_ATTEMPT: Final = f"{GROUP}/attempt"
+
+# Default images (overridable per job with ``spec.image``/``spec.serve.image`` and per install with Helm values).
+DEFAULT_WORKER_IMAGE: Final = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
+DEFAULT_VLLM_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
+#: ServiceAccount that progress-reporting worker pods run as (allowed only to patch finetunejobs/status).
+DEFAULT_WORKER_SERVICE_ACCOUNT: Final = "finetune-worker"
+
+VLLM_PORT: Final = 8000
+
+
+class ConditionType:
+    """Condition types in ``status.conditions`` (Kubernetes API conventions: positive polarity)."""
+
+    READY: Final = "Ready"
+    """The model is served: the vLLM Deployment is available (or, without serve, the pipeline succeeded)."""
+    SUCCEEDED: Final = "Succeeded"
+    """Every stage up to (not including) serving finished successfully."""
+    FAILED: Final = "Failed"
+    """The job cannot make progress without a change: invalid spec or a stage out of retries."""
+    SUSPENDED: Final = "Suspended"
+    """``spec.suspend`` is true and the running workload is suspended."""
+    PROGRESSING: Final = "Progressing"
+    """A stage is running (or waiting to be admitted)."""
+
+    ALL: Final = (READY, SUCCEEDED, FAILED, SUSPENDED, PROGRESSING)
+
+
+class Reason:
+    """``reason`` values of conditions and events: CamelCase, stable, documented."""
+
+    INVALID_SPEC: Final = "InvalidSpec"
+    IMMUTABLE_FIELD: Final = "ImmutableField"
+    STAGE_STARTED: Final = "StageStarted"
+    STAGE_RUNNING: Final = "StageRunning"
+    STAGE_SUCCEEDED: Final = "StageSucceeded"
+    STAGE_FAILED: Final = "StageFailed"
+    STAGE_RETRYING: Final = "StageRetrying"
+    RETRIES_EXHAUSTED: Final = "RetriesExhausted"
+    CHILD_MISSING: Final = "ChildMissing"
+    CHILD_RECREATED: Final = "ChildRecreated"
+    SUSPENDED: Final = "Suspended"
+    RESUMED: Final = "Resumed"
+    PIPELINE_SUCCEEDED: Final = "PipelineSucceeded"
+    SERVING: Final = "Serving"
+    SERVE_PENDING: Final = "ServePending"
+    SCALED: Final = "Scaled"
+    PENDING: Final = "Pending"
+
+
+class State:
+    """``status.state``: one word for ``kubectl get ftj``."""
+
+    PENDING: Final = "Pending"
+    RUNNING: Final = "Running"
+    SUSPENDED: Final = "Suspended"
+    SERVING: Final = "Serving"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+
+
+class StageState:
+    """``status.stages[].state``."""
+
+    PENDING: Final = "Pending"
+    RUNNING: Final = "Running"
+    SUSPENDED: Final = "Suspended"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    RETRYING: Final = "Retrying"

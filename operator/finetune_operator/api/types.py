@@ -1,0 +1,473 @@
+"""The FineTuneJob API (``finetune.dev/v1alpha1``) as pydantic v2 models.
+
+These models are the single source of truth: the CRD in ``crds/`` is generated from them (``ftctl crd``),
+the renderer and the operator consume them, and their field descriptions become ``kubectl explain`` text.
+Fields are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+
+Only *shape* rules live here (types, enums, bounds, unknown fields). Rules that need the whole object
+(dataset names declared, ranking data for preference stages, derived name lengths, LLaMA-Factory argument
+checks) live in :mod:`finetune_operator.validation`, which reports every problem at once with its path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Backend = Literal["job", "pytorchjob", "deepspeedjob"]
+Hub = Literal["huggingface", "modelscope"]
+Formatting = Literal["sharegpt", "alpaca"]
+StageType = Literal["pt", "sft", "rm", "dpo", "kto"]
+Method = Literal["full", "freeze", "lora", "qlora"]
+
+#: Stages trained on preference pairs (``ranking: true`` datasets); the others need plain data.
+#: kto is special-cased in validation: it takes plain data with a ``ktoTag`` column.
+PREFERENCE_STAGES: frozenset[str] = frozenset({"rm", "dpo"})
+ADAPTER_METHODS: frozenset[str] = frozenset({"lora", "qlora"})
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: Dataset names become keys of dataset_info.json and LF's ``dataset`` list: no commas, no path separators.
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=False,
+        use_attribute_docstrings=True,
+    )
+
+
+class VolumeRef(_Model):
+    """A PersistentVolumeClaim, and optionally a path inside it."""
+
+    claim_name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Name of a PersistentVolumeClaim in the FineTuneJob's namespace."""
+    sub_path: str | None = Field(default=None, max_length=1024)
+    """Relative path inside the volume (a folder for models and outputs, a file for datasets)."""
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the FineTuneJob's namespace. Its value only ever reaches pods as an env var."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret."""
+    key: str = Field(min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
+class ModelSpec(_Model):
+    """The base model."""
+
+    source: str | None = Field(default=None, max_length=512)
+    """Hub id to download once into ``volume`` (e.g. ``Qwen/Qwen2-7B-Instruct``). Omit when the model is
+    already on the volume."""
+    hub: Hub = "huggingface"
+    """Where ``source`` is downloaded from: ``huggingface`` or ``modelscope``."""
+    revision: str | None = Field(default=None, max_length=256)
+    """Hub revision (branch, tag or commit) to download; the hub's default branch when omitted."""
+    volume: VolumeRef
+    """Where the model lives (or is downloaded to)."""
+    template: str = Field(min_length=1, max_length=64)
+    """LLaMA-Factory chat template (``qwen``, ``llama3``, ...)."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Hub token for gated models, passed to the download pod as an environment variable only."""
+
+
+class DatasetColumns(_Model):
+    """Column names in the data file (LLaMA-Factory's ``columns``); omitted ones take LLaMA-Factory's defaults."""
+
+    prompt: str | None = Field(default=None, max_length=128)
+    """alpaca: instruction column."""
+    query: str | None = Field(default=None, max_length=128)
+    """alpaca: input column."""
+    response: str | None = Field(default=None, max_length=128)
+    """alpaca: output column."""
+    history: str | None = Field(default=None, max_length=128)
+    """alpaca: history column."""
+    messages: str | None = Field(default=None, max_length=128)
+    """sharegpt: messages column."""
+    system: str | None = Field(default=None, max_length=128)
+    """System prompt column."""
+    tools: str | None = Field(default=None, max_length=128)
+    """sharegpt: tool description column."""
+    chosen: str | None = Field(default=None, max_length=128)
+    """Preference data: chosen answer column."""
+    rejected: str | None = Field(default=None, max_length=128)
+    """Preference data: rejected answer column."""
+    kto_tag: str | None = Field(default=None, max_length=128)
+    """KTO data: boolean label column."""
+
+
+class DatasetTags(_Model):
+    """sharegpt role/content tags (LLaMA-Factory's ``tags``)."""
+
+    role_tag: str | None = Field(default=None, max_length=128)
+    """Key holding the role in each message."""
+    content_tag: str | None = Field(default=None, max_length=128)
+    """Key holding the text in each message."""
+    user_tag: str | None = Field(default=None, max_length=128)
+    """Role value of user messages."""
+    assistant_tag: str | None = Field(default=None, max_length=128)
+    """Role value of assistant messages."""
+    observation_tag: str | None = Field(default=None, max_length=128)
+    """Role value of tool results."""
+    function_tag: str | None = Field(default=None, max_length=128)
+    """Role value of tool calls."""
+    system_tag: str | None = Field(default=None, max_length=128)
+    """Role value of system messages."""
+
+
+class DatasetSpec(_Model):
+    """A dataset file on a volume, described the way LLaMA-Factory's ``dataset_info.json`` does."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DATASET_NAME_PATTERN)
+    """Name that stages refer to."""
+    volume: VolumeRef
+    """Claim and path of the data file (json or jsonl) or folder."""
+    formatting: Formatting = "alpaca"
+    """``alpaca`` (default) or ``sharegpt``."""
+    ranking: bool = False
+    """Preference pairs (chosen/rejected) for rm and dpo stages."""
+    columns: DatasetColumns | None = None
+    """Column mapping; LLaMA-Factory's defaults when omitted."""
+    tags: DatasetTags | None = None
+    """sharegpt role/content tags; LLaMA-Factory's defaults when omitted."""
+
+
+class OutputSpec(_Model):
+    """Where checkpoints, adapters and the merged model are written: ``<claim>/<subPath>/<job>/<stage>/``."""
+
+    volume: VolumeRef
+    """The output volume (ReadWriteMany when training spans several nodes)."""
+
+
+class LoraSpec(_Model):
+    """LoRA hyper-parameters (methods ``lora`` and ``qlora``)."""
+
+    rank: int = Field(default=8, ge=1, le=1024)
+    """LoRA rank (``lora_rank``)."""
+    alpha: int | None = Field(default=None, ge=1, le=4096)
+    """LoRA alpha (``lora_alpha``); LLaMA-Factory uses 2 x rank when omitted."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """LoRA dropout (``lora_dropout``)."""
+    target: str | list[str] = Field(default="all")
+    """Modules to adapt: ``all``, a comma-separated string or a list of module names."""
+
+
+class DeepSpeedSpec(_Model):
+    """DeepSpeed ZeRO configuration generated for the stage."""
+
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    """ZeRO stage 0-3."""
+    offload: bool = False
+    """Offload optimizer state to CPU (and, with ZeRO-3, parameters too)."""
+
+
+class ResourcesSpec(_Model):
+    """Size of a stage: nodes, GPUs per node, and CPU/memory requests of each pod."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Number of nodes (pods); more than one needs the pytorchjob or deepspeedjob backend, or an Indexed Job."""
+    gpus_per_node: int = Field(default=1, ge=0, le=64)
+    """GPUs per pod (``nvidia.com/gpu``); 0 runs on CPU (tests, tiny models)."""
+    cpu: str | None = Field(default=None, max_length=32)
+    """CPU request and limit of each pod (a Kubernetes quantity)."""
+    memory: str | None = Field(default=None, max_length=32)
+    """Memory request and limit of each pod (a Kubernetes quantity)."""
+
+
+class StageSpec(_Model):
+    """One training stage, run by ``llamafactory-cli train``."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """Stage name (DNS label): used in child object names and output paths."""
+    type: StageType
+    """LLaMA-Factory stage: pt, sft, rm, dpo or kto (ORPO/SimPO: type dpo with ``args.pref_loss``)."""
+    datasets: list[str] = Field(min_length=1, max_length=32)
+    """Names of entries of ``spec.datasets`` to train on."""
+    method: Method = "lora"
+    """Fine-tuning method: full, freeze, lora or qlora (LoRA on a 4-bit quantized base)."""
+    lora: LoraSpec | None = None
+    """LoRA settings (lora and qlora only)."""
+    deepspeed: DeepSpeedSpec | None = None
+    """Generate a DeepSpeed ZeRO config for this stage."""
+    resources: ResourcesSpec | None = None
+    """Nodes, GPUs, CPU and memory; one node with one GPU when omitted."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Any other LLaMA-Factory training argument (``learning_rate``, ``num_train_epochs``, ...). Arguments the
+    operator owns (paths, model, dataset, stage, method, template, deepspeed) are rejected here."""
+
+
+class MergeSpec(_Model):
+    """Merge the base model and every LoRA adapter into one model (``llamafactory-cli export``)."""
+
+    enabled: bool = False
+    """Run the merge stage after training."""
+    export_size: int = Field(default=5, ge=1, le=100)
+    """Shard size of the exported model in GB."""
+    export_device: Literal["cpu", "auto"] = "cpu"
+    """Device used for merging."""
+    resources: ResourcesSpec | None = None
+    """CPU/memory of the merge pod (GPUs are not needed with exportDevice cpu)."""
+
+
+class EnvVar(_Model):
+    """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """Variable name."""
+    value: str = Field(default="", max_length=4096)
+    """Variable value."""
+
+
+class ServeResources(_Model):
+    """Size of each vLLM pod."""
+
+    gpus_per_node: int = Field(default=1, ge=0, le=64)
+    """GPUs per vLLM pod; must be at least ``tensorParallelSize``."""
+    cpu: str | None = Field(default=None, max_length=32)
+    """CPU request and limit."""
+    memory: str | None = Field(default=None, max_length=32)
+    """Memory request and limit."""
+
+
+class ServeSpec(_Model):
+    """Serve the result with vLLM's OpenAI-compatible server (a Deployment and a Service)."""
+
+    enabled: bool = False
+    """Create the vLLM Deployment once training (and merging) succeeded."""
+    image: str | None = Field(default=None, max_length=512)
+    """vLLM image; the operator's default when omitted."""
+    replicas: int = Field(default=1, ge=0, le=64)
+    """Number of vLLM pods (mutable: scales the Deployment)."""
+    served_model_name: str | None = Field(default=None, max_length=128)
+    """Model name clients use; the FineTuneJob's name when omitted."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """vLLM ``--tensor-parallel-size``."""
+    max_model_len: int | None = Field(default=None, ge=1, le=10_000_000)
+    """vLLM ``--max-model-len``."""
+    max_lora_rank: int | None = Field(default=None, ge=1, le=1024)
+    """vLLM ``--max-lora-rank`` when adapters are served without merging; the largest stage rank by default."""
+    resources: ServeResources | None = None
+    """GPUs, CPU and memory of each vLLM pod."""
+    args: list[str] = Field(default_factory=list, max_length=64)
+    """Extra vLLM command-line arguments."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment variables of the vLLM container."""
+
+
+class Toleration(_Model):
+    """A pod toleration (as in the Pod API)."""
+
+    key: str | None = Field(default=None, max_length=317)
+    """Taint key."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value (with Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect; all effects when omitted."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class SchedulingSpec(_Model):
+    """Where and how the workloads are scheduled."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels every pod requires."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations of every pod."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of every pod."""
+    queue_name: str | None = Field(default=None, max_length=63)
+    """Kueue LocalQueue: workloads get ``kueue.x-k8s.io/queue-name`` and are created suspended."""
+    scheduler_name: str | None = Field(default=None, max_length=253)
+    """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
+
+
+class FineTuneJobSpec(_Model):
+    """Desired state: a base model, datasets and stages; optionally merge and serve."""
+
+    backend: Backend | None = None
+    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow) or ``deepspeedjob`` (T9k).
+    Default: job when every stage has one node, else pytorchjob."""
+    image: str | None = Field(default=None, max_length=512)
+    """Worker image (LLaMA-Factory); the operator's default when omitted."""
+    model: ModelSpec
+    """The base model."""
+    datasets: list[DatasetSpec] = Field(min_length=1, max_length=64)
+    """Datasets the stages train on."""
+    output: OutputSpec
+    """Where results are written."""
+    stages: list[StageSpec] = Field(min_length=1, max_length=16)
+    """Training stages, run in order; each starts from the result of the one before."""
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    """Merge adapters into a full model after training."""
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    """Serve the result with vLLM."""
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    """Scheduling of every pod."""
+    suspend: bool = False
+    """Suspend the running workload (mutable); false resumes it."""
+    retries: int = Field(default=2, ge=0, le=100)
+    """Retries per stage; a retried stage resumes from its last checkpoint."""
+
+    def resolved_backend(self) -> Backend:
+        """The backend in force: the explicit one, else ``job`` for single-node pipelines."""
+        if self.backend is not None:
+            return self.backend
+        multi = any(s.resources is not None and s.resources.nodes > 1 for s in self.stages)
+        return "pytorchjob" if multi else "job"
+
+
+class ObjectMeta(_Model):
+    """The parts of metadata the API reads. Server-set fields are accepted and ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(min_length=1, max_length=253)
+    """Object name."""
+    namespace: str | None = None
+    """Namespace (``default`` when omitted)."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Status (written by the operator and, for progress only, by worker pods)
+# --------------------------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(max_length=316)
+    """Ready, Succeeded, Failed, Suspended or Progressing."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str = Field(max_length=1024)
+    """CamelCase reason (documented constants)."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable detail."""
+    last_transition_time: str | None = None
+    """When the status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """metadata.generation this condition was computed from."""
+
+
+class StageProgress(_Model):
+    """Training progress reported by the worker (rank 0), read from LLaMA-Factory's trainer log."""
+
+    step: int | None = None
+    """Current optimizer step."""
+    total_steps: int | None = None
+    """Total optimizer steps."""
+    percent: float | None = None
+    """step / totalSteps x 100."""
+    loss: float | None = None
+    """Latest training loss."""
+    epoch: float | None = None
+    """Current (fractional) epoch."""
+    eta: str | None = None
+    """Estimated time remaining (e.g. ``0:12:34``)."""
+    update_time: str | None = None
+    """When the worker reported (RFC 3339)."""
+
+
+class StageStatus(_Model):
+    """Observed state of one stage (download, each training stage, merge, serve)."""
+
+    name: str
+    """Stage name."""
+    type: str
+    """download, a training stage type, merge or serve."""
+    state: str = "Pending"
+    """Pending, Running, Suspended, Succeeded, Failed or Retrying."""
+    workload_kind: str | None = None
+    """Kind of the child workload."""
+    workload_name: str | None = None
+    """Name of the child workload."""
+    attempts: int = 0
+    """How many times the workload was created."""
+    start_time: str | None = None
+    """When the stage's first workload was created."""
+    completion_time: str | None = None
+    """When the stage finished."""
+    message: str | None = None
+    """Last message (the child's failure reason, ...)."""
+    progress: StageProgress | None = None
+    """Training progress."""
+
+
+class Outputs(_Model):
+    """Where the results are."""
+
+    adapters: list[str] = Field(default_factory=list)
+    """Adapter paths (in the output volume), in stage order."""
+    model: str | None = None
+    """Path of the final full model (merged, or the last full-parameter stage)."""
+    merged_model: str | None = None
+    """Path of the merged model."""
+    endpoint: str | None = None
+    """In-cluster OpenAI-compatible endpoint (``http://<svc>.<ns>.svc:8000/v1``)."""
+    served_model_name: str | None = None
+    """Model name to use with the endpoint."""
+
+
+class FineTuneJobStatus(_Model):
+    """Observed state, written by the operator (and ``reported`` by worker pods)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    observed_generation: int | None = None
+    """metadata.generation last acted upon."""
+    state: str | None = None
+    """Summary for ``kubectl get``: Pending, Running, Suspended, Serving, Succeeded or Failed."""
+    current_stage: str | None = None
+    """Name of the stage in progress."""
+    progress: str | None = None
+    """Progress of the current stage for ``kubectl get`` (``12/100 (12%)``)."""
+    loss: str | None = None
+    """Latest training loss for ``kubectl get``."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Standard conditions."""
+    stages: list[StageStatus] = Field(default_factory=list)
+    """Per-stage state."""
+    outputs: Outputs | None = None
+    """Result paths and endpoint."""
+    reported: dict[str, StageProgress] = Field(default_factory=dict)
+    """Raw progress reports of worker pods, by stage name (the only field workers may write)."""
+
+
+class FineTuneJob(_Model):
+    """A whole fine-tuning pipeline: download, training stages, merge and serving."""
+
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
+    """finetune.dev/v1alpha1"""
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    """FineTuneJob"""
+    metadata: ObjectMeta
+    """Standard object metadata."""
+    spec: FineTuneJobSpec
+    """Desired state."""
+    status: FineTuneJobStatus | None = None
+    """Observed state."""
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
