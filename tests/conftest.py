@@ -1,0 +1,5 @@
+"""Shared pytest configuration. Fixtures live in their areas' modules and are registered here."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = []
