@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create ./.venv with finetune-operator, its `train` extra (LLaMA-Factory on CPU) and its `dev` extra.
+#
+# Why not a plain `pip install -e '.[train,dev]'`:
+#  * llamafactory==0.9.5 is installed with --no-deps: its own requirements pull gradio, torchvision and a
+#    CUDA torch that text-model training does not need (the pinned stack it does need is in the `train` extra).
+#  * llamafactory imports torchaudio unconditionally (data/mm_plugin.py). PyPI only has CUDA builds of
+#    torchaudio, which fail to load beside the CPU torch. We install its pure-Python part (--no-deps) and remove
+#    its compiled libraries, which text-only training never calls. The worker image installs the real CUDA
+#    torch/torchaudio instead (images/Dockerfile).
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+pip install torch==2.13.0
+pip install --no-deps llamafactory==0.9.5
+pip install -e '.[train,dev]'
+pip install --no-deps torchaudio==2.11.0
+rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
+echo "ready: $(pwd)/.venv ($(.venv/bin/python -c 'import torch, llamafactory; print("torch", torch.__version__, "llamafactory", llamafactory.__version__)' 2>/dev/null | tail -1))"
