@@ -1,0 +1,167 @@
+"""The pure renderer: one FineTuneJob in, an ordered :class:`Plan` of Kubernetes objects out.
+
+``render(job)`` never talks to a cluster and never imports kopf, a Kubernetes client or torch; the operator,
+``ftctl render`` (GitOps) and ``ftctl run --local`` all start from its output, so what is rendered offline is
+exactly what the operator creates. The same input gives byte-identical output.
+
+Plan layout::
+
+    shared:   ConfigMap <job>-config   (<stage>.yaml per stage, merge.yaml, download.yaml,
+                                        dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
+    steps:    download   Job                       (only when model.source is set)
+              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob
+              merge      Job                       (merge.enabled)
+              serve      Deployment + Service      (serve.enabled)
+
+Modules: :mod:`.llamafactory` (LLaMA-Factory configs and stage chaining), :mod:`.deepspeed` (ZeRO JSON),
+:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (Jobs, PyTorchJob, DeepSpeedJob,
+:func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment, Service), :mod:`.paths` (output layout).
+The spec is assumed valid (:func:`finetune_operator.validation.validate`); cases that no valid spec should
+reach raise :class:`~finetune_operator.errors.RenderError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator.api import constants as c
+from finetune_operator.api.naming import config_map_name
+from finetune_operator.api.types import FineTuneJob
+from finetune_operator.errors import RenderError
+from finetune_operator.render import llamafactory as lf
+from finetune_operator.render import paths, serve, workloads
+from finetune_operator.render.deepspeed import deepspeed_config
+from finetune_operator.render.dump import to_json, to_yaml, to_yaml_documents
+from finetune_operator.render.meta import COMPONENT_CONFIG, metadata
+from finetune_operator.render.plan import CONFIG_DIR, VOLUME_ROOT, PathResolver, Plan, Step, StepKind
+from finetune_operator.render.pods import worker_command
+from finetune_operator.render.serve import VllmCommand, vllm_command
+from finetune_operator.render.workloads import suspend_path
+
+#: Step names the pipeline uses itself; training stages may not take them (their files/objects would collide).
+RESERVED_STAGE_NAMES: frozenset[str] = frozenset(
+    {workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR, "config", "shared"}
+)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Install-level settings the spec does not carry."""
+
+    worker_image: str = c.DEFAULT_WORKER_IMAGE
+    """Worker image when ``spec.image`` is not set."""
+    vllm_image: str = c.DEFAULT_VLLM_IMAGE
+    """vLLM image when ``spec.serve.image`` is not set."""
+    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
+    """ServiceAccount of progress-reporting training pods (may patch finetunejobs/status only)."""
+    resolver: PathResolver = field(default_factory=PathResolver)
+    """Where volumes and configs are; the default is the in-pod layout (``/mnt/volumes``, ``/etc/finetune``)."""
+    backoff_limit: int | None = None
+    """Pod-level retries of each workload; ``spec.retries`` when None. An operator that re-creates failed
+    workloads itself passes 0 so that retries are not multiplied."""
+
+
+def config_files(job: FineTuneJob, resolver: PathResolver | None = None) -> dict[str, str]:
+    """Every generated file by name (the ConfigMap's ``data``): what ``/etc/finetune`` contains."""
+    res = resolver or PathResolver()
+    ch = lf.chain(job, res)
+    files: dict[str, str] = {"dataset_info.json": to_json(lf.dataset_info(job, res))}
+    if job.spec.model.source:
+        files["download.yaml"] = to_yaml(workloads.download_config(job, res))
+    for stage in job.spec.stages:
+        files[f"{stage.name}.yaml"] = to_yaml(lf.train_config(job, stage.name, res, stage_chain=ch))
+        if stage.deepspeed is not None:
+            files[f"ds_{stage.name}.json"] = to_json(deepspeed_config(stage.deepspeed))
+    if job.spec.merge.enabled:
+        files["merge.yaml"] = to_yaml(lf.export_config(job, res, stage_chain=ch))
+    return dict(sorted(files.items()))
+
+
+def _check(job: FineTuneJob) -> None:
+    for stage in job.spec.stages:
+        if stage.name in RESERVED_STAGE_NAMES:
+            raise RenderError(f"stage name {stage.name!r} is reserved ({', '.join(sorted(RESERVED_STAGE_NAMES))})")
+    known = {d.name for d in job.spec.datasets}
+    for stage in job.spec.stages:
+        for ds in stage.datasets:
+            if ds not in known:
+                raise RenderError(f"stage {stage.name!r} uses undeclared dataset {ds!r}")
+
+
+def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
+    """Render the whole pipeline of ``job`` (see the module docstring)."""
+    opts = options or RenderOptions()
+    res = opts.resolver
+    _check(job)
+    ch = lf.chain(job, res)
+    worker_image = job.spec.image or opts.worker_image
+    backoff = job.spec.retries if opts.backoff_limit is None else opts.backoff_limit
+
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(job, config_map_name(job.name), COMPONENT_CONFIG, "shared"),
+        "data": config_files(job, res),
+    }
+
+    steps: list[Step] = []
+
+    def add(
+        name: str, kind: StepKind, type_: str, objs: list[dict[str, Any]], wl: dict[str, Any], out: str | None
+    ) -> None:
+        steps.append(Step(name=name, kind=kind, type=type_, objects=tuple(objs), workload=wl, output_path=out))
+
+    if job.spec.model.source:
+        wl = workloads.download_job(job, worker_image, backoff, res)
+        add(workloads.DOWNLOAD, "download", "download", [wl], wl, paths.model_dir(job, res))
+    for stage in job.spec.stages:
+        objs, wl = workloads.train_objects(
+            job,
+            stage,
+            image=worker_image,
+            service_account=opts.worker_service_account,
+            backoff_limit=backoff,
+            resolver=res,
+        )
+        add(stage.name, "train", stage.type, objs, wl, ch.stages[stage.name].output_dir)
+    merged = job.spec.merge.enabled
+    if merged:
+        wl = workloads.merge_job(job, worker_image, backoff, res)
+        add(workloads.MERGE, "merge", "merge", [wl], wl, paths.merged_dir(job, res))
+
+    outputs: dict[str, Any] = {"adapters": list(ch.adapters)}
+    if merged:
+        outputs["model"] = outputs["mergedModel"] = paths.merged_dir(job, res)
+    elif not ch.adapters and ch.model != paths.model_dir(job, res):
+        outputs["model"] = ch.model
+    if job.spec.serve.enabled:
+        cmd = vllm_command(job, res, stage_chain=ch)
+        dep = serve.deployment(job, job.spec.serve.image or opts.vllm_image, cmd, res)
+        add(serve.SERVE, "serve", "serve", [dep, serve.service(job)], dep, None)
+        outputs["endpoint"] = serve.endpoint(job)
+        outputs["servedModelName"] = cmd.served_model_name
+    return Plan(shared=(config_map,), steps=tuple(steps), outputs=outputs)
+
+
+def render_yaml(job: FineTuneJob, options: RenderOptions | None = None) -> str:
+    """All objects of the plan as one multi-document YAML stream (creation order)."""
+    return to_yaml_documents(render(job, options).objects())
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "VOLUME_ROOT",
+    "PathResolver",
+    "Plan",
+    "RenderError",
+    "RenderOptions",
+    "Step",
+    "VllmCommand",
+    "config_files",
+    "render",
+    "render_yaml",
+    "suspend_path",
+    "vllm_command",
+    "worker_command",
+]

@@ -1,0 +1,246 @@
+"""LLaMA-Factory configuration: ``dataset_info.json``, one training config per stage, the export (merge) config.
+
+These builders take a :class:`~finetune_operator.render.plan.PathResolver` and return plain dicts, so that the
+operator (paths under ``/mnt/volumes`` and ``/etc/finetune``) and ``ftctl run --local`` (local folders) run
+byte-for-byte the same configuration; only the paths differ.
+
+Stage chaining (each stage starts from the result of the one before):
+
+* LoRA after LoRA stacks adapters: ``adapter_name_or_path`` = the earlier adapters (in order) and
+  ``create_new_adapter: true``. LLaMA-Factory merges the earlier adapters into the weights in memory and trains
+  a fresh adapter on top; the merge step later applies base + every adapter in the same order.
+* A LoRA stage that LLaMA-Factory cannot stack on (``qlora``, where the base is 4-bit, or ZeRO-3, where the
+  weights are partitioned) *continues* the single earlier adapter instead: LLaMA-Factory rejects
+  ``create_new_adapter`` there and loads the adapter trainable. Its output therefore replaces the earlier
+  adapter in the chain (merging both would apply the first one twice). More than one earlier adapter is
+  impossible for such a stage (:class:`RenderError`).
+* After a full/freeze stage the next stage's model is that stage's output and the adapter chain restarts.
+  A full/freeze stage after LoRA stages is impossible without an intermediate merge (LLaMA-Factory: "Adapter is
+  only valid for the LoRA method") and raises :class:`RenderError`.
+* ``qlora`` = LoRA with ``quantization_bit: 4``. The merge loads the base *unquantized* (LLaMA-Factory cannot
+  merge into a quantized model), which is the standard QLoRA export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, StageSpec
+from finetune_operator.errors import RenderError
+from finetune_operator.render import paths
+from finetune_operator.render.plan import PathResolver
+
+#: Defaults for every training config; ``stage.args`` overrides them.
+DEFAULT_TRAIN_ARGS: dict[str, Any] = {
+    "logging_steps": 10,
+    # No wandb/tensorboard unless asked: pods have no credentials and no network to report to.
+    "report_to": "none",
+    # Long tokenisation of big datasets on rank 0 must not trip the NCCL/gloo watchdog on other ranks.
+    "ddp_timeout": 180000000,
+}
+
+#: Keys the renderer owns: they are always set from the spec and win over ``stage.args``
+#: (validation rejects them in ``args`` with a clear message; this is the second line of defence).
+OWNED_TRAIN_KEYS: frozenset[str] = frozenset(
+    {
+        "stage",
+        "do_train",
+        "model_name_or_path",
+        "adapter_name_or_path",
+        "create_new_adapter",
+        "finetuning_type",
+        "template",
+        "dataset",
+        "dataset_dir",
+        "output_dir",
+        "deepspeed",
+        "quantization_bit",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target",
+        "export_dir",
+    }
+)
+
+#: Quantisation used by the ``qlora`` method (bitsandbytes NF4, LLaMA-Factory's default method).
+QLORA_BITS = 4
+
+
+def _lf_method(stage: StageSpec) -> str:
+    return "lora" if stage.method in ADAPTER_METHODS else stage.method
+
+
+def _continues_adapter(stage: StageSpec) -> bool:
+    """True when LLaMA-Factory cannot stack a new adapter for this stage (quantized or ZeRO-3 weights)."""
+    zero3 = stage.deepspeed is not None and stage.deepspeed.zero_stage == 3
+    return stage.method == "qlora" or zero3
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What one training stage starts from, and where it writes."""
+
+    model: str
+    """``model_name_or_path``: the base model, or the output of the last full/freeze stage."""
+    adapters: tuple[str, ...]
+    """``adapter_name_or_path``: earlier adapters, in order (empty: none)."""
+    create_new_adapter: bool
+    """Train a fresh adapter on top of ``adapters`` (False: continue the single earlier adapter)."""
+    output_dir: str
+    """The stage's output folder."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The result of walking the stages: each stage's input, and what the pipeline ends with."""
+
+    stages: dict[str, StageInput]
+    model: str
+    """The full model the final adapters apply to (base, or the last full/freeze stage's output)."""
+    adapters: tuple[str, ...]
+    """Adapters to apply to ``model``, in order (empty when the last stage was full/freeze)."""
+    lora_ranks: tuple[int, ...]
+    """LoRA rank of each of ``adapters`` (for vLLM's ``--max-lora-rank``)."""
+
+
+def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
+    """Walk ``spec.stages`` and compute what each stage starts from (see the module docstring)."""
+    model = paths.model_dir(job, resolver)
+    adapters: list[str] = []
+    ranks: list[int] = []
+    inputs: dict[str, StageInput] = {}
+    for stage in job.spec.stages:
+        out = paths.stage_output_dir(job, stage.name, resolver)
+        rank = (stage.lora.rank if stage.lora else 8) if stage.method in ADAPTER_METHODS else 0
+        if stage.method not in ADAPTER_METHODS:
+            if adapters:
+                raise RenderError(
+                    f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
+                    "start from adapters; make it the first stage or use a LoRA method"
+                )
+            inputs[stage.name] = StageInput(model=model, adapters=(), create_new_adapter=False, output_dir=out)
+            model = out
+            continue
+        if adapters and _continues_adapter(stage):
+            if len(adapters) != 1:
+                raise RenderError(
+                    f"stage {stage.name!r} ({stage.method}"
+                    f"{', ZeRO-3' if stage.method != 'qlora' else ''}) can only continue a single earlier "
+                    f"adapter, but {len(adapters)} are stacked before it; enable merge between them or use "
+                    "lora without ZeRO-3"
+                )
+            inputs[stage.name] = StageInput(
+                model=model, adapters=tuple(adapters), create_new_adapter=False, output_dir=out
+            )
+            adapters = [out]
+            ranks = [max(ranks[-1], rank)]
+            continue
+        inputs[stage.name] = StageInput(
+            model=model, adapters=tuple(adapters), create_new_adapter=bool(adapters), output_dir=out
+        )
+        adapters.append(out)
+        ranks.append(rank)
+    return Chain(stages=inputs, model=model, adapters=tuple(adapters), lora_ranks=tuple(ranks))
+
+
+def _dataset_entry(ds: DatasetSpec, resolver: PathResolver) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        # Absolute: os.path.join(dataset_dir, "/abs") == "/abs", so dataset_dir can be the read-only config dir.
+        "file_name": resolver.path(ds.volume),
+        "formatting": ds.formatting,
+    }
+    if ds.ranking:
+        entry["ranking"] = True
+    if ds.columns is not None:
+        cols = ds.columns.model_dump(exclude_none=True)
+        if cols:
+            entry["columns"] = cols
+    if ds.tags is not None:
+        tags = ds.tags.model_dump(exclude_none=True)
+        if tags:
+            entry["tags"] = tags
+    return entry
+
+
+def dataset_info(job: FineTuneJob, resolver: PathResolver) -> dict[str, Any]:
+    """``dataset_info.json`` exactly in LLaMA-Factory's format (snake_case ``columns``/``tags`` keys)."""
+    return {ds.name: _dataset_entry(ds, resolver) for ds in job.spec.datasets}
+
+
+def _stage(job: FineTuneJob, name: str) -> StageSpec:
+    for s in job.spec.stages:
+        if s.name == name:
+            return s
+    raise RenderError(f"no stage named {name!r}")
+
+
+def deepspeed_config_path(stage: str, resolver: PathResolver) -> str:
+    """Where a stage's DeepSpeed JSON is (``<config dir>/ds_<stage>.json``)."""
+    return f"{resolver.config_dir.rstrip('/')}/ds_{stage}.json"
+
+
+def train_config(
+    job: FineTuneJob, stage_name: str, resolver: PathResolver, *, stage_chain: Chain | None = None
+) -> dict[str, Any]:
+    """The ``llamafactory-cli train`` config of one stage (``<stage>.yaml``)."""
+    stage = _stage(job, stage_name)
+    inp = (stage_chain or chain(job, resolver)).stages[stage.name]
+    cfg: dict[str, Any] = dict(DEFAULT_TRAIN_ARGS)
+    cfg.update({k: v for k, v in stage.args.items() if k not in OWNED_TRAIN_KEYS})
+    cfg.update(
+        {
+            "stage": stage.type,
+            "do_train": True,
+            "model_name_or_path": inp.model,
+            "finetuning_type": _lf_method(stage),
+            "template": job.spec.model.template,
+            "dataset": ",".join(stage.datasets),
+            "dataset_dir": resolver.config_dir,
+            "output_dir": inp.output_dir,
+        }
+    )
+    if inp.adapters:
+        cfg["adapter_name_or_path"] = ",".join(inp.adapters)
+        if inp.create_new_adapter:
+            cfg["create_new_adapter"] = True
+    if stage.method in ADAPTER_METHODS:
+        lora = stage.lora
+        cfg["lora_rank"] = lora.rank if lora else 8
+        if lora is not None:
+            if lora.alpha is not None:
+                cfg["lora_alpha"] = lora.alpha
+            cfg["lora_dropout"] = lora.dropout
+            target = lora.target
+            cfg["lora_target"] = ",".join(target) if isinstance(target, list) else target
+        else:
+            cfg["lora_target"] = "all"
+    if stage.method == "qlora":
+        cfg["quantization_bit"] = QLORA_BITS
+    if stage.deepspeed is not None:
+        cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
+    return cfg
+
+
+def export_config(job: FineTuneJob, resolver: PathResolver, *, stage_chain: Chain | None = None) -> dict[str, Any]:
+    """The ``llamafactory-cli export`` config (``merge.yaml``): the model + every adapter, in order.
+
+    When the pipeline ends with a full model (no adapters) the export re-shards it into ``exportSize`` GB
+    safetensors shards, so ``merged/`` is always the servable result when merge is enabled.
+    """
+    ch = stage_chain or chain(job, resolver)
+    merge = job.spec.merge
+    cfg: dict[str, Any] = {
+        "model_name_or_path": ch.model,
+        "template": job.spec.model.template,
+        "finetuning_type": "lora" if ch.adapters else "full",
+        "export_dir": paths.merged_dir(job, resolver),
+        "export_size": merge.export_size,
+        "export_device": merge.export_device,
+        # safetensors, which vLLM and transformers load without pickle.
+        "export_legacy_format": False,
+    }
+    if ch.adapters:
+        cfg["adapter_name_or_path"] = ",".join(ch.adapters)
+    return cfg
