@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+# (pip's notes about unused local find-links folders are filtered out; real errors still fail the script.)
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 pip install torch==2.13.0
 pip install --no-deps llamafactory==0.9.5
 pip install -e '.[train,dev]'

