@@ -1,0 +1,96 @@
+"""kopf handlers: ``kopf run -m finetune_operator.controller.handlers`` (or ``ftctl operator``).
+
+Every handler here is an ``@kopf.on.event`` that only enqueues the FineTuneJob concerned; the reconciling
+is done by :class:`~finetune_operator.controller.runtime.Controller` (see that module for why: no kopf state
+annotations, no finalizers). Children are watched with a label selector (``app.kubernetes.io/managed-by=
+finetune-operator``), so the operator never receives events of unrelated Jobs or Deployments; the owning
+FineTuneJob is found through the child's controller ownerReference.
+
+Settings chosen in :func:`configure`:
+
+* ``watching.server_timeout``/``client_timeout``: watches are re-opened every few minutes, so a silently
+  dropped connection (a load balancer's idle timeout) is noticed; kopf resumes from the last resourceVersion.
+* ``posting.reporting_component``: kopf's own events carry our name. (Our transition events are posted by
+  :class:`~finetune_operator.controller.runtime.ApiEventSink`.)
+* ``persistence``: nothing is persisted by kopf for event handlers; the storages are still pointed at our
+  own annotation prefix so that nothing ``kopf.zalando.org/*`` appears should a future handler need state.
+* ``execution.max_workers``: the handlers are async, no thread pool needed beyond kopf's default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from finetune_operator.api import constants as c
+from finetune_operator.controller import children as ch
+from finetune_operator.controller.runtime import Controller, OperatorConfig
+
+log = logging.getLogger(__name__)
+
+#: Key of the :class:`OperatorConfig` in kopf's memo (``ftctl operator`` and tests put one there).
+MEMO_CONFIG = "finetune_config"
+MEMO_CONTROLLER = "finetune_controller"
+_MANAGED = {c.LABEL_MANAGED_BY: c.MANAGER}
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Apply the operator's kopf settings (see the module docstring for the why of each)."""
+    settings.posting.reporting_component = c.MANAGER
+    settings.watching.server_timeout = config.watch_timeout
+    settings.watching.client_timeout = config.watch_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.watching.reconnect_backoff = 1.0
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.GROUP)
+    settings.persistence.finalizer = f"{c.GROUP}/finalizer"
+
+
+def _controller(memo: Any) -> Controller | None:
+    ctl = memo.get(MEMO_CONTROLLER) if hasattr(memo, "get") else None
+    return ctl if isinstance(ctl, Controller) else None
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = memo.get(MEMO_CONFIG)
+    if not isinstance(config, OperatorConfig):
+        config = OperatorConfig.from_env()
+    configure(settings, config)
+    controller = await Controller.create(config)
+    controller.start()
+    memo[MEMO_CONTROLLER] = controller
+    log.info("finetune-operator started (worker image %s, vLLM image %s)", config.worker_image, config.vllm_image)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    controller = _controller(memo)
+    if controller is not None:
+        await controller.stop()
+
+
+@kopf.on.probe(id="reconcileQueue")
+def queue_depth(memo: kopf.Memo, **_: Any) -> int:
+    """Liveness detail: how many FineTuneJobs wait for a reconcile."""
+    controller = _controller(memo)
+    return len(controller.queue) if controller is not None else 0
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+def finetunejob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    controller = _controller(memo)
+    if controller is not None:
+        controller.on_ftj_event(type, body)
+
+
+def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    controller = _controller(memo)
+    if controller is not None:
+        controller.on_child_event(type, body)
+
+
+for _group, _version, _plural in ch.WATCHED:
+    kopf.on.event(_group, _version, _plural, labels=_MANAGED, id=f"child-{_plural}")(child_event)

@@ -1,0 +1,258 @@
+"""A small async Kubernetes REST client for the reconciler: get, create, patch, delete of any kind we own.
+
+Why not the typed ``kubernetes_asyncio`` APIs: the reconciler handles five kinds in three API groups
+generically (rendered dicts in, dicts out), and the typed models would round-trip every object through
+generated classes. We keep ``kubernetes_asyncio`` for what it is good at, configuration and authentication
+(kubeconfig, in-cluster token, exec plugins), and send plain JSON through its ``ApiClient``.
+
+Errors (a small hierarchy, so callers branch on meaning rather than status codes)::
+
+    ApiError                  any other non-2xx answer; ``.status``, ``.reason``, ``.message``
+    ├── NotFound              404
+    ├── AlreadyExists         409 on create
+    ├── Conflict              409 on update: stale resourceVersion (optimistic concurrency)
+    └── Unavailable           429/5xx/connection failures left after retries
+
+429, 5xx and connection errors are retried here with exponential backoff (honouring ``Retry-After``), the
+way client-go does, and counted in the ``api_retries`` metric. A retried create may have been stored by the
+first try (a lost response): the reconciler treats the resulting AlreadyExists as success after checking the
+object is its own, so retrying is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+from finetune_operator.controller.children import PLURALS
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(Exception):
+    """A Kubernetes API error answer."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{status} {reason}: {message}".strip())
+
+
+class NotFound(ApiError):
+    """404: the object (or its kind) does not exist."""
+
+
+class AlreadyExists(ApiError):
+    """409 on create: an object with that name exists."""
+
+
+class Conflict(ApiError):
+    """409 on a write with a stale ``resourceVersion``: re-read and recompute."""
+
+
+class Unavailable(ApiError):
+    """429/5xx or a connection failure that persisted through the retries."""
+
+
+class Kube(Protocol):
+    """What the reconciler needs from the API (a fake implements it in unit tests)."""
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
+
+def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    """``/apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]`` (or ``/api/v1/...`` for the core group)."""
+    plural = PLURALS.get((api_version, kind))
+    if plural is None:
+        raise ValueError(f"unknown kind {api_version}/{kind}")
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{quote(namespace, safe='')}/{plural}"
+    return f"{path}/{quote(name, safe='')}" if name else path
+
+
+def _parse_error(status: int, body: bytes, *, verb: str) -> ApiError:
+    reason, message = "", body[:500].decode(errors="replace")
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict):
+            reason = str(data.get("reason") or "")
+            message = str(data.get("message") or message)
+    except ValueError:
+        pass
+    if status == 404:
+        return NotFound(status, reason or "NotFound", message)
+    if status == 409:
+        if verb == "POST" or reason == "AlreadyExists":
+            return AlreadyExists(status, reason or "AlreadyExists", message)
+        return Conflict(status, reason or "Conflict", message)
+    if status == 429 or status >= 500:
+        return Unavailable(status, reason, message)
+    return ApiError(status, reason, message)
+
+
+RequestFn = Callable[[str, str, Mapping[str, str], bytes | None], Awaitable[tuple[int, dict[str, str], bytes]]]
+
+
+class RestKube:
+    """:class:`Kube` over HTTP. ``request`` sends one request; retries and error mapping happen here."""
+
+    def __init__(
+        self,
+        request: RequestFn,
+        *,
+        max_attempts: int = 8,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        on_request: Callable[[str, int], None] | None = None,
+        on_retry: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._request = request
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._on_request = on_request
+        self._on_retry = on_retry
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """One API call with retries on 429/5xx/connection errors; the decoded JSON answer."""
+        url = f"{path}?{urlencode(dict(query))}" if query else path
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        delay = self.backoff
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                status, resp_headers, payload = await self._request(method, url, headers, data)
+            except (TimeoutError, OSError) as exc:
+                err: ApiError = Unavailable(0, type(exc).__name__, str(exc))
+                retry_after = None
+            else:
+                if self._on_request is not None:
+                    self._on_request(method, status)
+                if 200 <= status < 300:
+                    return json.loads(payload) if payload else {}
+                err = _parse_error(status, payload, verb=method)
+                retry_after = resp_headers.get("Retry-After") or resp_headers.get("retry-after")
+            if not isinstance(err, Unavailable) or attempt == self.max_attempts:
+                raise err
+            if self._on_retry is not None:
+                self._on_retry(method, err.status)
+            wait = delay * (0.5 + random.random())
+            if retry_after:
+                with contextlib.suppress(ValueError):
+                    wait = max(wait, min(float(retry_after), self.max_backoff))
+            log.debug("%s %s: %s; retry %d in %.2fs", method, path, err, attempt, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.max_backoff)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self.call("GET", resource_path(api_version, kind, namespace, name))
+        except NotFound:
+            return None
+        result.setdefault("apiVersion", api_version)
+        result.setdefault("kind", kind)
+        return result
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace") or "default")
+        result: dict[str, Any] = await self.call("POST", path, body=obj)
+        return result
+
+    async def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        path = resource_path(api_version, kind, namespace, name)
+        if subresource:
+            path = f"{path}/{subresource}"
+        result: dict[str, Any] = await self.call("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        return result
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete with background propagation: the object goes now, its pods are collected after."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        with contextlib.suppress(NotFound):
+            await self.call("DELETE", resource_path(api_version, kind, namespace, name), body=body)
+
+
+async def connect(
+    *, kubeconfig: str | None = None, context: str | None = None
+) -> tuple[RequestFn, Callable[[], Awaitable[None]]]:
+    """A request function authenticated like ``kubectl`` (in-cluster first, then kubeconfig), and its closer.
+
+    Uses ``kubernetes_asyncio``'s configuration loaders (token files, client certificates, exec plugins and
+    token refresh) and its aiohttp session.
+    """
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is not None or context is not None:
+            raise config.ConfigException("explicit kubeconfig")
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    api = client.ApiClient(configuration)
+
+    async def request(
+        method: str, url: str, headers: Mapping[str, str], body: bytes | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        path, _, query = url.partition("?")
+        hdrs = dict(headers)
+        resp = await api.call_api(
+            path,
+            method,
+            query_params=[tuple(kv.split("=", 1)) for kv in query.split("&")] if query else None,
+            header_params=hdrs,
+            body=json.loads(body) if body is not None else None,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=30,
+        )
+        try:
+            payload = await resp.read()
+            return resp.status, dict(resp.headers), payload
+        finally:
+            resp.release()
+
+    return request, api.close

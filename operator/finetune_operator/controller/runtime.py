@@ -1,0 +1,274 @@
+"""The operator's runtime: configuration, the work queue, the resync timer and the wiring to kopf's events.
+
+kopf is used for what it is best at, watching: it lists and watches FineTuneJobs and the four child kinds
+(with reconnects, bookmarks and namespace discovery) and hands every event to :class:`Controller`, which only
+enqueues a key. Reconciling happens in the :class:`~finetune_operator.controller.queue.WorkQueue`'s workers.
+
+Only ``@kopf.on.event`` handlers are used, on purpose: kopf's change-detecting handlers (create/update/
+resume) and timers persist progress and "last handled" state in annotations and add a finalizer to every
+object (timers require one). A level-based reconciler needs neither, so FineTuneJobs carry no kopf
+annotations and no finalizer, and deleting one never depends on the operator running. The resync timer
+is therefore the operator's own, one task for all jobs with jittered re-adds, instead of one kopf timer task
+(and finalizer) per object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_operator.api import constants as c
+from finetune_operator.controller import children as ch
+from finetune_operator.controller import metrics
+from finetune_operator.controller.kube import Kube, RestKube, connect
+from finetune_operator.controller.queue import WorkQueue
+from finetune_operator.controller.reconciler import EventSink, Reconciler, ReconcilerConfig
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name) of a FineTuneJob
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    return float(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Install-level settings (the Helm chart sets them as environment variables)."""
+
+    #: Worker image for FineTuneJobs without ``spec.image`` (``FT_WORKER_IMAGE``).
+    worker_image: str = c.DEFAULT_WORKER_IMAGE
+    #: vLLM image for FineTuneJobs without ``spec.serve.image`` (``FT_VLLM_IMAGE``).
+    vllm_image: str = c.DEFAULT_VLLM_IMAGE
+    #: ServiceAccount of progress-reporting worker pods (``FT_WORKER_SERVICE_ACCOUNT``).
+    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
+    #: Seconds between full resyncs of every FineTuneJob (drift repair, missed events) (``FT_RESYNC_SECONDS``).
+    resync_interval: float = 60.0
+    #: Minimum seconds between progress-only status writes per job (``FT_PROGRESS_INTERVAL_SECONDS``).
+    progress_interval: float = 10.0
+    #: Concurrent reconciles (different jobs) (``FT_RECONCILE_WORKERS``).
+    workers: int = 16
+    #: Port of the Prometheus ``/metrics`` endpoint; None: not served.
+    metrics_port: int | None = None
+    #: kubeconfig file for the operator's own API calls (None: in-cluster, then ``$KUBECONFIG``/default).
+    kubeconfig: str | None = None
+    #: Seconds a watch request stays open before kopf reconnects (kopf's ``server_timeout``).
+    watch_timeout: float = 300.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> OperatorConfig:
+        e = os.environ if env is None else env
+        kw: dict[str, Any] = {
+            "worker_image": e.get("FT_WORKER_IMAGE") or c.DEFAULT_WORKER_IMAGE,
+            "vllm_image": e.get("FT_VLLM_IMAGE") or c.DEFAULT_VLLM_IMAGE,
+            "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or c.DEFAULT_WORKER_SERVICE_ACCOUNT,
+            "resync_interval": _env_float(e, "FT_RESYNC_SECONDS", 60.0),
+            "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
+            "workers": int(_env_float(e, "FT_RECONCILE_WORKERS", 16)),
+        }
+        if e.get("FT_METRICS_PORT"):
+            kw["metrics_port"] = int(e["FT_METRICS_PORT"])
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def make_render(config: OperatorConfig) -> Callable[[Any], Any]:
+    """The renderer with the install's images; ``backoff_limit=0`` because the operator retries itself
+    (re-creating the workload), so pod-level retries would multiply ``spec.retries``."""
+    from finetune_operator.render import RenderOptions, render
+
+    options = RenderOptions(
+        worker_image=config.worker_image,
+        vllm_image=config.vllm_image,
+        worker_service_account=config.worker_service_account,
+        backoff_limit=0,
+    )
+    return lambda job: render(job, options)
+
+
+def make_validate() -> Callable[[Mapping[str, Any]], Any]:
+    """The same validation ``ftctl validate`` runs."""
+    from finetune_operator.validation import validate
+
+    return lambda obj: validate(dict(obj))
+
+
+class ApiEventSink:
+    """Posts core/v1 Events about FineTuneJobs, in the background (a reconcile never waits for an event).
+
+    kopf's own ``kopf.event`` only works inside kopf's per-object handler tasks, and reconciles run in the
+    work queue's tasks, so the operator posts its events itself (same format, ``reportingComponent``
+    ``finetune-operator``; RBAC: create on events).
+    """
+
+    def __init__(self, kube: Kube, *, component: str = c.MANAGER, instance: str | None = None) -> None:
+        self.kube = kube
+        self.component = component
+        self.instance = instance or os.environ.get("HOSTNAME", "finetune-operator")
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def __call__(self, obj: Mapping[str, Any], type: str, reason: str, message: str) -> None:
+        meta = obj.get("metadata") or {}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = str(meta.get("namespace") or "default")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", c.API_VERSION),
+                "kind": obj.get("kind", c.KIND),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message,
+            "source": {"component": self.component},
+            "reportingComponent": self.component,
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        log.info("%s %s/%s: %s: %s", type, namespace, meta.get("name"), reason, message)
+        task = asyncio.get_running_loop().create_task(self._post(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _post(self, event: dict[str, Any]) -> None:
+        try:
+            await self.kube.create(event)
+        except Exception as exc:  # an event is informational: log and go on
+            log.warning("could not post event %s: %s", event["reason"], exc)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
+
+
+class Controller:
+    """Owns the reconciler, its queue and the resync task; kopf handlers call ``on_*_event``."""
+
+    def __init__(self, config: OperatorConfig, kube: Kube, events: EventSink | None = None) -> None:
+        self.config = config
+        self.events = events if events is not None else ApiEventSink(kube)
+        self.reconciler = Reconciler(
+            kube,
+            validate=make_validate(),
+            render=make_render(config),
+            events=self.events,
+            config=ReconcilerConfig(progress_interval=config.progress_interval),
+        )
+        self.queue: WorkQueue[Key] = WorkQueue(self._process, workers=config.workers, on_error=self._on_error)
+        self.known: set[Key] = set()
+        self._deep: set[Key] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._close: Callable[[], Any] | None = None
+        self._metrics_server: Any = None
+
+    @classmethod
+    async def create(cls, config: OperatorConfig) -> Controller:
+        """Connect to the API (kubeconfig or in-cluster) and build a controller; call :meth:`start` next."""
+        request, close = await connect(kubeconfig=config.kubeconfig)
+        kube = RestKube(
+            request,
+            on_request=lambda verb, code: metrics.API_REQUESTS.labels(verb=verb, code=str(code)).inc(),
+            on_retry=lambda verb, code: metrics.API_RETRIES.labels(verb=verb).inc(),
+        )
+        self = cls(config, kube)
+        self._close = close
+        return self
+
+    def start(self) -> None:
+        self.queue.start()
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="finetune-resync"))
+        self._tasks.append(asyncio.create_task(self._gauge_loop(), name="finetune-gauges"))
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_server = start_http_server(self.config.metrics_port)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.queue.stop()
+        if isinstance(self.events, ApiEventSink):
+            await self.events.flush()
+        if self._metrics_server is not None:
+            server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else self._metrics_server
+            with contextlib.suppress(Exception):
+                server.shutdown()
+                server.server_close()
+        if self._close is not None:
+            await self._close()
+
+    # ------------------------------------------------------------------ events (called by kopf)
+
+    def on_ftj_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+        if type_ == "DELETED":
+            self.known.discard(key)
+            self._deep.discard(key)
+            self.queue.forget(key)
+            self.reconciler.forget(*key)
+            return
+        first = key not in self.known
+        self.known.add(key)
+        if first:
+            self._deep.add(key)  # after a restart, verify everything of the current step once
+        elif self.reconciler.is_own_version(dict(body, kind=c.KIND)):
+            return  # the echo of our own write
+        self.queue.add(key)
+
+    def on_child_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        owner = ch.controller_owner(body)
+        if owner is None:
+            return
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace") or "default"), str(owner.get("name")))
+        if type_ != "DELETED" and self.reconciler.is_own_version(body):
+            return
+        self.queue.add(key)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _process(self, key: Key) -> float | None:
+        deep = key in self._deep
+        self._deep.discard(key)
+        return await self.reconciler.reconcile(*key, deep=deep)
+
+    def _on_error(self, key: Key, exc: BaseException) -> None:
+        metrics.RECONCILE_ERRORS.inc()
+        log.warning("reconciling FineTuneJob %s/%s failed (will retry): %s", key[0], key[1], exc, exc_info=exc)
+
+    async def _resync_loop(self) -> None:
+        """Every ``resync_interval``, re-add every known job at a random point of the next interval (jitter
+        keeps 1000 jobs from hitting the API at the same instant)."""
+        interval = self.config.resync_interval
+        while True:
+            await asyncio.sleep(interval)
+            for key in list(self.known):
+                self._deep.add(key)
+                self.queue.add_after(key, random.uniform(0, interval / 2))
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            metrics.set_job_states(self.reconciler.states)
+            metrics.QUEUE_DEPTH.set(len(self.queue))
+            await asyncio.sleep(5)
