@@ -1,0 +1,157 @@
+"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``progress``).
+
+Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 3 bad data, 4 model missing,
+5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 128+N stopped by signal N
+(resumable). The message of a failure is also written to the container's termination message file so that
+``kubectl describe`` and the operator show it without reading logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from finetune_operator.errors import WorkerError
+
+#: Kubernetes reads a container's termination message from here (terminationMessagePath).
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("FT_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _termination_message(message: str) -> None:
+    path = os.environ.get("FT_TERMINATION_LOG", TERMINATION_LOG)
+    try:
+        if os.path.exists(path) and os.access(path, os.W_OK):
+            Path(path).write_text(message[:4000], encoding="utf-8")
+    except OSError:
+        return
+
+
+def _run(step: str, args: argparse.Namespace) -> int:
+    _setup_logging()
+    try:
+        if step == "download":
+            return _download(args)
+        if step == "train":
+            return _train(args)
+        if step == "merge":
+            return _merge(args)
+        return _progress(args)
+    except WorkerError as exc:
+        msg = f"{step} failed: {exc}"
+        print(f"error: {msg}", file=sys.stderr)
+        _termination_message(msg)
+        return exc.exit_code
+
+
+def _download(args: argparse.Namespace) -> int:
+    from finetune_operator.worker.download import run_download
+    from finetune_operator.worker.train import load_config
+
+    cfg = load_config(args.config) if args.config else {}
+    source = args.source or cfg.get("source")
+    model_dir = args.model_dir or cfg.get("model_dir")
+    if not source or not model_dir:
+        raise WorkerError("download needs a source and a model_dir (in --config or as --source/--model-dir)")
+    res = run_download(
+        source=str(source),
+        model_dir=str(model_dir),
+        hub=str(args.hub or cfg.get("hub") or "huggingface"),
+        revision=args.revision or cfg.get("revision"),
+    )
+    print(f"model: {res.model_dir}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finetune_operator.worker.train import run_train
+
+    overrides = [o for o in args.overrides if o != "--"]
+    res = run_train(
+        args.config,
+        backend=args.backend or os.environ.get("FT_BACKEND") or "job",
+        stage=args.stage,
+        overrides=overrides,
+        echo=sys.stdout,
+    )
+    if res.primary:
+        print(f"output: {res.output_dir}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from finetune_operator.worker.merge import run_merge
+
+    res = run_merge(args.config, echo=sys.stdout)
+    print(f"merged: {res.export_dir}")
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> int:
+    from finetune_operator.worker import markers
+    from finetune_operator.worker.progress import TRAINER_LOG, StatusReporter, TrainerLogFollower
+
+    out = Path(args.output_dir)
+    stage = args.stage or os.environ.get("FT_STAGE") or out.name
+    follower = TrainerLogFollower(out / TRAINER_LOG)
+    reporter = StatusReporter.from_env(stage) if args.report else None
+    stop = threading.Event()
+    while True:
+        for p in follower.poll():
+            print(p.line(stage), flush=True)
+            if reporter is not None:
+                reporter.report(p)
+        if not args.follow or markers.read_marker(out) is not None:
+            break
+        if stop.wait(args.interval):
+            break
+    if reporter is not None and follower.last is not None:
+        reporter.report(follower.last, force=True)
+    if follower.last is None:
+        print(f"[{stage}] no progress logged yet in {out / TRAINER_LOG}", file=sys.stderr)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+
+    d = sub.add_parser("download", help="download the base model from a hub into the model volume, once")
+    d.add_argument("--config", help="download.yaml (source, hub, revision, model_dir)")
+    d.add_argument("--source", help="hub id, e.g. Qwen/Qwen2-0.5B-Instruct")
+    d.add_argument("--hub", choices=("huggingface", "modelscope"))
+    d.add_argument("--revision")
+    d.add_argument("--model-dir")
+    d.set_defaults(func=lambda a: _run("download", a))
+
+    t = sub.add_parser("train", help="run one LLaMA-Factory training stage (resumes; no-op when complete)")
+    t.add_argument("--config", required=True, help="the stage's LLaMA-Factory YAML")
+    t.add_argument("--backend", choices=("job", "pytorchjob", "deepspeedjob", "local"),
+                   help="workload kind whose distributed environment to map (default: $FT_BACKEND or job)")
+    t.add_argument("--stage", help="stage name for progress reports (default: $FT_STAGE or the output folder)")
+    # DeepSpeed's launcher appends --local_rank=N to the command it starts; the value is in LOCAL_RANK too.
+    t.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides passed to LLaMA-Factory")
+    t.set_defaults(func=lambda a: _run("train", a))
+
+    m = sub.add_parser("merge", help="merge the base model and the adapters (llamafactory-cli export), atomically")
+    m.add_argument("--config", required=True, help="merge.yaml")
+    m.set_defaults(func=lambda a: _run("merge", a))
+
+    p = sub.add_parser("progress", help="print (and report) the progress of a stage from its trainer log")
+    p.add_argument("--output-dir", required=True, help="the stage's output folder")
+    p.add_argument("--stage")
+    p.add_argument("--follow", action="store_true", help="keep following until the stage is complete")
+    p.add_argument("--report", action="store_true", help="also PATCH the FineTuneJob status (in a pod)")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda a: _run("progress", a))
