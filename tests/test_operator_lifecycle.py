@@ -13,22 +13,25 @@ import pytest
 from finetune_operator.api import constants as c
 from finetune_operator.controller.runtime import OperatorConfig, make_render, make_validate
 
+from . import test_operator_harness as harness
 from .emulator import EmulatorServer
 from .test_operator_harness import (
     FTJ,
     OperatorThread,
     children,
-    cluster,  # noqa: F401 - fixture
     condition,
     events,
     example,
     ftj_status,
-    operator,  # noqa: F401 - fixture
     succeed,
     wait_child,
     wait_event,
     wait_state,
 )
+
+# Fixtures shared with the other operator test modules.
+cluster = harness.cluster
+operator = harness.operator
 
 
 def plan_of(doc: dict[str, Any]) -> Any:
