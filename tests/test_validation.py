@@ -175,6 +175,10 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     # --- model ---
     ("unknown-template", put("spec.model.template", "qwenn"), "spec.model.template", "did you mean 'qwen'"),
     ("bad-hub-id", put("spec.model.source", "https://hf.co/x y"), "spec.model.source", "hub model id"),
+    ("lora-target-spaces", put("spec.stages[0].lora.target", "q_proj, v_proj"), "spec.stages[0].lora.target",
+     "module names"),
+    ("lora-target-list-item", put("spec.stages[0].lora.target", ["q_proj", ""]), "spec.stages[0].lora.target[1]",
+     "module name"),
     # --- methods and stage order ---
     ("lora-block-on-full", put("spec.stages[0].method", "full"), "spec.stages[0].lora", "lora and qlora only"),
     ("full-after-lora", put("spec.stages[2]", FULL_STAGE), "spec.stages[2].method", "adapters"),

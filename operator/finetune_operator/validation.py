@@ -554,6 +554,27 @@ def lora_block_needs_adapter_method(ctx: _Context) -> Iterator[FieldError]:
                                                        f"{method!r}: remove lora or change method")
 
 
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.*-]+$")
+
+
+@_rule
+def lora_target_names_modules(ctx: _Context) -> Iterator[FieldError]:
+    """``all``, ``q_proj,v_proj`` or a list of module names (the CRD checks the string form with a pattern)."""
+    for i, stage in ctx.stages():
+        lora = stage.get("lora")
+        target = lora.get("target") if isinstance(lora, Mapping) else None
+        path = f"spec.stages[{i}].lora.target"
+        if isinstance(target, str) and not all(_MODULE_NAME.match(t) for t in target.split(",")):
+            yield FieldError(path, f"{target!r} is not 'all' or a comma-separated list of module names "
+                                   "(no spaces or empty names)")
+        elif isinstance(target, list):
+            if not target:
+                yield FieldError(path, "must name at least one module (or use 'all')")
+            for j, name in enumerate(target):
+                if isinstance(name, str) and not _MODULE_NAME.match(name):
+                    yield FieldError(f"{path}[{j}]", f"{name!r} is not a module name")
+
+
 @_rule
 def stage_chain_is_loadable(ctx: _Context) -> Iterator[FieldError]:
     """What LLaMA-Factory can start a stage from, given the stages before it."""
