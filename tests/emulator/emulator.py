@@ -405,6 +405,14 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         with self.state_lock:
             self.faults.clear()
 
+    def watch_count(self, resource: str | None = None) -> int:
+        """How many watch streams are open (all, or of one resource: plural or plural.group)."""
+        with self.state_lock:
+            return sum(
+                len(watchers) for (group, plural), watchers in self._watchers.items()
+                if resource is None or resource in (plural, f'{plural}.{group}')
+            )
+
     def drop_watches(self, resource: str | None = None) -> int:
         """End open watch streams (all, or of one resource) as a load-balancer reset would. Loop thread only."""
         dropped = 0
@@ -577,7 +585,9 @@ class FidelityEmulator(kmock.KubernetesEmulator):
                 paths = ['/api', '/api/v1', '/apis', '/healthz', '/livez', '/readyz', '/version']
                 paths += sorted({f'/apis/{r.group}' for r in self.resources if r.group})
                 return aiohttp.web.json_response({'paths': paths})
-            raise errors.resource_not_found(path)  # incl. /openapi/v2 and /openapi/v3: see README
+            if path == '/openapi/v3' or path.startswith('/openapi/v3/'):
+                return aiohttp.web.json_response(self._openapi_v3(path))
+            raise errors.resource_not_found(path)  # incl. /openapi/v2: no schemas (see README)
         if route.kind == 'api':
             return aiohttp.web.json_response({
                 'kind': 'APIVersions', 'versions': ['v1'],
@@ -618,6 +628,54 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         return aiohttp.web.json_response({
             'kind': 'APIResourceList', 'apiVersion': 'v1', 'groupVersion': group_version, 'resources': resources,
         })
+
+    def _openapi_v3(self, path: str) -> dict[str, Any]:
+        """Minimal OpenAPI v3: enough for kubectl to see that the server validates fields itself.
+
+        kubectl's default ``--validate=strict`` first asks ``/openapi/v3`` whether the PATCH operation of a
+        kind takes the ``fieldValidation`` query parameter; if it does, kubectl leaves validation to the server
+        and needs no schema.  We advertise it (and ``dryRun``) for every resource but publish no schemas, so
+        ``kubectl apply -f`` works without ``--validate=false``; the server does not actually reject unknown
+        fields (README: no schema validation).  No ``application/strategic-merge-patch+json`` request body is
+        listed, so kubectl computes client-side apply patches from its compiled-in types (built-ins) or as
+        JSON merge patches (custom resources), as it does against a real server without schemas.
+        """
+        groups = self._groups()
+        if path.rstrip('/') == '/openapi/v3':
+            index = {}
+            for group, versions in groups.items():
+                for version in versions:
+                    gv = f'apis/{group}/{version}' if group else f'api/{version}'
+                    index[gv] = {'serverRelativeURL': f'/openapi/v3/{gv}?hash={self._rv}'}
+            return {'paths': index}
+        parts = path.rstrip('/').split('/')[3:]  # after /openapi/v3
+        if parts[:1] == ['api'] and len(parts) == 2:
+            group, version = '', parts[1]
+        elif parts[:1] == ['apis'] and len(parts) == 3:
+            group, version = parts[1], parts[2]
+        else:
+            raise errors.resource_not_found(path)
+        if version not in groups.get(group, []):
+            raise errors.resource_not_found(path)
+        params = [{'name': 'fieldValidation', 'in': 'query', 'schema': {'type': 'string', 'uniqueItems': True}},
+                  {'name': 'dryRun', 'in': 'query', 'schema': {'type': 'string', 'uniqueItems': True}}]
+        paths: dict[str, Any] = {}
+        prefix = f'/apis/{group}/{version}' if group else f'/api/{version}'
+        for res in self.resources:
+            if res.group != group or res.version != version:
+                continue
+            info = self.resources[res]
+            gvk = {'group': group, 'version': version, 'kind': info.kind}
+            scope = '/namespaces/{namespace}' if info.namespaced else ''
+            paths[f'{prefix}{scope}/{res.plural}/{{name}}'] = {
+                'patch': {
+                    'operationId': f'patch{info.kind}', 'parameters': params,
+                    'x-kubernetes-action': 'patch', 'x-kubernetes-group-version-kind': gvk,
+                    'responses': {'200': {'description': 'OK'}},
+                },
+            }
+        return {'openapi': '3.0.0', 'info': {'title': 'Kubernetes (emulated)', 'version': 'unversioned'},
+                'paths': paths, 'components': {'schemas': {}}}
 
     def _groups(self) -> dict[str, list[str]]:
         groups: dict[str, set[str]] = collections.defaultdict(set)
@@ -1214,6 +1272,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
                 }))
             if not expired:
                 self._watchers[key].add(watcher)
+                self.changed.notify_all()  # tests may wait for a watch to be established
         response = aiohttp.web.StreamResponse(status=200, headers={'Content-Type': 'application/json'})
         response.enable_chunked_encoding()
         await response.prepare(raw)
@@ -1254,6 +1313,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         finally:
             with self.state_lock:
                 self._watchers[key].discard(watcher)
+                self.changed.notify_all()
         return response
 
 

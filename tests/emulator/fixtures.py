@@ -7,6 +7,7 @@ tests that want to share one.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import shutil
@@ -74,8 +75,20 @@ def kube_env(emulator_server: EmulatorServer, kubeconfig: pathlib.Path) -> dict[
 
 @pytest.fixture()
 def use_kubeconfig(kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
-    """Point this process at the emulator (for in-process kopf/KopfRunner and the Python clients)."""
+    """Point this process at the emulator (for in-process kopf/KopfRunner and the Python clients).
+
+    Both ``kubernetes`` and ``kubernetes_asyncio`` read $KUBECONFIG once, at import time, into
+    ``KUBE_CONFIG_DEFAULT_LOCATION`` (which kopf's default login uses): patch that too.
+    """
     monkeypatch.setenv('KUBECONFIG', str(kubeconfig))
+    for module_name in ('kubernetes.config.kube_config', 'kubernetes_asyncio.config.kube_config'):
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        monkeypatch.setattr(module, 'KUBE_CONFIG_DEFAULT_LOCATION', str(kubeconfig))
     return kubeconfig
 
 

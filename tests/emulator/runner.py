@@ -21,6 +21,7 @@ import pathlib
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -45,7 +46,9 @@ EXTRA_RESOURCES: tuple[dict[str, Any], ...] = (
 def make_emulator(**kwargs: Any) -> FidelityEmulator:
     """An emulator with the built-in resources (kmock's bundle) plus PyTorchJob and DeepSpeedJob."""
     emulator = FidelityEmulator(**kwargs)
-    emulator.resources.load_bundled()
+    with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources.read_binary
+        warnings.simplefilter('ignore', DeprecationWarning)
+        emulator.resources.load_bundled()
     for spec in EXTRA_RESOURCES:
         emulator.register(**spec)
     return emulator
