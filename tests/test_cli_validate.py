@@ -115,3 +115,9 @@ def test_crd_command_prints_the_committed_crd() -> None:
     assert proc.stdout == (ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text(encoding="utf-8")
     crd = yaml.safe_load(proc.stdout)
     assert crd["kind"] == "CustomResourceDefinition"
+
+
+def test_directory_validates_every_yaml_file() -> None:
+    proc = ftctl("validate", "-f", str(ROOT / "manifests" / "examples"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(": ok") >= len(EXAMPLES)

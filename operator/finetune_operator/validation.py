@@ -21,8 +21,12 @@ Decisions documented here because users will hit them:
 - Serving without merge after LoRA stages serves the base model plus the adapter (vLLM ``--enable-lora``);
   vLLM cannot stack adapters, so this is rejected when the final model is more than one stacked adapter.
 - A ``full``/``freeze`` stage cannot follow a LoRA stage (LLaMA-Factory loads adapters only for LoRA
-  training) and a ``qlora`` stage cannot stack on an earlier adapter (LLaMA-Factory: "Cannot create new
-  adapter upon a quantized model").
+  training). A ``qlora`` or ZeRO-3 LoRA stage continues the single earlier adapter (LLaMA-Factory: "Cannot
+  create new adapter upon a quantized model"), so it is rejected after two or more stacked adapters.
+- ``qlora`` with DeepSpeed ZeRO-3 is valid: LLaMA-Factory supports 4-bit bitsandbytes models under ZeRO-3
+  (it refuses only 8-bit, HQQ and EETQ there).
+- ``lora_rank``/``lora_alpha``/``lora_dropout``/``lora_target`` are always the operator's for lora/qlora
+  stages (from ``lora``, or its defaults): set them in the ``lora`` block.
 - Derived child names are hash-truncated (:mod:`finetune_operator.api.naming`), so only the job name itself
   is limited: it must be a DNS-1123 label of at most 63 characters because it is also a label value.
 """
@@ -575,21 +579,45 @@ def lora_target_names_modules(ctx: _Context) -> Iterator[FieldError]:
                     yield FieldError(f"{path}[{j}]", f"{name!r} is not a module name")
 
 
-@_rule
-def stage_chain_is_loadable(ctx: _Context) -> Iterator[FieldError]:
-    """What LLaMA-Factory can start a stage from, given the stages before it."""
-    adapters_before = 0
+def _continues_adapter(ctx: _Context, stage: Mapping[str, Any]) -> bool:
+    """LLaMA-Factory cannot create a new adapter on a 4-bit (qlora) or ZeRO-3 partitioned model: such a stage
+    continues training the single earlier adapter instead (the renderer's chaining rule)."""
+    return ctx.method(stage) == "qlora" or ctx.zero_stage(stage) == 3
+
+
+def _adapter_chain(ctx: _Context) -> tuple[list[FieldError], list[tuple[int, int]]]:
+    """Walk the stages like the renderer: errors for impossible starts, and the final adapters (index, rank)."""
+    errors: list[FieldError] = []
+    adapters: list[tuple[int, int]] = []
     for i, stage in ctx.stages():
         method = ctx.method(stage)
-        if method in ("full", "freeze") and adapters_before:
-            yield FieldError(f"spec.stages[{i}].method",
-                             f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory "
-                             "loads adapters only for LoRA training): use method lora, or train full stages first")
-        if method == "qlora" and adapters_before:
-            yield FieldError(f"spec.stages[{i}].method",
-                             "a qlora stage cannot stack on earlier adapters (LLaMA-Factory cannot create a new "
-                             "adapter upon a quantized model): make it the first adapter stage or use lora")
-        adapters_before = adapters_before + 1 if method in ADAPTER_METHODS else 0
+        lora = stage.get("lora")
+        rank = lora.get("rank", 8) if isinstance(lora, Mapping) else 8
+        rank = rank if isinstance(rank, int) else 8
+        if method not in ADAPTER_METHODS:
+            if adapters:
+                errors.append(FieldError(
+                    f"spec.stages[{i}].method",
+                    f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory loads "
+                    "adapters only for LoRA training): use method lora, or put full/freeze stages first"))
+            adapters = []
+        elif adapters and _continues_adapter(ctx, stage):
+            if len(adapters) != 1:
+                why = "qlora (4-bit base)" if method == "qlora" else "ZeRO-3"
+                errors.append(FieldError(
+                    f"spec.stages[{i}].method",
+                    f"a {why} stage can only continue a single earlier adapter (LLaMA-Factory cannot create a new "
+                    f"adapter upon a quantized or partitioned model), but {len(adapters)} are stacked before it"))
+            adapters = [(i, max(rank, *(r for _, r in adapters)))]
+        else:
+            adapters.append((i, rank))
+    return errors, adapters
+
+
+@_rule
+def stage_chain_is_loadable(ctx: _Context) -> Iterator[FieldError]:
+    """What LLaMA-Factory can start each stage from, given the stages before it."""
+    yield from _adapter_chain(ctx)[0]
 
 
 # --- resources ----------------------------------------------------------------------------------------------
@@ -671,18 +699,14 @@ def serve_unmerged_adapters(ctx: _Context) -> Iterator[FieldError]:
     serve, merge = ctx.section("serve"), ctx.section("merge")
     if serve.get("enabled") is not True or merge.get("enabled") is True:
         return
-    stack: list[tuple[int, Mapping[str, Any]]] = []
-    for i, stage in ctx.stages():
-        stack = [*stack, (i, stage)] if ctx.method(stage) in ADAPTER_METHODS else []
-    if len(stack) > 1:
-        names = ", ".join(str(s.get("name")) for _, s in stack)
-        yield FieldError("spec.merge.enabled", f"serving without merge supports a single LoRA adapter, but stages "
-                                               f"{names} stack adapters: set merge.enabled: true")
+    _, adapters = _adapter_chain(ctx)
+    if len(adapters) > 1:
+        names = ", ".join(f"spec.stages[{i}]" for i, _ in adapters)
+        yield FieldError("spec.merge.enabled", f"serving without merge supports a single LoRA adapter, but {names} "
+                                               "stack adapters: set merge.enabled: true")
     max_rank = serve.get("maxLoraRank")
-    for i, stage in stack:
-        lora = stage.get("lora")
-        rank = lora.get("rank", 8) if isinstance(lora, Mapping) else 8
-        if isinstance(max_rank, int) and isinstance(rank, int) and rank > max_rank:
+    for i, rank in adapters:
+        if isinstance(max_rank, int) and rank > max_rank:
             yield FieldError("spec.serve.maxLoraRank", f"maxLoraRank {max_rank} is smaller than the LoRA rank {rank} "
                                                        f"of spec.stages[{i}]")
 
@@ -745,7 +769,7 @@ RESERVED_ARGS: Mapping[str, str] = {
     "model_revision": "spec.model.revision",
 }
 
-#: LoRA arguments that a ``lora`` block sets (reserved only when the stage has one).
+#: LoRA arguments the renderer sets for lora/qlora stages from the ``lora`` block (or its defaults).
 LORA_BLOCK_ARGS: Mapping[str, str] = {
     "lora_rank": "spec.stages[].lora.rank",
     "lora_alpha": "spec.stages[].lora.alpha",
@@ -769,7 +793,6 @@ SFT_ONLY_ARGS = frozenset({"predict_with_generate", "neat_packing", "train_on_pr
 @_rule
 def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
     for i, stage in ctx.stages():
-        has_lora_block = isinstance(stage.get("lora"), Mapping)
         method = ctx.method(stage)
         for key in ctx.args(stage):
             path = f"spec.stages[{i}].args.{key}"
@@ -778,8 +801,9 @@ def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
                                        "use spec.model.tokenSecretRef")
             elif key in RESERVED_ARGS:
                 yield FieldError(path, f"{key} is set by the operator: use {RESERVED_ARGS[key]}")
-            elif key in LORA_BLOCK_ARGS and has_lora_block:
-                yield FieldError(path, f"{key} is set by the stage's lora block: use {LORA_BLOCK_ARGS[key]}")
+            elif key in LORA_BLOCK_ARGS and method in ADAPTER_METHODS:
+                yield FieldError(path, f"{key} is set by the operator from the stage's lora settings: use "
+                                       f"{LORA_BLOCK_ARGS[key]}")
             elif key in LORA_ONLY_ARGS and method not in ADAPTER_METHODS:
                 yield FieldError(path, f"{key} applies to methods lora and qlora only, not {method!r}")
             elif key in FREEZE_ONLY_ARGS and method != "freeze":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from finetune_operator.api.constants import KIND
 from finetune_operator.errors import SpecError
@@ -51,16 +52,25 @@ def _validate_file(path: str) -> int:
     return status
 
 
+def _expand(path: str) -> list[str]:
+    """A directory stands for its YAML/JSON files (sorted), like ``kubectl apply -f DIR``."""
+    p = Path(path)
+    if path != "-" and p.is_dir():
+        return [str(f) for f in sorted(p.iterdir()) if f.is_file() and f.suffix in (".yaml", ".yml", ".json")]
+    return [path]
+
+
 def _run(args: argparse.Namespace) -> int:
     worst = EXIT_OK
-    for path in args.files:
-        worst = max(worst, _validate_file(path))
+    for arg in args.files:
+        for path in _expand(arg):
+            worst = max(worst, _validate_file(path))
     return worst
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", dest="files", action="append", required=True, metavar="FILE",
-                        help="FineTuneJob YAML file (multi-document allowed; '-' reads stdin); repeatable")
+                        help="FineTuneJob YAML file or directory (multi-document allowed; '-' reads stdin); repeatable")
     parser.add_argument("more", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
     parser.set_defaults(func=_run_all)
 
