@@ -332,3 +332,11 @@ def test_module_documents_its_decisions() -> None:
 
 def test_committed_crd_is_yaml_of_build_crd() -> None:
     assert yaml.safe_load(COMMITTED.read_text(encoding="utf-8")) == build_crd()
+
+
+def test_committed_crd_passes_yamllint() -> None:
+    from yamllint import config, linter
+
+    conf = config.YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))
+    problems = [str(p) for p in linter.run(COMMITTED.read_text(encoding="utf-8"), conf)]
+    assert problems == []

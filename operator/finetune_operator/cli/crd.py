@@ -14,9 +14,20 @@ import yaml
 from finetune_operator.crd import build_crd
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block sequences indented under their key (yamllint's default style) and no ``&id`` aliases."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def render_yaml() -> str:
     """The CRD as YAML text (insertion order kept: it reads like the types)."""
-    return yaml.safe_dump(build_crd(), sort_keys=False, width=120, allow_unicode=False)
+    return yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=False,
+                     default_flow_style=False)
 
 
 def _run(args: argparse.Namespace) -> int:
