@@ -61,7 +61,7 @@ def _download(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config) if args.config else {}
     source = args.source or cfg.get("source")
-    model_dir = args.model_dir or cfg.get("model_dir")
+    model_dir = args.model_dir or cfg.get("local_dir") or cfg.get("model_dir")
     if not source or not model_dir:
         raise WorkerError("download needs a source and a model_dir (in --config or as --source/--model-dir)")
     res = run_download(
@@ -127,7 +127,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
 
     d = sub.add_parser("download", help="download the base model from a hub into the model volume, once")
-    d.add_argument("--config", help="download.yaml (source, hub, revision, model_dir)")
+    d.add_argument("--config", help="download.yaml (source, hub, revision, local_dir)")
     d.add_argument("--source", help="hub id, e.g. Qwen/Qwen2-0.5B-Instruct")
     d.add_argument("--hub", choices=("huggingface", "modelscope"))
     d.add_argument("--revision")

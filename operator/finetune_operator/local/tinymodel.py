@@ -95,6 +95,9 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.5 MB model needs no bar
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

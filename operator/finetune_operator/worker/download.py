@@ -9,7 +9,7 @@ Tokens come from the environment only (``HF_TOKEN``; ``MODELSCOPE_API_TOKEN`` fo
 renderer fills from a ``secretKeyRef``; they are never logged and never written to the marker.
 
 Config (``download.yaml``): ``source`` (hub id), ``hub`` (huggingface | modelscope), ``revision``,
-``model_dir``. Each can also be given on the command line.
+``local_dir`` (the model folder). Each can also be given on the command line.
 """
 
 from __future__ import annotations
