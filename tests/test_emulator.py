@@ -18,6 +18,7 @@ from typing import Any
 
 import kmock
 import pytest
+import yaml
 
 from tests.emulator import ApiError, EmulatorServer, FidelityEmulator, make_emulator, selectors, tables
 from tests.emulator import patching as patches
@@ -460,6 +461,7 @@ def test_kubectl_end_to_end(emulator_server: EmulatorServer, kubectl: Callable[.
     manifest.write_text('apiVersion: example.dev/v1\nkind: Widget\nmetadata: {name: w1, labels: {tier: gold}}\n'
                         'spec: {size: 3, detail: hello}\n')
     assert 'created' in kubectl('apply', '-f', str(crd)).stdout  # default (strict) validation works
+    kubectl('wait', '--for=condition=established', 'crd/widgets.example.dev', '--timeout=10s')
     kubectl('apply', '--validate=false', '-f', str(manifest))
     assert 'unchanged' in kubectl('apply', '-f', str(manifest)).stdout
     lines = kubectl('get', 'wd').stdout.splitlines()
@@ -624,3 +626,86 @@ def test_kopf_operator_smoke(emulator_server: EmulatorServer, widgets: pathlib.P
         emulator_server.wait_for_deletion('configmaps', 'w-child', timeout=20)  # then the GC took the child
     assert runner.exception is None
     assert 'Traceback' not in runner.output
+
+
+# ---------------------------------------------------------------------------------------------- more API surface
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FTJ_CRD = REPO / 'crds' / 'finetune.dev_finetunejobs.yaml'
+
+
+@pytest.mark.skipif(not FTJ_CRD.exists(), reason='the FineTuneJob CRD is not generated yet')
+def test_finetunejob_crd_with_kubectl(kubectl: Callable[..., subprocess.CompletedProcess[str]],
+                                      emulator_server: EmulatorServer) -> None:
+    kubectl('apply', '-f', str(FTJ_CRD.parent))
+    kubectl('wait', '--for=condition=established', 'crd/finetunejobs.finetune.dev', '--timeout=10s')
+    examples = sorted((REPO / 'manifests' / 'examples').glob('*.yaml'))
+    examples = [e for e in examples if 'kind: FineTuneJob' in e.read_text()]
+    if not examples:
+        pytest.skip('no FineTuneJob example manifest yet')
+    for doc in yaml.safe_load_all(examples[0].read_text()):
+        if doc and doc.get('metadata', {}).get('namespace'):
+            emulator_server.ensure_namespace(doc['metadata']['namespace'])
+    kubectl('apply', '-f', str(examples[0]))
+    name = emulator_server.list('ftj')[0]['metadata']['name']
+    namespace = emulator_server.list('ftj')[0]['metadata']['namespace']
+    emulator_server.patch_status('ftj', name, {'currentStage': 'sft', 'state': 'Running', 'progress': '12/100 (12%)',
+                                               'loss': '1.234'}, namespace)
+    lines = kubectl('get', 'ftj', '-n', namespace).stdout.splitlines()
+    assert lines[0].split() == ['NAME', 'STAGE', 'STATE', 'PROGRESS', 'LOSS', 'AGE']
+    assert lines[1].split()[:6] == [name, 'sft', 'Running', '12/100', '(12%)', '1.234']
+
+
+def test_events_of_both_apis_are_storable(emulator_server: EmulatorServer) -> None:
+    target = emulator_server.create(cm('target'))
+    core = {'apiVersion': 'v1', 'kind': 'Event', 'metadata': {'name': 'target.1'}, 'type': 'Normal',
+            'reason': 'Created', 'message': 'hello',
+            'involvedObject': {'kind': 'ConfigMap', 'name': 'target', 'namespace': 'default',
+                               'uid': target['metadata']['uid']}}
+    modern = {'apiVersion': 'events.k8s.io/v1', 'kind': 'Event', 'metadata': {'name': 'target.2'},
+              'type': 'Warning', 'reason': 'Broke', 'note': 'oops', 'action': 'Check', 'reportingController': 'x',
+              'reportingInstance': 'x-1', 'eventTime': '2026-01-01T00:00:00.000000Z',
+              'regarding': {'kind': 'ConfigMap', 'name': 'target', 'namespace': 'default'}}
+    emulator_server.create(core)
+    emulator_server.create(modern)
+    code, body = call(emulator_server, 'GET', '/api/v1/namespaces/default/events?fieldSelector='
+                      + urllib.request.quote('involvedObject.name=target,reason=Created'))
+    assert code == 200 and [e['message'] for e in body['items']] == ['hello']
+    code, body = call(emulator_server, 'GET', '/apis/events.k8s.io/v1/namespaces/default/events')
+    assert [e['note'] for e in body['items']] == ['oops']
+
+
+def test_deletecollection_and_dry_run(emulator_server: EmulatorServer) -> None:
+    for name, tier in (('a', 'x'), ('b', 'x'), ('c', 'y')):
+        emulator_server.create(cm(name, tier=tier))
+    code, body = call(emulator_server, 'POST', f'{CONFIGMAPS}?dryRun=All', cm('dry'))
+    assert code == 201 and body['metadata']['name'] == 'dry'
+    assert emulator_server.get('configmaps', 'dry') is None
+    code, _ = call(emulator_server, 'DELETE', f'{CONFIGMAPS}?labelSelector=tier%3Dx')
+    assert code == 200
+    emulator_server.wait_for(lambda: [o['metadata']['name'] for o in emulator_server.list('configmaps')] == ['c'])
+
+
+def test_kmock_dsl_drops_a_watch(emulator_server: EmulatorServer, emulator: FidelityEmulator) -> None:
+    emulator_server.create(cm('a'))
+    emulator[kmock.action.WATCH, kmock.resource('v1/configmaps')][:1] << (b'', StopIteration)
+    assert watch(emulator_server, CONFIGMAPS, timeoutSeconds='5')[1] == []  # dropped at once
+    assert [e['type'] for e in watch(emulator_server, CONFIGMAPS, timeoutSeconds='1')[1]] == ['ADDED']
+
+
+def test_python_clients(emulator_server: EmulatorServer, widgets: pathlib.Path, kubeconfig: pathlib.Path) -> None:
+    kubernetes = pytest.importorskip('kubernetes')
+    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    custom = kubernetes.client.CustomObjectsApi(client)
+    created = custom.create_namespaced_custom_object('example.dev', 'v1', 'default', 'widgets', widget('w', 2))
+    assert created['metadata']['uid']  # a 201 with a body: the client returns it
+    listed = custom.list_namespaced_custom_object('example.dev', 'v1', 'default', 'widgets', label_selector='a=b')
+    assert listed['items'] == []
+    custom.patch_namespaced_custom_object_status('example.dev', 'v1', 'default', 'widgets', 'w',
+                                                 {'status': {'state': 'Ok'}})
+    stream = kubernetes.watch.Watch().stream(
+        custom.list_namespaced_custom_object, 'example.dev', 'v1', 'default', 'widgets', timeout_seconds=1)
+    assert [(e['type'], e['object']['status']['state']) for e in stream] == [('ADDED', 'Ok')]
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom.create_namespaced_custom_object('example.dev', 'v1', 'default', 'widgets', widget('w', 2))
+    assert err.value.status == 409
