@@ -199,7 +199,7 @@ def wait_event(
 
 def fast_config(**overrides: Any) -> OperatorConfig:
     """Small intervals so tests wait for events, not for timers."""
-    kw: dict[str, Any] = {"resync_interval": 1.0, "progress_interval": 0.3, "workers": 4, "watch_timeout": 30}
+    kw: dict[str, Any] = {"resync_interval": 0.5, "progress_interval": 0.3, "workers": 4, "watch_timeout": 30}
     kw.update(overrides)
     return OperatorConfig(**kw)
 
@@ -216,6 +216,8 @@ class OperatorThread:
         self._ready = threading.Event()
         self.error: BaseException | None = None
         self.memo: kopf.Memo | None = None
+        self._reconciled = threading.Condition()
+        self._reconciles: dict[tuple[str, str], int] = {}
 
     def start(self, timeout: float = 20) -> OperatorThread:
         import finetune_operator.controller.handlers as handlers
@@ -236,6 +238,7 @@ class OperatorThread:
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError(f"operator did not start: {self.error!r}")
+        self._count_reconciles()
         return self
 
     async def _main(self) -> None:
@@ -263,6 +266,33 @@ class OperatorThread:
     def controller(self) -> Any:
         assert self.memo is not None
         return self.memo.get("finetune_controller")
+
+    def _count_reconciles(self) -> None:
+        """Wrap the reconciler so tests can wait for "the operator looked again" without sleeping."""
+        reconciler = self.controller.reconciler
+        inner = reconciler.reconcile
+
+        async def counted(namespace: str, name: str, **kw: Any) -> Any:
+            try:
+                return await inner(namespace, name, **kw)
+            finally:
+                with self._reconciled:
+                    key = (namespace, name)
+                    self._reconciles[key] = self._reconciles.get(key, 0) + 1
+                    self._reconciled.notify_all()
+
+        reconciler.reconcile = counted
+
+    def reconciles(self, name: str, namespace: str = "default") -> int:
+        with self._reconciled:
+            return self._reconciles.get((namespace, name), 0)
+
+    def wait_reconciled(self, name: str, times: int = 2, namespace: str = "default", timeout: float = 15) -> None:
+        """Wait until FineTuneJob ``name`` has been reconciled ``times`` more times (e.g. by the resync)."""
+        with self._reconciled:
+            target = self._reconciles.get((namespace, name), 0) + times
+            ok = self._reconciled.wait_for(lambda: self._reconciles.get((namespace, name), 0) >= target, timeout)
+        assert ok, f"{namespace}/{name} was not reconciled {times} more times within {timeout} s"
 
     def stop(self, timeout: float = 20) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
