@@ -709,3 +709,22 @@ def test_python_clients(emulator_server: EmulatorServer, widgets: pathlib.Path, 
     with pytest.raises(kubernetes.client.ApiException) as err:
         custom.create_namespaced_custom_object('example.dev', 'v1', 'default', 'widgets', widget('w', 2))
     assert err.value.status == 409
+
+
+def test_kubectl_get_watch_sees_live_changes(emulator_server: EmulatorServer, widgets: pathlib.Path,
+                                             kube_env: dict[str, str]) -> None:
+    from tests.emulator.fixtures import kubectl_binary
+
+    emulator_server.create(widget('w1', size=1))
+    process = subprocess.Popen([kubectl_binary(), 'get', 'widgets', '-w', '--request-timeout=3s'], env=kube_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        emulator_server.wait_for(lambda: emulator_server.emulator.watch_count('widgets') == 1, timeout=20)
+        emulator_server.patch_status('widgets', 'w1', {'state': 'Running'})
+        emulator_server.create(widget('w2', size=2))
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:4] == ['NAME', 'STATE', 'READY', 'SIZE'], err
+    assert [row[:2] for row in rows[1:]] == [['w1', '1'], ['w1', 'Running'], ['w2', '2']], out

@@ -321,6 +321,10 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             self._printer_columns[(res.group, res.version, res.plural)] = printer_columns
         return res
 
+    def declared(self) -> list[kmock.resource]:
+        """The declared resources (kmock types its keys loosely; they are always parsed ``resource``s)."""
+        return [res for res in self.resources if isinstance(res, kmock.resource)]
+
     def info(self, group: str, version: str, plural: str) -> kmock.ResourceInfo | None:
         res = kmock.resource(group, version, plural)
         # Not .get(): kmock's ResourcesArray.__getitem__ auto-creates missing entries.
@@ -329,7 +333,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     def resolve(self, ref: str) -> tuple[str, str, str]:
         """Resolve ``plural``, ``kind``, short name, ``plural.group`` or ``group/version/plural``."""
         candidates: list[tuple[str, str, str]] = []
-        for res in self.resources:
+        for res in self.declared():
             info = self.resources[res]
             group, version, plural = res.group or '', res.version or '', res.plural or ''
             names = {
@@ -346,7 +350,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
 
     def resolve_kind(self, api_version: str, kind: str) -> tuple[str, str, str]:
         group, _, version = api_version.rpartition('/')
-        for res in self.resources:
+        for res in self.declared():
             if res.group == group and res.version == version and self.resources[res].kind == kind:
                 return group, version, res.plural or ''
         raise KeyError(f'no resource for {api_version} {kind}')
@@ -354,7 +358,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     def has_status_subresource(self, group: str, plural: str) -> bool:
         return any(
             res.group == group and res.plural == plural and 'status' in self.resources[res].subresources
-            for res in self.resources
+            for res in self.declared()
         )
 
     # ------------------------------------------------------------------ store access (any thread)
@@ -454,7 +458,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
 
     # ------------------------------------------------------------------ HTTP entry point
 
-    async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:  # type: ignore[override]
+    async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         body = await raw.read()
         route = parse_route(raw.path)
         query = dict(raw.query)
@@ -583,7 +587,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
                 return aiohttp.web.Response(text='ok')
             if path == '/':
                 paths = ['/api', '/api/v1', '/apis', '/healthz', '/livez', '/readyz', '/version']
-                paths += sorted({f'/apis/{r.group}' for r in self.resources if r.group})
+                paths += sorted({f'/apis/{r.group}' for r in self.declared() if r.group})
                 return aiohttp.web.json_response({'paths': paths})
             if path == '/openapi/v3' or path.startswith('/openapi/v3/'):
                 return aiohttp.web.json_response(self._openapi_v3(path))
@@ -609,7 +613,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         if route.version not in groups.get(route.group, []):
             raise errors.resource_not_found(path)
         resources = []
-        for res in sorted(self.resources, key=lambda r: r.plural or ''):
+        for res in sorted(self.declared(), key=lambda r: r.plural or ''):
             if res.group != route.group or res.version != route.version:
                 continue
             info = self.resources[res]
@@ -661,7 +665,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
                   {'name': 'dryRun', 'in': 'query', 'schema': {'type': 'string', 'uniqueItems': True}}]
         paths: dict[str, Any] = {}
         prefix = f'/apis/{group}/{version}' if group else f'/api/{version}'
-        for res in self.resources:
+        for res in self.declared():
             if res.group != group or res.version != version:
                 continue
             info = self.resources[res]
@@ -679,7 +683,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
 
     def _groups(self) -> dict[str, list[str]]:
         groups: dict[str, set[str]] = collections.defaultdict(set)
-        for res in self.resources:
+        for res in self.declared():
             groups[res.group or ''].add(res.version or '')
         return {g: sorted(vs, key=version_priority, reverse=True) for g, vs in groups.items()}
 

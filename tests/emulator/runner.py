@@ -14,6 +14,7 @@ two servers stop in a different order than they started.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import copy
 import os
@@ -179,7 +180,7 @@ class EmulatorServer:
         return self.emulator.find(route.group, route.plural, route.namespace, name)
 
     def list(self, resource: str, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None) -> list[dict[str, Any]]:
+             field_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         route = self._route(resource, None, namespace)
         query = {k: v for k, v in {'labelSelector': label_selector, 'fieldSelector': field_selector}.items() if v}
         with self.emulator.state_lock:
@@ -207,9 +208,9 @@ class EmulatorServer:
                            {'propagationPolicy': propagation})
         return copy.deepcopy(obj)
 
-    def apply_crd(self, source: str | os.PathLike[str] | Mapping[str, Any]) -> list[dict[str, Any]]:
+    def apply_crd(self, source: str | os.PathLike[str] | Mapping[str, Any]) -> builtins.list[dict[str, Any]]:
         """Create or update the CRD(s) of a YAML file/directory or a dict; registers them in discovery."""
-        docs: list[Mapping[str, Any]] = []
+        docs: builtins.list[Mapping[str, Any]] = []
         if isinstance(source, Mapping):
             docs = [source]
         else:
@@ -266,7 +267,9 @@ class EmulatorServer:
         def check() -> dict[str, Any] | None:
             obj = self.get(resource, name, namespace)
             return obj if obj is not None and (condition is None or condition(obj)) else None
-        return self.wait_for(check, timeout, f'{resource}/{name} in {namespace}: not there/not as expected')
+        found = self.wait_for(check, timeout, f'{resource}/{name} in {namespace}: not there/not as expected')
+        assert found is not None
+        return found
 
     def wait_for_deletion(self, resource: str, name: str, namespace: str | None = 'default',
                           timeout: float = 10.0) -> None:

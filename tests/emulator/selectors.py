@@ -40,6 +40,26 @@ EXTRA_SELECTABLE_FIELDS: dict[str, set[str]] = {
 }
 
 
+LabelCheck = Callable[[Mapping[str, str]], bool]
+FieldCheck = Callable[[Mapping[str, Any]], bool]
+
+
+def _label_in(key: str, values: set[str], negate: bool) -> LabelCheck:
+    return lambda labels: (labels.get(key) in values) != negate
+
+
+def _label_eq(key: str, value: str, negate: bool) -> LabelCheck:
+    return lambda labels: (labels.get(key) == value) != negate
+
+
+def _label_exists(key: str, negate: bool) -> LabelCheck:
+    return lambda labels: (key in labels) != negate
+
+
+def _field_eq(field: str, value: str, negate: bool) -> FieldCheck:
+    return lambda obj: (_field_value(obj, field) == value) != negate
+
+
 def _split_terms(text: str) -> list[str]:
     """Split on commas that are not inside ``( )`` of a set-based requirement."""
     terms: list[str] = []
@@ -63,29 +83,20 @@ def parse_label_selector(text: str | None) -> Predicate:
     """Compile a label selector string into a predicate over an object (400 on bad syntax)."""
     if not text:
         return lambda obj: True
-    checks: list[Callable[[Mapping[str, str]], bool]] = []
+    checks: list[LabelCheck] = []
     for term in _split_terms(text):
         if m := _SET_RE.match(term):
             negated, key, op, values_text = m.groups()
             if negated:
                 raise bad_request(f'unable to parse requirement: {term!r}')
             values = {v.strip() for v in values_text.split(',') if v.strip()}
-            if op == 'in':
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
-            else:
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+            checks.append(_label_in(key, values, negate=op == 'notin'))
         elif m := _EQ_RE.match(term):
             key, op, value = m.groups()
-            if op == '!=':
-                checks.append(lambda labels, k=key, v=value: labels.get(k) != v)
-            else:
-                checks.append(lambda labels, k=key, v=value: labels.get(k) == v)
+            checks.append(_label_eq(key, value, negate=op == '!='))
         elif m := _EXISTS_RE.match(term):
             negated, key = m.groups()
-            if negated:
-                checks.append(lambda labels, k=key: k not in labels)
-            else:
-                checks.append(lambda labels, k=key: k in labels)
+            checks.append(_label_exists(key, negate=bool(negated)))
         else:
             raise bad_request(f'unable to parse requirement: found {term!r}, expected a label requirement')
 
@@ -110,7 +121,7 @@ def parse_field_selector(text: str | None, plural: str) -> Predicate:
     if not text:
         return lambda obj: True
     allowed = {'metadata.name', 'metadata.namespace'} | EXTRA_SELECTABLE_FIELDS.get(plural, set())
-    checks: list[Callable[[Mapping[str, Any]], bool]] = []
+    checks: list[FieldCheck] = []
     for term in _split_terms(text):
         m = _EQ_RE.match(term)
         if not m:
@@ -118,10 +129,7 @@ def parse_field_selector(text: str | None, plural: str) -> Predicate:
         field, op, value = m.groups()
         if field not in allowed:
             raise bad_request(f'field label not supported: {field}')
-        if op == '!=':
-            checks.append(lambda obj, f=field, v=value: _field_value(obj, f) != v)
-        else:
-            checks.append(lambda obj, f=field, v=value: _field_value(obj, f) == v)
+        checks.append(_field_eq(field, value, negate=op == '!='))
 
     def predicate(obj: Mapping[str, Any]) -> bool:
         return all(check(obj) for check in checks)
