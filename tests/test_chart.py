@@ -99,7 +99,7 @@ def test_helm_lint_strict(helm: Path, tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--set", "logLevel=verbose"], "logLevel"),
+        (["--set", "logLevel=trace"], "logLevel"),
         (["--set", "watchNamespaces[0]=Team_A"], "watchNamespaces"),
         (["--set", "defaults.workerImage="], "workerImage"),
         (["--set", "ports.metrics=70000"], "metrics"),
@@ -228,10 +228,11 @@ def test_default_operator_args_and_env(rendered: dict[str, list[dict[str, Any]]]
     container = _operator_container(rendered["default"])
     assert container["image"] == "ghcr.io/finetune-dev/finetune-operator:0.1.0"
     assert container["args"][:2] == ["operator", "--all-namespaces"]
-    assert "--log-level=info" in container["args"]
+    assert not {"--verbose", "--debug"} & set(container["args"])
     env = _env(container)
     assert env["FT_WORKER_IMAGE"] == constants.DEFAULT_WORKER_IMAGE
     assert env["FT_VLLM_IMAGE"] == constants.DEFAULT_VLLM_IMAGE
+    assert env["FT_WORKER_SERVICE_ACCOUNT"] == constants.DEFAULT_WORKER_SERVICE_ACCOUNT
 
 
 def test_non_default_values_reach_the_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -240,7 +241,7 @@ def test_non_default_values_reach_the_objects(rendered: dict[str, list[dict[str,
     pod = deployment["spec"]["template"]["spec"]
     container = _operator_container(objects)
     assert container["image"] == "registry.example.com/ft/operator:1.2.3@sha256:" + "a" * 64
-    assert "--log-level=debug" in container["args"]
+    assert "--debug" in container["args"]
     env = _env(container)
     assert env["FT_WORKER_IMAGE"] == "registry.example.com/ft/worker:1.2.3"
     assert env["FT_VLLM_IMAGE"] == "registry.example.com/vllm:9"
