@@ -424,3 +424,30 @@ def test_runtime_path_imports_no_torch_or_llamafactory() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _all_paths(value: Any, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            out += [path, *_all_paths(sub, path)]
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            path = f"{prefix}[{i}]"
+            out += [path, *_all_paths(sub, path)]
+    return out
+
+
+def test_any_wrong_value_anywhere_gives_errors_not_exceptions() -> None:
+    """Every node of the base spec replaced by values of every JSON type: check() never raises, and
+    whatever it rejects it rejects with a path that exists in the document or names a missing field."""
+    replacements: list[Any] = [None, 0, -1, 2.5, True, "", "x" * 2000, [], [None], {}, {"k": None}]
+    for path in _all_paths(base()):
+        for value in replacements:
+            obj = base()
+            put(path, value)(obj)
+            job, errors = check(obj)
+            assert (job is None) == bool(errors), (path, value)
+            for err in errors:
+                assert err.path and err.message, (path, value, err)

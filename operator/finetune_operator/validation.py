@@ -822,8 +822,8 @@ def args_values_typed(ctx: _Context) -> Iterator[FieldError]:
             path = f"spec.stages[{i}].args.{key}"
             if not spec.accepts_type(value):
                 expected = " or ".join(_TYPE_WORDS.get(t, t) for t in spec.types)
-                yield FieldError(path, f"wrong type: expected {expected}, got {_kind(value)} {value!r}"
-                                       f"{_number_hint(value, spec.types)}")
+                got = _kind(value) if value is None else f"{_kind(value)} {value!r}"
+                yield FieldError(path, f"wrong type: expected {expected}, got {got}{_number_hint(value, spec.types)}")
             elif spec.choices is not None and value is not None and value not in spec.choices:
                 choices = ", ".join(repr(c) for c in spec.choices)
                 hint = _hint(value, [str(c) for c in spec.choices]) if isinstance(value, str) else ""
