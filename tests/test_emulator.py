@@ -728,3 +728,50 @@ def test_kubectl_get_watch_sees_live_changes(emulator_server: EmulatorServer, wi
     rows = [line.split() for line in out.splitlines()]
     assert rows[0][:4] == ['NAME', 'STATE', 'READY', 'SIZE'], err
     assert [row[:2] for row in rows[1:]] == [['w1', '1'], ['w1', 'Running'], ['w2', '2']], out
+
+
+def test_rbac_comparison_of_the_request_log(emulator_server: EmulatorServer, emulator: FidelityEmulator) -> None:
+    from tests.emulator import rbac
+
+    emulator.clear_request_log()
+    emulator_server.create(cm('a'))
+    call(emulator_server, 'POST', CONFIGMAPS, cm('b'))
+    call(emulator_server, 'GET', f'{CONFIGMAPS}/b')
+    call(emulator_server, 'PATCH', f'{CONFIGMAPS}/b', {'data': {}}, patches.MERGE)
+    call(emulator_server, 'GET', '/api/v1/namespaces/default/pods?watch=true&resourceVersion=1')  # 410 at once
+    rules = [
+        {'apiGroups': [''], 'resources': ['configmaps'], 'verbs': ['create', 'get', 'list']},
+        {'apiGroups': [''], 'resources': ['pods'], 'verbs': ['watch'], 'resourceNames': ['p']},
+        {'apiGroups': ['apps'], 'resources': ['deployments'], 'verbs': ['delete']},
+    ]
+    missing = rbac.uncovered(emulator.request_log, rules)  # helper calls are in-process: not logged
+    assert [(r.verb, r.resource) for r in missing] == [('patch', 'configmaps'), ('watch', 'pods')]
+    assert rbac.uncovered(emulator.request_log, [{'apiGroups': ['*'], 'resources': ['*'], 'verbs': ['*']}]) == []
+    assert ('apps', 'deployments', 'delete') in rbac.unused(emulator.request_log, rules)
+    assert ('', 'configmaps', 'list') in rbac.unused(emulator.request_log, rules)
+    status = emulator.request_log[0]._replace(verb='patch', subresource='status', name='b')
+    assert rbac.rule_allows({'apiGroups': [''], 'resources': ['configmaps/status'], 'verbs': ['patch']}, status)
+    assert not rbac.rule_allows({'apiGroups': [''], 'resources': ['configmaps'], 'verbs': ['patch']}, status)
+
+
+def test_standalone_server_process(tmp_path: pathlib.Path) -> None:
+    import signal
+    import sys
+
+    widgets = tmp_path / 'widgets.yaml'
+    widgets.write_text(WIDGET_CRD)
+    kubeconfig = tmp_path / 'standalone.kubeconfig'
+    process = subprocess.Popen([sys.executable, '-m', 'tests.emulator', '--kubeconfig', str(kubeconfig), '--crds',
+                                str(widgets), '--namespace', 'team', '--request-log', str(tmp_path / 'log.json')],
+                               cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()  # printed once the server listens
+        assert 'emulator listening on http://127.0.0.1:' in banner
+        url = yaml.safe_load(kubeconfig.read_text())['clusters'][0]['cluster']['server']
+        with urllib.request.urlopen(f'{url}/apis/example.dev/v1/namespaces/team/widgets', timeout=10) as response:
+            assert json.loads(response.read())['items'] == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert json.loads((tmp_path / 'log.json').read_text())[0]['resource'] == 'widgets'

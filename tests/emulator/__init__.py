@@ -40,6 +40,12 @@ FidelityEmulator (``emulator_server.emulator``):
     ``drop_watches()`` ends open watch streams.  ``register('group/version/plural', kind, ...)`` declares a
     resource without a CRD.  ``faults``, ``clear_faults()``.
 
+RBAC (``tests.emulator.rbac``): ``uncovered(emulator.request_log, clusterrole['rules'])`` lists the distinct
+requests no rule grants; ``unused(...)`` the explicit grants never exercised; ``rule_allows(rule, record)``.
+
+Standalone (benchmarks, manual sessions): ``python -m tests.emulator --kubeconfig PATH [--crds crds/]
+[--namespace NS] [--request-log PATH]`` serves until SIGINT/SIGTERM.
+
 What is and is not emulated: tests/emulator/README.md.
 """
 

@@ -1251,7 +1251,8 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             selectors.parse_field_selector(field_selector, route.plural),
         )
         as_table = tables.wants_table(raw.headers.get('Accept'))
-        timeout = float(query['timeoutSeconds']) if query.get('timeoutSeconds') else None
+        # timeoutSeconds=0 or absent: no client timeout (the real server then picks 30-60 min; we never end).
+        timeout = float(query['timeoutSeconds']) if query.get('timeoutSeconds', '0') != '0' else None
         rv_text = query.get('resourceVersion') or ''
         initial: list[tuple[str, dict[str, Any]]] = []
         expired = False
@@ -1295,6 +1296,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             if expired:
                 error = errors.gone(f'too old resource version: {rv_text} ({self._history_floor})').status()
                 await response.write(json.dumps({'type': 'ERROR', 'object': error}).encode() + b'\n')
+                await response.write_eof()
                 return response
             for etype, obj in initial:
                 await send(etype, obj)
