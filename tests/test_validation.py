@@ -179,6 +179,10 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
      "module names"),
     ("lora-target-list-item", put("spec.stages[0].lora.target", ["q_proj", ""]), "spec.stages[0].lora.target[1]",
      "module name"),
+    ("secret-name", put("spec.model.tokenSecretRef", {"name": "HF Token", "key": "token"}),
+     "spec.model.tokenSecretRef.name", "Secret name"),
+    ("secret-key", put("spec.model.tokenSecretRef", {"name": "hf", "key": "a/b"}), "spec.model.tokenSecretRef.key",
+     "Secret key"),
     # --- methods and stage order ---
     ("lora-block-on-full", put("spec.stages[0].method", "full"), "spec.stages[0].lora", "lora and qlora only"),
     ("full-after-lora", put("spec.stages[2]", FULL_STAGE), "spec.stages[2].method", "adapters"),
@@ -214,6 +218,8 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
                                                                             "effect": "NoSchedule",
                                                                             "tolerationSeconds": 5}]),
      "spec.scheduling.tolerations[0].tolerationSeconds", "NoExecute"),
+    ("node-selector-key", put("spec.scheduling.nodeSelector", {"bad key!": "x"}),
+     "spec.scheduling.nodeSelector.bad key!", "label key"),
     # --- LLaMA-Factory args: reserved, secrets, names, types, choices, combinations ---
     ("reserved-output-dir", put("spec.stages[0].args.output_dir", "/x"), "spec.stages[0].args.output_dir",
      "spec.output"),
@@ -355,6 +361,20 @@ def test_malformed_parts_do_not_crash_rules() -> None:
         mutate(obj)
         _, errors = check(obj)
         assert errors
+
+
+def test_mapping_views_are_accepted() -> None:
+    """The operator passes kopf's mapping views, not dicts: validation must not care."""
+    from types import MappingProxyType
+
+    def freeze(value: Any) -> Any:
+        if isinstance(value, dict):
+            return MappingProxyType({k: freeze(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return tuple(freeze(v) for v in value)
+        return value
+
+    assert validate(freeze(base())).spec.stages[0].name == "sft"
 
 
 def test_non_mapping_document() -> None:

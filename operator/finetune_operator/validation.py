@@ -77,10 +77,11 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
     """Like :func:`validate` but returns ``(job or None, errors)`` instead of raising (for the operator)."""
     if not isinstance(obj, Mapping):
         return None, [FieldError("<document>", f"expected a mapping (a FineTuneJob object), got {_kind(obj)}")]
+    obj = _plain(obj)
     errors: list[FieldError] = []
     job: FineTuneJob | None = None
     try:
-        job = FineTuneJob.model_validate(dict(obj), strict=True)
+        job = FineTuneJob.model_validate(obj, strict=True)
     except pydantic.ValidationError as exc:
         errors.extend(_shape_errors(exc, obj))
     ctx = _Context(obj, load_lf_table())
@@ -88,6 +89,15 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
         errors.extend(rule(ctx))
     errors = _dedupe(errors)
     return (None if errors else job), errors
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy into plain dicts and lists: kopf hands over mapping *views*, which strict pydantic refuses."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
@@ -546,6 +556,22 @@ def model_source_is_hub_id(ctx: _Context) -> Iterator[FieldError]:
                                               "omit source when the model is already on the volume")
 
 
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@_rule
+def token_secret_ref_valid(ctx: _Context) -> Iterator[FieldError]:
+    ref = ctx.section("model").get("tokenSecretRef")
+    if not isinstance(ref, Mapping):
+        return
+    name, key = ref.get("name"), ref.get("key")
+    if isinstance(name, str) and name and not _DNS_SUBDOMAIN.match(name):
+        yield FieldError("spec.model.tokenSecretRef.name", "must be a Secret name (DNS-1123 subdomain)")
+    if isinstance(key, str) and key and not _SECRET_KEY.match(key):
+        yield FieldError("spec.model.tokenSecretRef.key", "must be a Secret key (letters, digits, '-', '_', '.')")
+
+
 # --- methods and stage order --------------------------------------------------------------------------------
 
 
@@ -716,6 +742,13 @@ def serve_unmerged_adapters(ctx: _Context) -> Iterator[FieldError]:
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
+def _is_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_LABEL_VALUE.match(name))
+
+
 @_rule
 def scheduling_fields_valid(ctx: _Context) -> Iterator[FieldError]:
     sched = ctx.section("scheduling")
@@ -729,6 +762,9 @@ def scheduling_fields_valid(ctx: _Context) -> Iterator[FieldError]:
     selector = sched.get("nodeSelector")
     if isinstance(selector, Mapping):
         for key, value in selector.items():
+            if not _is_label_key(str(key)):
+                yield FieldError(f"spec.scheduling.nodeSelector.{key}", "invalid label key (optional DNS prefix and "
+                                                                        "'/', then a name of at most 63 characters)")
             if isinstance(value, str) and not (_LABEL_VALUE.match(value) and len(value) <= 63):
                 yield FieldError(f"spec.scheduling.nodeSelector.{key}", "must be a valid label value")
     for j, tol in _mappings(sched.get("tolerations")):
