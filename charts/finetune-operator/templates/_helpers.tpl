@@ -83,19 +83,22 @@ helm.sh/chart: {{ include "finetune-operator.chart" . | quote }}
 
 {{/*
 Rules of the operator on namespaced objects. One definition for the ClusterRole (all-namespaces mode) and
-the per-namespace Roles (watchNamespaces mode), so both modes grant exactly the same. Every rule is
-exercised by the operator (tests/test_rbac.py replays the operator's recorded API requests against them).
+the per-namespace Roles (watchNamespaces mode), so both modes grant exactly the same. Exactly what the
+operator uses: tests/test_rbac.py records every API request of an operator session (started with this
+chart's arguments) and fails on a request these rules deny and on a permission no request used.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
-# FineTuneJobs: kopf lists/watches them and patches its finalizer-free progress annotations.
+# FineTuneJobs: kopf lists and watches them; the reconciler reads one, and records the accepted spec in an
+# annotation (patch) before creating the first child.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
-# The operator writes status (state, conditions, stages, outputs).
+# Status: state, conditions, stages, outputs.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
-# Workloads of the stages (backend job | pytorchjob | deepspeedjob) and the serving Deployment.
+  verbs: ["patch"]
+# Training workloads of the three backends. Watched (label-selected) to follow them; patched to suspend and
+# resume; deleted and re-created to retry a failed stage.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -105,18 +108,17 @@ exercised by the operator (tests/test_rbac.py replays the operator's recorded AP
 - apiGroups: ["batch.tensorstack.dev"]
   resources: ["deepspeedjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The vLLM Deployment: watched for availability, patched to scale to spec.serve.replicas.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Generated LLaMA-Factory configs, headless Services of multi-node Jobs, the vLLM Service.
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Generated LLaMA-Factory configs, the headless Services of multi-node Jobs and the vLLM Service: created
+# once (create-or-get); their content is a function of the accepted spec, so they are never patched.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Events on FineTuneJobs (kopf posts core/v1 Events).
+  verbs: ["get", "create"]
+# Events about FineTuneJobs (stage started/succeeded/retrying, serving, ...).
 - apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-- apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
