@@ -91,6 +91,12 @@ CEL_RULES: dict[str, list[tuple[str, str, str | None]]] = {
             ".stages",
         ),
         (
+            "self.stages.all(s, s.type != 'kto' || s.datasets.all(n, self.datasets.exists(d, d.name == n && "
+            "has(d.columns) && has(d.columns.ktoTag))))",
+            "kto stages need datasets with a columns.ktoTag label column",
+            ".stages",
+        ),
+        (
             "has(self.backend) == has(oldSelf.backend) && (!has(self.backend) || self.backend == oldSelf.backend)",
             "spec.backend is immutable",
             ".backend",
@@ -118,6 +124,14 @@ CEL_RULES: dict[str, list[tuple[str, str, str | None]]] = {
             "'om_hub_token', 'hub_token'])",
             "args must not set arguments the operator owns or credentials (see ftctl validate for details)",
             ".args",
+        ),
+    ],
+    "spec.datasets[]": [
+        (
+            "!has(self.ranking) || !self.ranking || "
+            "(has(self.columns) && has(self.columns.chosen) && has(self.columns.rejected))",
+            "ranking datasets need columns.chosen and columns.rejected",
+            ".columns",
         ),
     ],
     "spec.serve": [
