@@ -80,7 +80,7 @@ def test_yaml_syntax_error_exit_1(tmp_path: Path) -> None:
     path.write_text("spec: [unclosed\n", encoding="utf-8")
     proc = ftctl("validate", "-f", str(path))
     assert proc.returncode == 1
-    assert "YAML syntax error at line" in proc.stderr
+    assert "YAML error at line" in proc.stderr
 
 
 def test_missing_file_exit_2(tmp_path: Path) -> None:

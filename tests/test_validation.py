@@ -410,7 +410,22 @@ def test_load_documents_syntax_error_has_position(tmp_path: Path) -> None:
     f.write_text("spec:\n  stages: [a, b\n  x: 1\n", encoding="utf-8")
     with pytest.raises(SpecError) as info:
         load_documents(f)
-    assert "line" in info.value.errors[0].message and "YAML" in info.value.errors[0].message
+    assert "YAML error at line 3" in info.value.errors[0].message
+
+
+def test_load_documents_rejects_duplicate_keys(tmp_path: Path) -> None:
+    f = tmp_path / "dup.yaml"
+    f.write_text("spec:\n  args: {a: 1}\n  retries: 1\n  args: {b: 2}\n", encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_documents(f)
+    assert "duplicate key 'args'" in info.value.errors[0].message
+    assert "line 4" in info.value.errors[0].message
+
+
+def test_load_documents_keeps_merge_keys(tmp_path: Path) -> None:
+    f = tmp_path / "merge.yaml"
+    f.write_text("a: &x {k: 1, j: 2}\nb:\n  <<: *x\n  k: 3\n", encoding="utf-8")
+    assert load_documents(f) == [{"a": {"k": 1, "j": 2}, "b": {"k": 3, "j": 2}}]
 
 
 def test_load_documents_rejects_non_mapping(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def load_documents(path: str | Path) -> list[dict[str, Any]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
-        raise SpecError([FieldError("<yaml>", f"YAML syntax error at {where}: {exc.problem}")]) from None
+        raise SpecError([FieldError("<yaml>", f"YAML error at {where}: {exc.problem}")]) from None
     except yaml.YAMLError as exc:
         raise SpecError([FieldError("<yaml>", f"YAML error: {exc}")]) from None
     out: list[dict[str, Any]] = []
@@ -129,11 +129,31 @@ def load_documents(path: str | Path) -> list[dict[str, Any]]:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float, as Kubernetes (YAML 1.2 / JSON numbers) and OmegaConf do.
+    """SafeLoader that reads like ``kubectl apply`` does.
 
-    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``); ``learning_rate: 1e-4`` would otherwise be
-    the *string* "1e-4" here but a number for ``kubectl apply``, and the two paths would disagree.
+    * ``1e-4`` is a float, as in Kubernetes (YAML 1.2 / JSON numbers) and OmegaConf. PyYAML follows YAML 1.1,
+      where a float needs a dot (``1.0e-4``); ``learning_rate: 1e-4`` would otherwise be the *string* "1e-4"
+      here but a number for the API server, and the two paths would disagree.
+    * A duplicate key is an error (kubectl refuses it too); PyYAML would silently keep the last value, so a
+      second ``args:`` block would quietly replace the first.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
