@@ -327,6 +327,20 @@ def test_watch_live_events_and_selector_transitions(emulator_server: EmulatorSer
     ]
 
 
+def test_writes_from_test_threads_reach_open_watches(emulator_server: EmulatorServer,
+                                                     emulator: FidelityEmulator) -> None:
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(events=watch(emulator_server, CONFIGMAPS,
+                                                                          timeoutSeconds='10')[1]))
+    thread.start()
+    emulator_server.wait_for(lambda: emulator.watch_count('configmaps') == 1)
+    emulator.create_object('', 'v1', 'configmaps', 'default', cm('direct'))  # not marshalled onto the loop
+    emulator_server.wait_for(lambda: emulator.find('', 'configmaps', 'default', 'direct'))
+    emulator.drop_watches()  # from this thread too
+    thread.join(10)
+    assert [(e['type'], e['object']['metadata']['name']) for e in result['events']] == [('ADDED', 'direct')]
+
+
 def test_watch_initial_events_bookmark(emulator_server: EmulatorServer) -> None:
     emulator_server.create(cm('a'))
     _, events = watch(emulator_server, CONFIGMAPS, sendInitialEvents='true', allowWatchBookmarks='true',

@@ -282,6 +282,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     _printer_columns: dict[tuple[str, str, str], list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     _crd_resources: dict[str, set[kmock.resource]] = attrs.field(factory=dict, init=False)
     _custom_keys: set[StoreKey] = attrs.field(factory=set, init=False)
+    _loop_thread: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         # Deliberately NOT calling kmock's post-init: its catch-all fallback reactions are what re-filters the
@@ -291,6 +292,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
 
     async def __aenter__(self) -> FidelityEmulator:
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         await super().__aenter__()
         return self
 
@@ -418,14 +420,17 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             )
 
     def drop_watches(self, resource: str | None = None) -> int:
-        """End open watch streams (all, or of one resource) as a load-balancer reset would. Loop thread only."""
+        """End open watch streams (all, or of one resource) as a load-balancer reset would (any thread)."""
         dropped = 0
         with self.state_lock:
             for (group, plural), watchers in self._watchers.items():
                 if resource is not None and resource not in (plural, f'{plural}.{group}'):
                     continue
                 for watcher in list(watchers):
-                    watcher.close()
+                    if self.loop is None or threading.get_ident() == self._loop_thread:
+                        watcher.close()
+                    else:
+                        self.loop.call_soon_threadsafe(watcher.close)
                     dropped += 1
         return dropped
 
@@ -796,8 +801,12 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         if len(self._history) == self._history.maxlen and self._history:
             self._history_floor = self._history[0][0]
         self._history.append((rv, key, etype, obj, old))
+        on_loop = self.loop is None or threading.get_ident() == self._loop_thread
         for watcher in list(self._watchers.get(key, ())):
-            watcher.offer(etype, obj, old)
+            if on_loop:
+                watcher.offer(etype, obj, old)
+            else:  # a write from a test thread: asyncio queues are not thread-safe
+                self.loop.call_soon_threadsafe(watcher.offer, etype, obj, old)  # type: ignore[union-attr]
         self.changed.notify_all()
 
     def _validate_meta(self, group: str, plural: str, kind: str, obj: dict[str, Any]) -> None:
@@ -1106,7 +1115,7 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             with self.state_lock:
                 fn(*args)
         if self.loop is not None and self.loop.is_running():
-            self.loop.call_soon(step)
+            self.loop.call_soon_threadsafe(step)
         else:
             step()
 
