@@ -12,10 +12,13 @@ emulator records each request as RBAC sees it (verb, group, resource, subresourc
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import pytest
+import yaml
 
+from tests.install_tools import EXAMPLES, ROOT, find_helm, render_chart
 from tests.operator_session import Session, session
 from tests.rbac_check import Grant, Permission, Request, evaluate, grants_for, permissions, rule_allows
 
@@ -183,3 +186,40 @@ def test_namespaced_mode_stays_in_its_namespaces() -> None:
 def test_no_secret_is_ever_requested() -> None:
     for mode in ("cluster-wide", "namespaced"):
         assert not [r for r in session(mode).requests if r.resource == "secrets"]
+
+
+# ------------------------------------------------------------------------------------------------ worker pods
+
+
+def test_worker_progress_reports_are_exactly_what_the_worker_role_allows(
+    emulator_server: Any, tmp_path: pathlib.Path
+) -> None:
+    """The rank-0 worker's progress reporter (the real one, over HTTP) against the chart's worker Role."""
+    from finetune_operator.api import constants as c
+    from finetune_operator.worker.progress import Progress, StatusReporter
+
+    chart_objects = render_chart(find_helm(), {}, tmp_path=tmp_path)
+    namespace = "default"  # where the default values put the worker ServiceAccount
+    emulator_server.apply_crd(ROOT / "crds")
+    job = next(d for d in yaml.safe_load_all(next(EXAMPLES.glob("01-*.yaml")).read_text()) if d)
+    job["metadata"]["namespace"] = namespace
+    emulator_server.create(job)
+    token = tmp_path / "token"
+    token.write_text("worker-token")
+    env = {
+        "FT_JOB_NAME": job["metadata"]["name"],
+        "FT_JOB_NAMESPACE": namespace,
+        "FT_KUBE_API": emulator_server.url,
+        "FT_KUBE_TOKEN_FILE": str(token),
+    }
+    emulator_server.emulator.clear_request_log()
+    reporter = StatusReporter.from_env("sft", env)
+    assert reporter is not None
+    assert reporter.report(Progress(step=3, total_steps=10, loss=1.5, epoch=0.3), force=True)
+    assert emulator_server.get(c.PLURAL + "." + c.GROUP, job["metadata"]["name"], namespace)["status"]["reported"]
+
+    grants = grants_for(chart_objects, c.DEFAULT_WORKER_SERVICE_ACCOUNT, namespace)
+    assert [(g.source, g.namespace) for g in grants] == [(f"Role/{c.DEFAULT_WORKER_SERVICE_ACCOUNT}", namespace)]
+    verdict = evaluate(grants, [Request(*r) for r in emulator_server.emulator.request_log])
+    assert verdict.denied == []
+    assert verdict.unused == {}
