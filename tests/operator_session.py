@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +58,25 @@ class Session:
     operator_log: str
     objects: list[dict[str, Any]] = field(default_factory=list)
     final_states: dict[str, str] = field(default_factory=dict)
+    #: (HTTP status, body) of the chart's liveness probe path and of /metrics, asked on the chart's ports
+    #: once the operator had run the whole scenario.
+    probes: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), ""
+    except OSError as exc:
+        return 0, str(exc)
 
 
 def _example(prefix: str, namespace: str) -> dict[str, Any]:
@@ -202,7 +217,8 @@ def record_session(mode: str) -> Session:
                         "data": {},
                     }
                 )
-            cmd, chart_env = operator_command(chart_objects, _free_port(), _free_port())
+            health_port, metrics_port = _free_port(), _free_port()
+            cmd, chart_env = operator_command(chart_objects, health_port, metrics_port)
             env = server.env(server.kubeconfig(tmp / "kubeconfig"))
             env.update(chart_env)
             # Small intervals so that the scenario waits for events, not for timers.
@@ -211,6 +227,7 @@ def record_session(mode: str) -> Session:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
             player = Player(server)
             states: dict[str, str] = {}
+            answers: dict[str, tuple[int, str]] = {}
             threads = []
             errors: list[BaseException] = []
 
@@ -253,6 +270,13 @@ def record_session(mode: str) -> Session:
                 ),
                 "the serving Deployment was not scaled",
             )
+            container = one(chart_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+            probes = {
+                "liveness": (health_port, container["livenessProbe"]["httpGet"]["path"]),
+                "readiness": (health_port, container["readinessProbe"]["httpGet"]["path"]),
+                "metrics": (metrics_port, "/metrics"),
+            }
+            answers = {key: _http_get(port, path) for key, (port, path) in probes.items()}
         finally:
             if proc is not None:
                 proc.terminate()
@@ -271,6 +295,7 @@ def record_session(mode: str) -> Session:
             operator_log=log_path.read_text(errors="replace") if log_path.exists() else "",
             objects=objects,
             final_states=states,
+            probes=answers,
         )
 
 

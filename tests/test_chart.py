@@ -481,3 +481,16 @@ def test_yamllint_config_catches_problems(tmp_path: Path) -> None:
     proc = run([venv_tool("yamllint"), "--strict", "-c", YAMLLINT_CONFIG, bad], check=False)
     assert proc.returncode != 0
     assert "duplication of key" in proc.stdout and "truthy" in proc.stdout
+
+
+def test_probes_and_metrics_answer_on_the_charts_ports() -> None:
+    """The operator started with the chart's arguments serves the probe path and /metrics on the ports the
+    Deployment declares (a recorded session, shared with the RBAC and secrets tests)."""
+    from tests.operator_session import session
+
+    probes = session("cluster-wide").probes
+    assert probes["liveness"][0] == 200, probes["liveness"]
+    assert probes["readiness"][0] == 200, probes["readiness"]
+    status, body = probes["metrics"]
+    assert status == 200, body
+    assert "# TYPE" in body and "finetune" in body
