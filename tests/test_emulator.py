@@ -451,6 +451,8 @@ def test_table_rendering(emulator_server: EmulatorServer, widgets: pathlib.Path)
     ('.spec.items[1].name', ['b']),
     ('.spec.items[-1].name', ['b']),
     ('.spec.items[*].name', ['a', 'b']),
+    ('.spec.items[-1:].name', ['b']),
+    ('.spec.items[:1].name', ['a']),
     ('.status.conditions[?(@.type=="Ready")].status', ['True']),
     ('.status.conditions[?(@.type!="Ready")].type', ['Failed']),
     (".metadata.labels['app.kubernetes.io/name']", ['x']),
@@ -789,3 +791,15 @@ def test_standalone_server_process(tmp_path: pathlib.Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert json.loads((tmp_path / 'log.json').read_text())[0]['resource'] == 'widgets'
+
+
+def test_pytorchjob_state_column(emulator_server: EmulatorServer) -> None:
+    emulator_server.create({'apiVersion': 'kubeflow.org/v1', 'kind': 'PyTorchJob', 'metadata': {'name': 'pt'},
+                            'spec': {'pytorchReplicaSpecs': {}}})
+    emulator_server.patch_status('pytorchjobs', 'pt', {'conditions': [
+        {'type': 'Created', 'status': 'True'}, {'type': 'Running', 'status': 'True'}]})
+    accept = 'application/json;as=Table;v=v1;g=meta.k8s.io'
+    _, table = call(emulator_server, 'GET', '/apis/kubeflow.org/v1/namespaces/default/pytorchjobs',
+                    headers={'Accept': accept})
+    assert [c['name'] for c in table['columnDefinitions']] == ['Name', 'State', 'Age']
+    assert table['rows'][0]['cells'][:2] == ['pt', 'Running']

@@ -39,7 +39,12 @@ DEFAULT_NAMESPACES = ('default', 'kube-system', 'kube-public', 'kube-node-lease'
 
 #: Resources of other projects' controllers our operator creates (declared as their CRDs would).
 EXTRA_RESOURCES: tuple[dict[str, Any], ...] = (
-    {'resource': 'kubeflow.org/v1/pytorchjobs', 'kind': 'PyTorchJob', 'categories': ['kubeflow']},
+    # The printer columns of Kubeflow's own PyTorchJob CRD (training-operator manifests).
+    {'resource': 'kubeflow.org/v1/pytorchjobs', 'kind': 'PyTorchJob', 'categories': ['kubeflow'],
+     'printer_columns': [
+         {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
+         {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+     ]},
     {'resource': 'batch.tensorstack.dev/v1beta1/deepspeedjobs', 'kind': 'DeepSpeedJob', 'shortnames': ['dj']},
 )
 

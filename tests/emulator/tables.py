@@ -5,7 +5,7 @@ kmock ignores it and kubectl falls back to NAME/AGE, so ``kubectl get ftj`` coul
 STAGE, PROGRESS and LOSS columns.  Here a Table is rendered from the resource's printer columns (registered
 from its POSTed CRD) with the same JSONPath subset CRDs use in practice:
 
-* ``.a.b.c``, ``.a[0]``, ``.a[-1]``, ``.a[*].b`` and ``.a['dotted.key']``;
+* ``.a.b.c``, ``.a[0]``, ``.a[-1]``, ``.a[-1:]`` (slices), ``.a[*].b`` and ``.a['dotted.key']``;
 * one filter per bracket: ``.status.conditions[?(@.type=="Ready")].status`` (``==`` and ``!=``).
 
 A cell is the first match (as kube-apiserver's CRD table convertor does); ``date`` cells are rendered as an
@@ -68,6 +68,9 @@ def _tokens(path: str) -> list[tuple[str, Any]]:
                 steps.append(('all', None))
             elif re.fullmatch(r'-?\d+', inner):
                 steps.append(('index', int(inner)))
+            elif m := re.fullmatch(r'(-?\d*):(-?\d*)', inner):
+                start, stop = (int(x) if x else None for x in m.groups())
+                steps.append(('slice', slice(start, stop)))
             elif inner[:1] in '\'"' and inner[-1:] == inner[:1]:
                 steps.append(('key', inner[1:-1]))
             elif m := _FILTER_RE.match(inner):
@@ -100,6 +103,8 @@ def jsonpath(obj: Any, path: str) -> list[Any]:
                 nxt.append(node[arg])
             elif kind == 'all' and isinstance(node, list):
                 nxt.extend(node)
+            elif kind == 'slice' and isinstance(node, list):
+                nxt.extend(node[arg])
             elif kind == 'all' and isinstance(node, Mapping):
                 nxt.extend(node.values())
             elif kind == 'filter' and isinstance(node, list):
