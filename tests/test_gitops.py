@@ -7,7 +7,9 @@ what is tested.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from lupa import LuaRuntime
 from finetune_operator.api import constants
 from finetune_operator.api.constants import ConditionType, Reason, State
 from finetune_operator.api.types import FineTuneJobStatus
-from tests.install_tools import ROOT
+from tests.install_tools import EXAMPLES, ROOT, venv_tool
 
 GITOPS = ROOT / "docs" / "gitops.md"
 HEALTH_KEY = f"resource.customizations.health.{constants.GROUP}_{constants.KIND}"
@@ -210,3 +212,22 @@ def test_documented_manifests_are_well_formed() -> None:
         if block.get("kind") == "Application" and "helm" in block["spec"]["source"]:
             assert block["spec"]["source"]["path"] == "charts/finetune-operator"
             assert (ROOT / "charts" / "finetune-operator" / "Chart.yaml").is_file()
+
+
+def test_ftctl_render_output_is_byte_stable_across_processes() -> None:
+    """What a GitOps repository commits must not change between runs: set iteration order differs between
+    processes (hash randomisation), so render in separate processes with different seeds and compare bytes."""
+    examples = sorted(EXAMPLES.glob("0*.yaml"))
+    assert examples
+    procs = {}
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        for example in examples:
+            procs[seed, example.name] = subprocess.Popen(
+                [venv_tool("ftctl"), "render", "-f", example], stdout=subprocess.PIPE, text=True, env=env
+            )
+    outputs = {key: proc.communicate(timeout=300)[0] for key, proc in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values())
+    for example in examples:
+        assert outputs["1", example.name] == outputs["2", example.name], example.name
+        assert outputs["1", example.name].strip()
