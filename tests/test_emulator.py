@@ -541,6 +541,24 @@ def test_injected_rejection_stores_nothing(emulator_server: EmulatorServer) -> N
     assert emulator_server.get('configmaps', 'a')['data'] == {}
 
 
+def test_request_hooks_can_reject_and_observe(emulator_server: EmulatorServer, emulator: FidelityEmulator) -> None:
+    from tests.emulator.errors import conflict
+
+    seen: list[tuple[str, str | None]] = []
+
+    def hook(record: Any, body: Any) -> None:
+        seen.append((record.verb, (body or {}).get('metadata', {}).get('name')))
+        if record.verb == 'create' and body['metadata']['name'] == 'bad':
+            raise conflict('configmaps', '', 'bad', 'rejected by a test hook')
+
+    emulator.hooks.append(hook)
+    assert call(emulator_server, 'POST', CONFIGMAPS, cm('good'))[0] == 201
+    code, status = call(emulator_server, 'POST', CONFIGMAPS, cm('bad'))
+    assert (code, status['reason']) == (409, 'Conflict') and 'rejected by a test hook' in status['message']
+    assert emulator_server.get('configmaps', 'bad') is None
+    assert seen == [('create', 'good'), ('create', 'bad')]
+
+
 def test_injected_lost_responses(emulator_server: EmulatorServer, emulator: FidelityEmulator) -> None:
     emulator_server.fail('create', 'configmaps', status=500, lost=True)
     code, body = call(emulator_server, 'POST', CONFIGMAPS, cm('a'))

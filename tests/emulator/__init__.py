@@ -37,8 +37,11 @@ FidelityEmulator (``emulator_server.emulator``):
     Faults: ``fail('create', 'jobs', status=409|429|500, count=2)`` rejects before storing;
     ``lost=True`` stores then answers the error (a lost response); kmock's DSL also works and behaves as a
     lost response on writes: ``emulator[kmock.action.UPDATE, kmock.resource('batch/v1/jobs')][:2] << 500``;
-    ``drop_watches()`` ends open watch streams.  ``register('group/version/plural', kind, ...)`` declares a
-    resource without a CRD.  ``faults``, ``clear_faults()``.
+    ``drop_watches()`` ends open watch streams; ``watch_count(resource)``.
+    ``hooks.append(fn)``: ``fn(record, body)`` runs before each resource request (may raise ``ApiError`` to
+    reject it, or trigger test actions such as stopping the operator after its N-th write).
+    ``register('group/version/plural', kind, ...)`` declares a resource without a CRD.  ``faults``,
+    ``clear_faults()``.
 
 RBAC (``tests.emulator.rbac``): ``uncovered(emulator.request_log, clusterrole['rules'])`` lists the distinct
 requests no rule grants; ``unused(...)`` the explicit grants never exercised; ``rule_allows(rule, record)``.

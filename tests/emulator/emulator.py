@@ -266,6 +266,10 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     request_log: list[RequestRecord] = attrs.field(factory=list, init=False)
     request_log_meta: list[RequestMeta] = attrs.field(factory=list, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
+    #: Callables ``hook(record, body)`` run (on the server loop) before each resource request is served; one
+    #: may raise ``ApiError`` to reject the request before anything is stored, or record/trigger test events
+    #: (e.g. stop the operator after its N-th write). They must not block.
+    hooks: list[Callable[[RequestRecord, Any], None]] = attrs.field(factory=list, init=False)
     state_lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     changed: threading.Condition = attrs.field(init=False)
     loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
@@ -545,6 +549,9 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     ) -> aiohttp.web.StreamResponse:
         data = self._decode(raw, body)
         request = self._kmock_request(raw, route, verb, data, body)
+        if rec is not None:
+            for hook in list(self.hooks):
+                hook(rec, data)
         if rec is not None and (fault := self._take_fault(rec, lost=False)):
             raise fault.error(verb, route.plural, route.group, route.name or _name_of(data))
         is_write = verb in ('create', 'update', 'patch', 'delete', 'deletecollection')
