@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     from finetune_operator.local.runner import LocalOptions, parse_volumes, run_local, serve_local
     from finetune_operator.validation import load_documents, validate
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths stay on one line (copyable)
     if not args.local:
         console.print("ftctl run: only --local is supported (on a cluster: kubectl apply -f, or ftctl render)")
         return EXIT_USAGE
@@ -85,16 +85,23 @@ def _run(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--file", help="FineTuneJob YAML")
     parser.add_argument("--local", action="store_true", help="run on this machine (the only mode)")
-    parser.add_argument("--demo", action="store_true",
-                        help="create a tiny model and datasets in the workdir and run the bundled demo job")
-    parser.add_argument("--workdir",
-                        help="local root of the volumes: <workdir>/<claimName> (default ./finetune-workdir)")
-    parser.add_argument("--volume", action="append", metavar="CLAIM=DIR",
-                        help="use DIR for PersistentVolumeClaim CLAIM (repeatable)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="create a tiny model and datasets in the workdir and run the bundled demo job",
+    )
+    parser.add_argument(
+        "--workdir", help="local root of the volumes: <workdir>/<claimName> (default ./finetune-workdir)"
+    )
+    parser.add_argument(
+        "--volume", action="append", metavar="CLAIM=DIR", help="use DIR for PersistentVolumeClaim CLAIM (repeatable)"
+    )
     parser.add_argument("--nproc", type=int, help="training processes per stage through torchrun (CPU: gloo)")
-    parser.add_argument("--vllm", metavar="CMD",
-                        help="command that starts vLLM for the serve stage (default: vllm serve)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="two steps per stage, and a one-request smoke test of the served model")
+    parser.add_argument(
+        "--vllm", metavar="CMD", help="command that starts vLLM for the serve stage (default: vllm serve)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="two steps per stage, and a one-request smoke test of the served model"
+    )
     parser.add_argument("--no-serve", action="store_true", help="stop after training and merging")
     parser.set_defaults(func=_run)

@@ -136,8 +136,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("train", help="run one LLaMA-Factory training stage (resumes; no-op when complete)")
     t.add_argument("--config", required=True, help="the stage's LLaMA-Factory YAML")
-    t.add_argument("--backend", choices=("job", "pytorchjob", "deepspeedjob", "local"),
-                   help="workload kind whose distributed environment to map (default: $FT_BACKEND or job)")
+    t.add_argument(
+        "--backend",
+        choices=("job", "pytorchjob", "deepspeedjob", "local"),
+        help="workload kind whose distributed environment to map (default: $FT_BACKEND or job)",
+    )
     t.add_argument("--stage", help="stage name for progress reports (default: $FT_STAGE or the output folder)")
     # DeepSpeed's launcher appends --local_rank=N to the command it starts; the value is in LOCAL_RANK too.
     t.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)

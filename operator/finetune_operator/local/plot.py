@@ -25,8 +25,10 @@ def read_losses(stage_dir: str | os.PathLike[str]) -> list[tuple[int, float]]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("current_steps"), int) and isinstance(
-            rec.get("loss"), (int, float)
+        if (
+            isinstance(rec, dict)
+            and isinstance(rec.get("current_steps"), int)
+            and isinstance(rec.get("loss"), (int, float))
         ):
             by_step[rec["current_steps"]] = float(rec["loss"])
     return sorted(by_step.items())

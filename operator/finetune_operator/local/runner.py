@@ -28,6 +28,7 @@ from finetune_operator.render import RenderOptions, config_files, paths, render
 from finetune_operator.render import llamafactory as lf
 from finetune_operator.render.plan import PathResolver
 from finetune_operator.worker import progress as wprogress
+from finetune_operator.worker.markers import write_json_atomic
 
 #: Overrides of ``--smoke``: a couple of steps per stage, to check a spec end to end in seconds.
 SMOKE_OVERRIDES = ("max_steps=2", "max_samples=16", "save_steps=1000", "logging_steps=1")
@@ -110,8 +111,13 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
     model = job.spec.model
     if model.source:
         with console.status(f"download {model.source}"):
-            dl = run_download(source=model.source, model_dir=paths.model_dir(job, resolver), hub=model.hub,
-                              revision=model.revision, environ=base_env)
+            dl = run_download(
+                source=model.source,
+                model_dir=paths.model_dir(job, resolver),
+                hub=model.hub,
+                revision=model.revision,
+                environ=base_env,
+            )
         console.print(f"download: {dl.model_dir} ({'fetched' if dl.ran else 'already complete'})")
 
     overrides = list(SMOKE_OVERRIDES) if opts.smoke else []
@@ -131,12 +137,21 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
             task = bar.add_task(f"{stage.name} ({stage.type}, {stage.method})", total=None, loss="-")
 
             def update(p: wprogress.Progress, _task: Any = task, _bar: Progress = bar) -> None:
-                _bar.update(_task, completed=p.step, total=p.total_steps,
-                            loss=f"{p.loss:.4f}" if p.loss is not None else "-")
+                _bar.update(
+                    _task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}" if p.loss is not None else "-"
+                )
 
             try:
-                res = run_train(Path(cfg_dir) / f"{stage.name}.yaml", backend="local", stage=stage.name, environ=env,
-                                overrides=overrides, on_progress=update, log_file=log_file, report_status=False)
+                res = run_train(
+                    Path(cfg_dir) / f"{stage.name}.yaml",
+                    backend="local",
+                    stage=stage.name,
+                    environ=env,
+                    overrides=overrides,
+                    on_progress=update,
+                    log_file=log_file,
+                    report_status=False,
+                )
             except WorkerError:
                 console.print(f"[red]stage {stage.name} failed[/red]; last lines of {log_file}:")
                 console.print(_tail(log_file), markup=False, highlight=False)
@@ -144,8 +159,10 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
             if not res.ran:
                 bar.update(task, completed=1, total=1, loss=_fmt(res.summary.get("finalLoss")))
         stages[stage.name] = {"outputDir": str(res.output_dir), "ran": res.ran, **res.summary}
-        console.print(f"  {stage.name}: {res.output_dir} ({'trained' if res.ran else 'already complete'}, "
-                      f"final loss {_fmt(res.summary.get('finalLoss'))})")
+        console.print(
+            f"  {stage.name}: {res.output_dir} ({'trained' if res.ran else 'already complete'}, "
+            f"final loss {_fmt(res.summary.get('finalLoss'))})"
+        )
 
     if (cfg_dir / "merge.yaml").exists() and lf.export_config(job, resolver) is not None:
         log_file = log_dir / "merge.log"
@@ -161,6 +178,8 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
 
     outputs = dict(plan.outputs)
     outputs.pop("endpoint", None)
+    # What status.outputs would say, with local paths: for scripts (and the serve hand-off) to read.
+    write_json_atomic(cfg_dir.parent / "outputs.json", {"outputs": outputs, "stages": stages})
     console.print("[bold green]done[/bold green] in %.1f s" % (time.time() - started))
     if outputs.get("adapters"):
         console.print("  adapters:     " + ", ".join(outputs["adapters"]))
@@ -184,8 +203,11 @@ def serve_local(job: FineTuneJob, opts: LocalOptions, result: LocalResult, conso
         env = " ".join(f"{k}={v}" for k, v in cmd.env)
         console.print(f"serve: start vLLM with:\n  {env} vllm serve {' '.join(cmd.args)}")
         return 0
-    kwargs: dict[str, Any] = {"smoke": opts.smoke, "console": console,
-                              "log_path": result.config_dir.parent / "logs" / "vllm.log"}
+    kwargs: dict[str, Any] = {
+        "smoke": opts.smoke,
+        "console": console,
+        "log_path": result.config_dir.parent / "logs" / "vllm.log",
+    }
     if opts.vllm:
         kwargs["vllm_cmd"] = opts.vllm
     return int(local_serve.serve(job, resolver, result.outputs, **kwargs))

@@ -30,11 +30,31 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-_SUBJECTS = ("the cat", "a robot", "the river", "my friend", "the operator", "a small model", "the cluster",
-             "the teacher", "a bird", "the engine")
+_SUBJECTS = (
+    "the cat",
+    "a robot",
+    "the river",
+    "my friend",
+    "the operator",
+    "a small model",
+    "the cluster",
+    "the teacher",
+    "a bird",
+    "the engine",
+)
 _VERBS = ("sees", "likes", "builds", "follows", "trains", "finds", "moves", "reads", "counts", "paints")
-_OBJECTS = ("a tree", "the moon", "three apples", "a red box", "the data", "a long road", "the answer",
-            "two stones", "a green door", "the light")
+_OBJECTS = (
+    "a tree",
+    "the moon",
+    "three apples",
+    "a red box",
+    "the data",
+    "a long road",
+    "the answer",
+    "two stones",
+    "a green door",
+    "the light",
+)
 _COLORS = ("red", "blue", "green", "yellow", "black", "white")
 _NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -157,23 +177,31 @@ def build_demo_data(directory: str | os.PathLike[str], seed: int = 0, rows: int 
     chat, alpaca, pairs = [], [], []
     for i in range(rows):
         q, good, bad = _qa(rng)
-        chat.append({"messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": good},
-            {"role": "user", "content": "Say it again."},
-            {"role": "assistant", "content": good},
-        ]})
-        alpaca.append({
-            "question": f"Describe item {i}.",
-            "context": _sentence(rng),
-            "answer": f"Item {i} is {rng.choice(_COLORS)}.",
-        })
-        pairs.append({
-            "messages": [{"role": "user", "content": q}],
-            "chosen": {"role": "assistant", "content": good},
-            "rejected": {"role": "assistant", "content": bad},
-        })
+        chat.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": good},
+                    {"role": "user", "content": "Say it again."},
+                    {"role": "assistant", "content": good},
+                ]
+            }
+        )
+        alpaca.append(
+            {
+                "question": f"Describe item {i}.",
+                "context": _sentence(rng),
+                "answer": f"Item {i} is {rng.choice(_COLORS)}.",
+            }
+        )
+        pairs.append(
+            {
+                "messages": [{"role": "user", "content": q}],
+                "chosen": {"role": "assistant", "content": good},
+                "rejected": {"role": "assistant", "content": bad},
+            }
+        )
     paths = {kind: out / name for kind, name in DEMO_FILES.items()}
     _write_json(paths["sft_sharegpt"], chat, lines=True)
     _write_json(paths["sft_alpaca"], alpaca)

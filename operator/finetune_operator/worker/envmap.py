@@ -210,8 +210,9 @@ def plan_launch(backend: str, environ: Mapping[str, str], *, force_torchrun: boo
         env["MASTER_PORT"] = str(master_port)
     elif nnodes > 1:
         env["MASTER_PORT"] = str(DEFAULT_MASTER_PORT)
-    return Launch(mode="torchrun", nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc, primary=node_rank == 0,
-                  env=env)
+    return Launch(
+        mode="torchrun", nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc, primary=node_rank == 0, env=env
+    )
 
 
 def map_env(backend: str, environ: Mapping[str, str], *, force_torchrun: bool = False) -> dict[str, str | None]:

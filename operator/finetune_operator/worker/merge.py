@@ -59,8 +59,7 @@ def run_merge(
     # Export never needs torchrun; a leftover FORCE_TORCHRUN from the pod's environment must not matter.
     env.pop("FORCE_TORCHRUN", None)
     started = time.time()
-    result = run_child(lf_command("export", str(config), [f"export_dir={partial}"]), env, echo=echo,
-                       log_file=log_file)
+    result = run_child(lf_command("export", str(config), [f"export_dir={partial}"]), env, echo=echo, log_file=log_file)
     if result.signal is not None:
         shutil.rmtree(partial, ignore_errors=True)
         raise Interrupted(result.signal)

@@ -172,6 +172,7 @@ class StatusReporter:
         ca_file: str | None = None,
         interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        user_agent: str = "finetune-worker",
     ) -> None:
         self.url = (
             f"{api.rstrip('/')}/apis/{c.GROUP}/{c.VERSION}/namespaces/{urllib.parse.quote(namespace)}/"
@@ -188,6 +189,7 @@ class StatusReporter:
         if self.url.startswith("https://"):
             self._context = ssl.create_default_context(cafile=ca_file if ca_file and os.path.exists(ca_file) else None)
         self.sent = 0
+        self.user_agent = user_agent
 
     @classmethod
     def from_env(cls, stage: str, environ: Mapping[str, str] | None = None) -> StatusReporter | None:
@@ -208,8 +210,18 @@ class StatusReporter:
             log.info("no ServiceAccount token at %s: progress is only logged", token_file)
             return None
         interval = float(env.get("FT_PROGRESS_INTERVAL", DEFAULT_INTERVAL))
-        return cls(api, namespace, name, stage, token_file=token_file,
-                   ca_file=env.get("FT_KUBE_CA_FILE", f"{SA_DIR}/ca.crt"), interval=interval)
+        # Who reports shows in the API server's audit log: stage and pod.
+        agent = f"finetune-worker ({stage}; {env.get('HOSTNAME', 'local')})"
+        return cls(
+            api,
+            namespace,
+            name,
+            stage,
+            token_file=token_file,
+            ca_file=env.get("FT_KUBE_CA_FILE", f"{SA_DIR}/ca.crt"),
+            interval=interval,
+            user_agent=agent,
+        )
 
     def report(self, progress: Progress, *, force: bool = False) -> bool:
         """Send ``progress`` unless one was sent less than ``interval`` ago (then keep it for :meth:`flush`)."""
@@ -235,6 +247,7 @@ class StatusReporter:
         req = urllib.request.Request(self.url, data=body, method="PATCH")
         req.add_header("Content-Type", "application/merge-patch+json")
         req.add_header("Accept", "application/json")
+        req.add_header("User-Agent", self.user_agent)
         token = _read(self.token_file) if self.token_file else None  # re-read: projected tokens rotate
         if token:
             req.add_header("Authorization", f"Bearer {token}")
@@ -262,11 +275,14 @@ class ProgressMonitor:
         output_dir: str | os.PathLike[str],
         callbacks: list[Callable[[Progress], None]],
         *,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
     ) -> None:
         self.follower = TrainerLogFollower(Path(output_dir) / TRAINER_LOG)
         self.callbacks = callbacks
-        self.poll_interval = poll_interval
+        # FT_PROGRESS_POLL: how often the log is read (seconds); tests use a short one.
+        self.poll_interval = (
+            poll_interval if poll_interval is not None else float(os.environ.get("FT_PROGRESS_POLL", 1.0))
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 

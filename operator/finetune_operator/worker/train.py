@@ -242,7 +242,11 @@ def run_train(
         argv = lf_command("train", str(cfg_path), [*extra, *overrides])
     log.info(
         "stage %s: %s launch, %d node(s) x %d process(es), node rank %d%s",
-        stage, launch.mode, launch.nnodes, launch.nproc_per_node, launch.node_rank,
+        stage,
+        launch.mode,
+        launch.nnodes,
+        launch.nproc_per_node,
+        launch.node_rank,
         f", master {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}" if launch.mode == "torchrun" else "",
     )
 
@@ -260,7 +264,8 @@ def run_train(
         if on_progress is not None:
             callbacks.append(on_progress)
     started = time.time()
-    monitor = ProgressMonitor(output_dir, callbacks)
+    poll = env_in.get("FT_PROGRESS_POLL")
+    monitor = ProgressMonitor(output_dir, callbacks, poll_interval=float(poll) if poll else None)
     with monitor:
         result: ChildResult = run_child(argv, env, echo=echo, log_file=log_file, on_start=on_start)
     last = monitor.follower.last
@@ -277,6 +282,13 @@ def run_train(
     if launch.primary:
         if not (output_dir / TRAINER_LOG).exists() and not any(output_dir.glob("*.safetensors")):
             raise WorkerError(f"training stage {stage!r} exited 0 but wrote nothing to {output_dir}")
+        summary["writer"] = {
+            "backend": backend,
+            "nodeRank": launch.node_rank,
+            "nnodes": launch.nnodes,
+            "nprocPerNode": launch.nproc_per_node,
+            "host": env_in.get("HOSTNAME", ""),
+        }
         markers.write_marker(output_dir, {"stage": stage, **summary})
         log.info("stage %s complete: %s", stage, json.dumps(summary, sort_keys=True))
     return TrainResult(output_dir=output_dir, summary=summary, ran=True, primary=launch.primary)
