@@ -21,9 +21,13 @@ Decisions:
   convenience (render / run --local) that the renderer joins with commas.
 - ``status`` is a subresource with a full schema; unknown status fields are pruned.
 - Cross-field rules that CEL can express are ``x-kubernetes-validations`` so a bad object is refused by the
-  API server even before the operator sees it; the immutable parts of the spec (model, datasets, stages,
-  output, backend) are guarded by transition rules (``self == oldSelf``), while ``suspend``,
-  ``serve.replicas``, ``retries``, ``merge`` and ``serve`` stay mutable.
+  API server even before the operator sees it. CEL cannot see inside ``args`` (the API server does not expose
+  unknown fields of preserve-unknown-fields objects to CEL), so reserved and misspelled arguments are left to
+  :mod:`finetune_operator.validation` (``ftctl validate`` and the operator's ``InvalidSpec`` condition).
+- The immutable parts of the spec (model, datasets, stages, output, backend) are guarded by transition rules
+  (``self == oldSelf``), while ``suspend``, ``serve.replicas``, ``retries``, ``merge`` and ``serve`` stay
+  mutable. For the same reason as above, an edit confined to ``stages[].args`` is invisible to these rules; the
+  operator compares the whole spec it started from.
 """
 
 from __future__ import annotations
@@ -116,14 +120,6 @@ CEL_RULES: dict[str, list[tuple[str, str, str | None]]] = {
             "!(self.name in ['download', 'merge', 'merged', 'serve'])",
             "stage names download, merge, merged and serve are reserved",
             ".name",
-        ),
-        (
-            "!has(self.args) || !self.args.exists(k, k in ['model_name_or_path', 'adapter_name_or_path', "
-            "'output_dir', 'dataset', 'eval_dataset', 'dataset_dir', 'deepspeed', 'template', 'stage', "
-            "'finetuning_type', 'export_dir', 'do_train', 'quantization_bit', 'hf_hub_token', 'ms_hub_token', "
-            "'om_hub_token', 'hub_token'])",
-            "args must not set arguments the operator owns or credentials (see ftctl validate for details)",
-            ".args",
         ),
     ],
     "spec.datasets[]": [
