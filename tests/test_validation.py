@@ -219,7 +219,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
                                                                             "tolerationSeconds": 5}]),
      "spec.scheduling.tolerations[0].tolerationSeconds", "NoExecute"),
     ("node-selector-key", put("spec.scheduling.nodeSelector", {"bad key!": "x"}),
-     "spec.scheduling.nodeSelector.bad key!", "label key"),
+     'spec.scheduling.nodeSelector["bad key!"]', "label key"),
     # --- LLaMA-Factory args: reserved, secrets, names, types, choices, combinations ---
     ("reserved-output-dir", put("spec.stages[0].args.output_dir", "/x"), "spec.stages[0].args.output_dir",
      "spec.output"),

@@ -34,6 +34,7 @@ Decisions documented here because users will hit them:
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -227,11 +228,21 @@ def _wire_path(loc: tuple[int | str, ...], obj: Any, err_type: str) -> tuple[str
             annotation = _item_annotation(annotation)
         elif isinstance(part, str) and isinstance(cur, Mapping) and (part in cur or (last and err_type == "missing")):
             owner = _model_of(annotation)
-            path += f".{part}" if path else part
+            path = _join(path, part)
             cur = cur.get(part)
             annotation = _field_annotation(owner, part) if owner is not None else _item_annotation(annotation)
         # anything else is a union tag ('str', 'list[str]', ...) that names no wire field
     return path or "<document>", owner
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _join(path: str, key: str) -> str:
+    """``path.key``, or ``path["key"]`` for map keys that are not identifiers (``nvidia.com/gpu.product``)."""
+    if _IDENTIFIER.match(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
 
 
 def _model_of(annotation: Any) -> type[pydantic.BaseModel] | None:
@@ -782,11 +793,12 @@ def scheduling_fields_valid(ctx: _Context) -> Iterator[FieldError]:
     selector = sched.get("nodeSelector")
     if isinstance(selector, Mapping):
         for key, value in selector.items():
+            where = _join("spec.scheduling.nodeSelector", str(key))
             if not _is_label_key(str(key)):
-                yield FieldError(f"spec.scheduling.nodeSelector.{key}", "invalid label key (optional DNS prefix and "
+                yield FieldError(where, "invalid label key (optional DNS prefix and "
                                                                         "'/', then a name of at most 63 characters)")
             if isinstance(value, str) and not (_LABEL_VALUE.match(value) and len(value) <= 63):
-                yield FieldError(f"spec.scheduling.nodeSelector.{key}", "must be a valid label value")
+                yield FieldError(where, "must be a valid label value")
     for j, tol in _mappings(sched.get("tolerations")):
         path = f"spec.scheduling.tolerations[{j}]"
         if tol.get("operator") == "Exists" and tol.get("value"):
@@ -851,7 +863,7 @@ def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
     for i, stage in ctx.stages():
         method = ctx.method(stage)
         for key in ctx.args(stage):
-            path = f"spec.stages[{i}].args.{key}"
+            path = _join(f"spec.stages[{i}].args", str(key))
             if key in SECRET_ARGS:
                 yield FieldError(path, "credentials must not be in args (they would be stored in a ConfigMap): "
                                        "use spec.model.tokenSecretRef")
@@ -875,7 +887,7 @@ def args_values_typed(ctx: _Context) -> Iterator[FieldError]:
             spec = ctx.lf.arguments.get(key)
             if spec is None or key in RESERVED_ARGS or key in SECRET_ARGS:
                 continue
-            path = f"spec.stages[{i}].args.{key}"
+            path = _join(f"spec.stages[{i}].args", str(key))
             if not spec.accepts_type(value):
                 expected = " or ".join(_TYPE_WORDS.get(t, t) for t in spec.types)
                 got = _kind(value) if value is None else f"{_kind(value)} {value!r}"
