@@ -169,10 +169,14 @@ def open_api_schema() -> dict[str, Any]:
     props["metadata"] = {
         "type": "object",
         "description": "Standard object metadata. The name is also a label value and the prefix of every child "
-                       "object's name: a DNS-1123 label of at most 63 characters.",
+        "object's name: a DNS-1123 label of at most 63 characters.",
         "properties": {
-            "name": {"type": "string", "maxLength": naming.MAX_NAME, "pattern": DNS_LABEL_PATTERN,
-                     "description": "Name of the FineTuneJob."},
+            "name": {
+                "type": "string",
+                "maxLength": naming.MAX_NAME,
+                "pattern": DNS_LABEL_PATTERN,
+                "description": "Name of the FineTuneJob.",
+            },
         },
     }
     root.pop("required", None)
@@ -297,7 +301,7 @@ def _at(root: dict[str, Any], path: str) -> dict[str, Any]:
     for part in path.split("."):
         name = part.rstrip("[]{}")
         node = node["properties"][name]
-        suffix = part[len(name):]
+        suffix = part[len(name) :]
         for ch in suffix:
             if ch == "[":
                 node = node["items"]

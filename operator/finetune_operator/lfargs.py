@@ -31,8 +31,13 @@ from typing import Any
 TABLE_PATH = Path(__file__).with_name("lf_arguments.json")
 
 #: The dataclasses ``llamafactory-cli train`` parses, in its order (``llamafactory.hparams.parser._TRAIN_ARGS``).
-ARGUMENT_CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments",
-                    "GeneratingArguments")
+ARGUMENT_CLASSES = (
+    "ModelArguments",
+    "DataArguments",
+    "TrainingArguments",
+    "FinetuningArguments",
+    "GeneratingArguments",
+)
 
 
 @dataclass(frozen=True)

@@ -397,11 +397,15 @@ def job_name_is_dns_label(ctx: _Context) -> Iterator[FieldError]:
     if not isinstance(name, str) or not name:
         return
     if len(name) > naming.MAX_NAME:
-        yield FieldError("metadata.name", f"must be at most {naming.MAX_NAME} characters (it is a label value), "
-                                          f"got {len(name)}")
+        yield FieldError(
+            "metadata.name", f"must be at most {naming.MAX_NAME} characters (it is a label value), got {len(name)}"
+        )
     elif not naming.is_dns_label(name):
-        yield FieldError("metadata.name", "must be a DNS-1123 label (lowercase letters, digits and '-', starting "
-                                          "and ending alphanumeric): it names Services and pods")
+        yield FieldError(
+            "metadata.name",
+            "must be a DNS-1123 label (lowercase letters, digits and '-', starting "
+            "and ending alphanumeric): it names Services and pods",
+        )
 
 
 @_rule
@@ -424,11 +428,14 @@ def stage_names_unique_and_free(ctx: _Context) -> Iterator[FieldError]:
         if not isinstance(name, str):
             continue
         if name in RESERVED_STAGE_NAMES:
-            yield FieldError(f"spec.stages[{i}].name", f"{name!r} is reserved for the pipeline's own steps "
-                                                       f"({', '.join(sorted(RESERVED_STAGE_NAMES))})")
+            yield FieldError(
+                f"spec.stages[{i}].name",
+                f"{name!r} is reserved for the pipeline's own steps ({', '.join(sorted(RESERVED_STAGE_NAMES))})",
+            )
         if name in seen:
-            yield FieldError(f"spec.stages[{i}].name",
-                             f"duplicate stage name {name!r} (also spec.stages[{seen[name]}])")
+            yield FieldError(
+                f"spec.stages[{i}].name", f"duplicate stage name {name!r} (also spec.stages[{seen[name]}])"
+            )
         else:
             seen[name] = i
 
@@ -441,8 +448,9 @@ def dataset_names_unique(ctx: _Context) -> Iterator[FieldError]:
         if not isinstance(name, str):
             continue
         if name in seen:
-            yield FieldError(f"spec.datasets[{i}].name",
-                             f"duplicate dataset name {name!r} (also spec.datasets[{seen[name]}])")
+            yield FieldError(
+                f"spec.datasets[{i}].name", f"duplicate dataset name {name!r} (also spec.datasets[{seen[name]}])"
+            )
         else:
             seen[name] = i
 
@@ -484,14 +492,21 @@ def stage_data_matches_type(ctx: _Context) -> Iterator[FieldError]:
             ranking = ds.get("ranking") is True
             path = f"spec.stages[{i}].datasets[{j}]"
             if stype in PREFERENCE_STAGES and not ranking:
-                yield FieldError(path, f"stage type {stype} needs ranking data (preference pairs); dataset {ref!r} "
-                                       "is not ranking: set ranking: true with chosen/rejected columns")
+                yield FieldError(
+                    path,
+                    f"stage type {stype} needs ranking data (preference pairs); dataset {ref!r} "
+                    "is not ranking: set ranking: true with chosen/rejected columns",
+                )
             elif stype not in PREFERENCE_STAGES and ranking:
-                yield FieldError(path, f"stage type {stype} cannot train on ranking data (dataset {ref!r} has "
-                                       "ranking: true); use it in a dpo or rm stage")
+                yield FieldError(
+                    path,
+                    f"stage type {stype} cannot train on ranking data (dataset {ref!r} has "
+                    "ranking: true); use it in a dpo or rm stage",
+                )
             if stype == "kto" and not ranking and not _columns(ds).get("ktoTag"):
-                yield FieldError(path, f"stage type kto needs a boolean label column: set columns.ktoTag on "
-                                       f"dataset {ref!r}")
+                yield FieldError(
+                    path, f"stage type kto needs a boolean label column: set columns.ktoTag on dataset {ref!r}"
+                )
 
 
 def _columns(ds: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -511,16 +526,22 @@ def dataset_columns_match_formatting(ctx: _Context) -> Iterator[FieldError]:
         if fmt == "sharegpt":
             for col in _ALPACA_ONLY_COLUMNS:
                 if col in cols:
-                    yield FieldError(f"spec.datasets[{i}].columns.{col}",
-                                     f"column {col!r} is for alpaca data; sharegpt data uses 'messages'")
+                    yield FieldError(
+                        f"spec.datasets[{i}].columns.{col}",
+                        f"column {col!r} is for alpaca data; sharegpt data uses 'messages'",
+                    )
         elif fmt == "alpaca":
             for col in _SHAREGPT_ONLY_COLUMNS:
                 if col in cols:
-                    yield FieldError(f"spec.datasets[{i}].columns.{col}",
-                                     "column 'messages' is for sharegpt data: set formatting: sharegpt")
+                    yield FieldError(
+                        f"spec.datasets[{i}].columns.{col}",
+                        "column 'messages' is for sharegpt data: set formatting: sharegpt",
+                    )
             if isinstance(ds.get("tags"), Mapping):
-                yield FieldError(f"spec.datasets[{i}].tags", "tags apply to sharegpt data only: set formatting: "
-                                                              "sharegpt or remove tags")
+                yield FieldError(
+                    f"spec.datasets[{i}].tags",
+                    "tags apply to sharegpt data only: set formatting: sharegpt or remove tags",
+                )
 
 
 @_rule
@@ -530,11 +551,15 @@ def ranking_dataset_has_pair_columns(ctx: _Context) -> Iterator[FieldError]:
         if ds.get("ranking") is True:
             for col in ("chosen", "rejected"):
                 if not cols.get(col):
-                    yield FieldError(f"spec.datasets[{i}].columns.{col}",
-                                     f"ranking data needs the {col!r} column name (LLaMA-Factory has no default)")
+                    yield FieldError(
+                        f"spec.datasets[{i}].columns.{col}",
+                        f"ranking data needs the {col!r} column name (LLaMA-Factory has no default)",
+                    )
             if cols.get("ktoTag"):
-                yield FieldError(f"spec.datasets[{i}].columns.ktoTag",
-                                 "ktoTag marks kto data, which is not ranking: drop ranking or ktoTag")
+                yield FieldError(
+                    f"spec.datasets[{i}].columns.ktoTag",
+                    "ktoTag marks kto data, which is not ranking: drop ranking or ktoTag",
+                )
 
 
 # --- volumes ------------------------------------------------------------------------------------------------
@@ -560,8 +585,9 @@ def sub_paths_stay_inside_volume(ctx: _Context) -> Iterator[FieldError]:
             continue
         parts = sub.split("/")
         if sub.startswith("/") or ".." in parts:
-            yield FieldError(f"{path}.subPath", "must be a relative path inside the volume (no leading '/' and no "
-                                                "'..')")
+            yield FieldError(
+                f"{path}.subPath", "must be a relative path inside the volume (no leading '/' and no '..')"
+            )
         elif "\x00" in sub or "\n" in sub:
             yield FieldError(f"{path}.subPath", "must not contain NUL or newline characters")
 
@@ -575,16 +601,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 def model_template_known(ctx: _Context) -> Iterator[FieldError]:
     template = ctx.section("model").get("template")
     if isinstance(template, str) and template and template not in ctx.lf.templates:
-        yield FieldError("spec.model.template", f"unknown LLaMA-Factory template {template!r}"
-                                                f"{_hint(template, ctx.lf.templates)}")
+        yield FieldError(
+            "spec.model.template", f"unknown LLaMA-Factory template {template!r}{_hint(template, ctx.lf.templates)}"
+        )
 
 
 @_rule
 def model_source_is_hub_id(ctx: _Context) -> Iterator[FieldError]:
     source = ctx.section("model").get("source")
     if isinstance(source, str) and not _HUB_ID.match(source):
-        yield FieldError("spec.model.source", f"{source!r} is not a hub model id (like 'Qwen/Qwen2-7B-Instruct'); "
-                                              "omit source when the model is already on the volume")
+        yield FieldError(
+            "spec.model.source",
+            f"{source!r} is not a hub model id (like 'Qwen/Qwen2-7B-Instruct'); "
+            "omit source when the model is already on the volume",
+        )
 
 
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -611,8 +641,10 @@ def lora_block_needs_adapter_method(ctx: _Context) -> Iterator[FieldError]:
     for i, stage in ctx.stages():
         method = ctx.method(stage)
         if stage.get("lora") is not None and method not in ADAPTER_METHODS:
-            yield FieldError(f"spec.stages[{i}].lora", f"lora settings apply to methods lora and qlora only, not "
-                                                       f"{method!r}: remove lora or change method")
+            yield FieldError(
+                f"spec.stages[{i}].lora",
+                f"lora settings apply to methods lora and qlora only, not {method!r}: remove lora or change method",
+            )
 
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.*-]+$")
@@ -626,8 +658,9 @@ def lora_target_names_modules(ctx: _Context) -> Iterator[FieldError]:
         target = lora.get("target") if isinstance(lora, Mapping) else None
         path = f"spec.stages[{i}].lora.target"
         if isinstance(target, str) and not all(_MODULE_NAME.match(t) for t in target.split(",")):
-            yield FieldError(path, f"{target!r} is not 'all' or a comma-separated list of module names "
-                                   "(no spaces or empty names)")
+            yield FieldError(
+                path, f"{target!r} is not 'all' or a comma-separated list of module names (no spaces or empty names)"
+            )
         elif isinstance(target, list):
             if not target:
                 yield FieldError(path, "must name at least one module (or use 'all')")
@@ -653,18 +686,24 @@ def _adapter_chain(ctx: _Context) -> tuple[list[FieldError], list[tuple[int, int
         rank = rank if isinstance(rank, int) else 8
         if method not in ADAPTER_METHODS:
             if adapters:
-                errors.append(FieldError(
-                    f"spec.stages[{i}].method",
-                    f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory loads "
-                    "adapters only for LoRA training): use method lora, or put full/freeze stages first"))
+                errors.append(
+                    FieldError(
+                        f"spec.stages[{i}].method",
+                        f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory loads "
+                        "adapters only for LoRA training): use method lora, or put full/freeze stages first",
+                    )
+                )
             adapters = []
         elif adapters and _continues_adapter(ctx, stage):
             if len(adapters) != 1:
                 why = "qlora (4-bit base)" if method == "qlora" else "ZeRO-3"
-                errors.append(FieldError(
-                    f"spec.stages[{i}].method",
-                    f"a {why} stage can only continue a single earlier adapter (LLaMA-Factory cannot create a new "
-                    f"adapter upon a quantized or partitioned model), but {len(adapters)} are stacked before it"))
+                errors.append(
+                    FieldError(
+                        f"spec.stages[{i}].method",
+                        f"a {why} stage can only continue a single earlier adapter (LLaMA-Factory cannot create a new "
+                        f"adapter upon a quantized or partitioned model), but {len(adapters)} are stacked before it",
+                    )
+                )
             adapters = [(i, max(rank, *(r for _, r in adapters)))]
         else:
             adapters.append((i, rank))
@@ -732,9 +771,11 @@ def serve_tensor_parallel_fits(ctx: _Context) -> Iterator[FieldError]:
     res = serve.get("resources")
     gpus = res.get("gpusPerNode", 1) if isinstance(res, Mapping) else 1
     if isinstance(tp, int) and isinstance(gpus, int) and gpus > 0 and tp > gpus:
-        yield FieldError("spec.serve.tensorParallelSize",
-                         f"tensorParallelSize {tp} is larger than the GPUs of each vLLM pod "
-                         f"(spec.serve.resources.gpusPerNode = {gpus})")
+        yield FieldError(
+            "spec.serve.tensorParallelSize",
+            f"tensorParallelSize {tp} is larger than the GPUs of each vLLM pod "
+            f"(spec.serve.resources.gpusPerNode = {gpus})",
+        )
 
 
 @_rule
@@ -759,13 +800,18 @@ def serve_unmerged_adapters(ctx: _Context) -> Iterator[FieldError]:
     _, adapters = _adapter_chain(ctx)
     if len(adapters) > 1:
         names = ", ".join(f"spec.stages[{i}]" for i, _ in adapters)
-        yield FieldError("spec.merge.enabled", f"serving without merge supports a single LoRA adapter, but {names} "
-                                               "stack adapters: set merge.enabled: true")
+        yield FieldError(
+            "spec.merge.enabled",
+            f"serving without merge supports a single LoRA adapter, but {names} "
+            "stack adapters: set merge.enabled: true",
+        )
     max_rank = serve.get("maxLoraRank")
     for i, rank in adapters:
         if isinstance(max_rank, int) and rank > max_rank:
-            yield FieldError("spec.serve.maxLoraRank", f"maxLoraRank {max_rank} is smaller than the LoRA rank {rank} "
-                                                       f"of spec.stages[{i}]")
+            yield FieldError(
+                "spec.serve.maxLoraRank",
+                f"maxLoraRank {max_rank} is smaller than the LoRA rank {rank} of spec.stages[{i}]",
+            )
 
 
 # --- scheduling ---------------------------------------------------------------------------------------------
@@ -785,8 +831,9 @@ def scheduling_fields_valid(ctx: _Context) -> Iterator[FieldError]:
     sched = ctx.section("scheduling")
     queue = sched.get("queueName")
     if isinstance(queue, str) and not (_LABEL_VALUE.match(queue) and len(queue) <= 63):
-        yield FieldError("spec.scheduling.queueName", "must be a valid label value (it becomes the "
-                                                      "kueue.x-k8s.io/queue-name label)")
+        yield FieldError(
+            "spec.scheduling.queueName", "must be a valid label value (it becomes the kueue.x-k8s.io/queue-name label)"
+        )
     prio = sched.get("priorityClassName")
     if isinstance(prio, str) and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", prio):
         yield FieldError("spec.scheduling.priorityClassName", "must be a DNS-1123 subdomain")
@@ -795,8 +842,9 @@ def scheduling_fields_valid(ctx: _Context) -> Iterator[FieldError]:
         for key, value in selector.items():
             where = _join("spec.scheduling.nodeSelector", str(key))
             if not _is_label_key(str(key)):
-                yield FieldError(where, "invalid label key (optional DNS prefix and "
-                                                                        "'/', then a name of at most 63 characters)")
+                yield FieldError(
+                    where, "invalid label key (optional DNS prefix and '/', then a name of at most 63 characters)"
+                )
             if isinstance(value, str) and not (_LABEL_VALUE.match(value) and len(value) <= 63):
                 yield FieldError(where, "must be a valid label value")
     for j, tol in _mappings(sched.get("tolerations")):
@@ -846,13 +894,34 @@ LORA_BLOCK_ARGS: Mapping[str, str] = {
 }
 
 #: Credentials: args end up in a ConfigMap, and secrets must only travel as secretKeyRef.
-SECRET_ARGS = frozenset({"hf_hub_token", "ms_hub_token", "om_hub_token", "hub_token", "swanlab_api_key",
-                         "swanlab_lark_secret", "swanlab_lark_webhook_url"})
+SECRET_ARGS = frozenset(
+    {
+        "hf_hub_token",
+        "ms_hub_token",
+        "om_hub_token",
+        "hub_token",
+        "swanlab_api_key",
+        "swanlab_lark_secret",
+        "swanlab_lark_webhook_url",
+    }
+)
 
 #: Arguments that only mean something for LoRA training (LLaMA-Factory ignores or rejects them otherwise).
-LORA_ONLY_ARGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "lora_target", "loraplus_lr_ratio",
-                            "loraplus_lr_embedding", "use_rslora", "use_dora", "pissa_init", "pissa_iter",
-                            "pissa_convert"})
+LORA_ONLY_ARGS = frozenset(
+    {
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
+        "use_rslora",
+        "use_dora",
+        "pissa_init",
+        "pissa_iter",
+        "pissa_convert",
+    }
+)
 FREEZE_ONLY_ARGS = frozenset({"freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"})
 #: SFT-only arguments (LLaMA-Factory: "cannot be set as True except SFT").
 SFT_ONLY_ARGS = frozenset({"predict_with_generate", "neat_packing", "train_on_prompt", "mask_history"})
@@ -865,13 +934,17 @@ def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
         for key in ctx.args(stage):
             path = _join(f"spec.stages[{i}].args", str(key))
             if key in SECRET_ARGS:
-                yield FieldError(path, "credentials must not be in args (they would be stored in a ConfigMap): "
-                                       "use spec.model.tokenSecretRef")
+                yield FieldError(
+                    path,
+                    "credentials must not be in args (they would be stored in a ConfigMap): "
+                    "use spec.model.tokenSecretRef",
+                )
             elif key in RESERVED_ARGS:
                 yield FieldError(path, f"{key} is set by the operator: use {RESERVED_ARGS[key]}")
             elif key in LORA_BLOCK_ARGS and method in ADAPTER_METHODS:
-                yield FieldError(path, f"{key} is set by the operator from the stage's lora settings: use "
-                                       f"{LORA_BLOCK_ARGS[key]}")
+                yield FieldError(
+                    path, f"{key} is set by the operator from the stage's lora settings: use {LORA_BLOCK_ARGS[key]}"
+                )
             elif key in LORA_ONLY_ARGS and method not in ADAPTER_METHODS:
                 yield FieldError(path, f"{key} applies to methods lora and qlora only, not {method!r}")
             elif key in FREEZE_ONLY_ARGS and method != "freeze":
@@ -898,8 +971,15 @@ def args_values_typed(ctx: _Context) -> Iterator[FieldError]:
                 yield FieldError(path, f"invalid choice {value!r}: expected one of {choices}{hint}")
 
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
-               "list": "a list", "dict": "a mapping", "null": "null"}
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true/false",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "null": "null",
+}
 
 
 def _number_hint(value: Any, types: tuple[str, ...]) -> str:
@@ -927,50 +1007,105 @@ class _ArgsRule:
 
 #: (argument to blame, condition on (stage, args), reason). Mirrors checks in LLaMA-Factory's hparams parser.
 ARGS_RULES: tuple[_ArgsRule, ...] = (
-    _ArgsRule("fp16", lambda s, a, c: _truthy(a, "bf16") and _truthy(a, "fp16"),
-              "bf16 and fp16 cannot both be true: choose one mixed-precision type"),
-    _ArgsRule("pure_bf16", lambda s, a, c: _truthy(a, "pure_bf16") and c.zero_stage(s) == 3,
-              "pure_bf16 is incompatible with DeepSpeed ZeRO-3"),
-    _ArgsRule("predict_with_generate", lambda s, a, c: _truthy(a, "predict_with_generate") and c.zero_stage(s) == 3,
-              "predict_with_generate is incompatible with DeepSpeed ZeRO-3"),
-    _ArgsRule("pissa_init", lambda s, a, c: _truthy(a, "pissa_init") and (c.zero_stage(s) == 3
-                                                                          or c.method(s) == "qlora"),
-              "pissa_init cannot initialize adapters under DeepSpeed ZeRO-3 or on a quantized (qlora) model"),
-    _ArgsRule("use_unsloth", lambda s, a, c: _truthy(a, "use_unsloth") and c.zero_stage(s) == 3,
-              "use_unsloth is incompatible with DeepSpeed ZeRO-3"),
-    _ArgsRule("fp8", lambda s, a, c: _truthy(a, "fp8") and c.method(s) == "qlora",
-              "fp8 training is incompatible with quantization (method qlora)"),
-    _ArgsRule("use_galore", lambda s, a, c: _truthy(a, "use_galore") and s.get("deepspeed") is not None,
-              "GaLore is incompatible with DeepSpeed: remove spec.stages[].deepspeed"),
-    _ArgsRule("use_apollo", lambda s, a, c: _truthy(a, "use_apollo") and s.get("deepspeed") is not None,
-              "APOLLO is incompatible with DeepSpeed: remove spec.stages[].deepspeed"),
+    _ArgsRule(
+        "fp16",
+        lambda s, a, c: _truthy(a, "bf16") and _truthy(a, "fp16"),
+        "bf16 and fp16 cannot both be true: choose one mixed-precision type",
+    ),
+    _ArgsRule(
+        "pure_bf16",
+        lambda s, a, c: _truthy(a, "pure_bf16") and c.zero_stage(s) == 3,
+        "pure_bf16 is incompatible with DeepSpeed ZeRO-3",
+    ),
+    _ArgsRule(
+        "predict_with_generate",
+        lambda s, a, c: _truthy(a, "predict_with_generate") and c.zero_stage(s) == 3,
+        "predict_with_generate is incompatible with DeepSpeed ZeRO-3",
+    ),
+    _ArgsRule(
+        "pissa_init",
+        lambda s, a, c: _truthy(a, "pissa_init") and (c.zero_stage(s) == 3 or c.method(s) == "qlora"),
+        "pissa_init cannot initialize adapters under DeepSpeed ZeRO-3 or on a quantized (qlora) model",
+    ),
+    _ArgsRule(
+        "use_unsloth",
+        lambda s, a, c: _truthy(a, "use_unsloth") and c.zero_stage(s) == 3,
+        "use_unsloth is incompatible with DeepSpeed ZeRO-3",
+    ),
+    _ArgsRule(
+        "fp8",
+        lambda s, a, c: _truthy(a, "fp8") and c.method(s) == "qlora",
+        "fp8 training is incompatible with quantization (method qlora)",
+    ),
+    _ArgsRule(
+        "use_galore",
+        lambda s, a, c: _truthy(a, "use_galore") and s.get("deepspeed") is not None,
+        "GaLore is incompatible with DeepSpeed: remove spec.stages[].deepspeed",
+    ),
+    _ArgsRule(
+        "use_apollo",
+        lambda s, a, c: _truthy(a, "use_apollo") and s.get("deepspeed") is not None,
+        "APOLLO is incompatible with DeepSpeed: remove spec.stages[].deepspeed",
+    ),
     *(
-        _ArgsRule(k, (lambda key: lambda s, a, c: _truthy(a, key) and c.method(s) in ADAPTER_METHODS)(k),
-                  f"{k} cannot be combined with LoRA: use method full or freeze")
+        _ArgsRule(
+            k,
+            (lambda key: lambda s, a, c: _truthy(a, key) and c.method(s) in ADAPTER_METHODS)(k),
+            f"{k} cannot be combined with LoRA: use method full or freeze",
+        )
         for k in ("use_galore", "use_apollo", "use_badam")
     ),
     *(
-        _ArgsRule(k, (lambda key: lambda s, a, c: _truthy(a, key) and s.get("type") != "sft")(k),
-                  f"{k} is only valid for sft stages")
+        _ArgsRule(
+            k,
+            (lambda key: lambda s, a, c: _truthy(a, key) and s.get("type") != "sft")(k),
+            f"{k} is only valid for sft stages",
+        )
         for k in sorted(SFT_ONLY_ARGS)
     ),
-    _ArgsRule("load_best_model_at_end", lambda s, a, c: _truthy(a, "load_best_model_at_end") and s.get("type") == "rm",
-              "rm stages do not support load_best_model_at_end"),
-    _ArgsRule("do_eval", lambda s, a, c: (_truthy(a, "do_eval") or _truthy(a, "do_predict"))
-              and not (isinstance(a.get("val_size"), int | float) and a["val_size"] > 0),
-              "evaluation needs a validation split: set args.val_size (e.g. 0.1)"),
-    _ArgsRule("streaming", lambda s, a, c: _truthy(a, "streaming") and not isinstance(a.get("max_steps"), int),
-              "streaming needs args.max_steps (the dataset length is unknown)"),
-    _ArgsRule("infer_backend", lambda s, a, c: a.get("infer_backend", "huggingface") != "huggingface",
-              "vLLM/SGLang inference backends are not used for training: use spec.serve"),
-    _ArgsRule("quantization_device_map", lambda s, a, c: a.get("quantization_device_map") is not None,
-              "a device map cannot be used for quantized models in training"),
-    _ArgsRule("quantization_method", lambda s, a, c: a.get("quantization_method") in ("hqq", "eetq")
-              and c.zero_stage(s) == 3, "HQQ and EETQ quantization are incompatible with DeepSpeed ZeRO-3"),
-    _ArgsRule("dpo_label_smoothing", lambda s, a, c: s.get("type") == "dpo"
-              and a.get("pref_loss", "sigmoid") != "sigmoid"
-              and isinstance(a.get("dpo_label_smoothing"), int | float) and a["dpo_label_smoothing"] > 1e-6,
-              "dpo_label_smoothing is only valid with pref_loss sigmoid"),
+    _ArgsRule(
+        "load_best_model_at_end",
+        lambda s, a, c: _truthy(a, "load_best_model_at_end") and s.get("type") == "rm",
+        "rm stages do not support load_best_model_at_end",
+    ),
+    _ArgsRule(
+        "do_eval",
+        lambda s, a, c: (
+            (_truthy(a, "do_eval") or _truthy(a, "do_predict"))
+            and not (isinstance(a.get("val_size"), int | float) and a["val_size"] > 0)
+        ),
+        "evaluation needs a validation split: set args.val_size (e.g. 0.1)",
+    ),
+    _ArgsRule(
+        "streaming",
+        lambda s, a, c: _truthy(a, "streaming") and not isinstance(a.get("max_steps"), int),
+        "streaming needs args.max_steps (the dataset length is unknown)",
+    ),
+    _ArgsRule(
+        "infer_backend",
+        lambda s, a, c: a.get("infer_backend", "huggingface") != "huggingface",
+        "vLLM/SGLang inference backends are not used for training: use spec.serve",
+    ),
+    _ArgsRule(
+        "quantization_device_map",
+        lambda s, a, c: a.get("quantization_device_map") is not None,
+        "a device map cannot be used for quantized models in training",
+    ),
+    _ArgsRule(
+        "quantization_method",
+        lambda s, a, c: a.get("quantization_method") in ("hqq", "eetq") and c.zero_stage(s) == 3,
+        "HQQ and EETQ quantization are incompatible with DeepSpeed ZeRO-3",
+    ),
+    _ArgsRule(
+        "dpo_label_smoothing",
+        lambda s, a, c: (
+            s.get("type") == "dpo"
+            and a.get("pref_loss", "sigmoid") != "sigmoid"
+            and isinstance(a.get("dpo_label_smoothing"), int | float)
+            and a["dpo_label_smoothing"] > 1e-6
+        ),
+        "dpo_label_smoothing is only valid with pref_loss sigmoid",
+    ),
 )
 
 
@@ -1003,8 +1138,14 @@ def _hint(word: str, candidates: Iterable[str]) -> str:
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
 
 
 def _dedupe(errors: list[FieldError]) -> list[FieldError]:
@@ -1016,4 +1157,3 @@ def _dedupe(errors: list[FieldError]) -> list[FieldError]:
             seen.add(key)
             out.append(err)
     return out
-

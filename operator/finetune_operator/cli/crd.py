@@ -26,8 +26,9 @@ class _Dumper(yaml.SafeDumper):
 
 def render_yaml() -> str:
     """The CRD as YAML text (insertion order kept: it reads like the types)."""
-    return yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=False,
-                     default_flow_style=False)
+    return yaml.dump(
+        build_crd(), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=False, default_flow_style=False
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -43,8 +43,10 @@ def _validate_file(path: str) -> int:
         if errors:
             status = EXIT_INVALID
             name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
-            print(f"{where}: {KIND} {name or '<unnamed>'}: {len(errors)} error{'s' if len(errors) != 1 else ''}",
-                  file=sys.stderr)
+            print(
+                f"{where}: {KIND} {name or '<unnamed>'}: {len(errors)} error{'s' if len(errors) != 1 else ''}",
+                file=sys.stderr,
+            )
             for err in errors:
                 print(f"{where}: {err}", file=sys.stderr)
         else:
@@ -69,8 +71,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-f", "--filename", dest="files", action="append", required=True, metavar="FILE",
-                        help="FineTuneJob YAML file or directory (multi-document allowed; '-' reads stdin); repeatable")
+    parser.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="FineTuneJob YAML file or directory (multi-document allowed; '-' reads stdin); repeatable",
+    )
     parser.add_argument("more", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
     parser.set_defaults(func=_run_all)
 
