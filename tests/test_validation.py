@@ -377,6 +377,16 @@ def test_mapping_views_are_accepted() -> None:
     assert validate(freeze(base())).spec.stages[0].name == "sft"
 
 
+def test_status_never_makes_the_spec_invalid() -> None:
+    obj = base()
+    obj["status"] = {"state": "Running", "reported": {"sft": {"step": 3, "totalSteps": 10, "loss": 1.5}}}
+    job = validate(obj)
+    assert job.status is not None and job.status.reported["sft"].step == 3
+    obj["status"] = {"stages": "not a list", "conditions": [{"bogus": True}]}
+    job = validate(obj)
+    assert job.status is None
+
+
 def test_non_mapping_document() -> None:
     _, errors = check(["a"])
     assert errors[0].path == "<document>" and "mapping" in errors[0].message

@@ -45,7 +45,7 @@ import pydantic
 import yaml
 
 from finetune_operator.api import naming
-from finetune_operator.api.types import ADAPTER_METHODS, PREFERENCE_STAGES, FineTuneJob
+from finetune_operator.api.types import ADAPTER_METHODS, PREFERENCE_STAGES, FineTuneJob, FineTuneJobStatus
 from finetune_operator.errors import FieldError, SpecError
 from finetune_operator.lfargs import LfTable
 from finetune_operator.lfargs import load as load_lf_table
@@ -79,6 +79,9 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
     if not isinstance(obj, Mapping):
         return None, [FieldError("<document>", f"expected a mapping (a FineTuneJob object), got {_kind(obj)}")]
     obj = _plain(obj)
+    # Status is the operator's and the workers' output, not user input: a status the types do not describe
+    # (an older operator, a pruned field) must never make the *spec* invalid. It is parsed leniently below.
+    status = obj.pop("status", None)
     errors: list[FieldError] = []
     job: FineTuneJob | None = None
     try:
@@ -89,7 +92,14 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
     for rule in RULES:
         errors.extend(rule(ctx))
     errors = _dedupe(errors)
-    return (None if errors else job), errors
+    if errors or job is None:
+        return None, errors
+    if isinstance(status, Mapping):
+        try:
+            job.status = FineTuneJobStatus.model_validate(status)
+        except pydantic.ValidationError:
+            job.status = None
+    return job, errors
 
 
 def _plain(value: Any) -> Any:
