@@ -178,3 +178,19 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path: Path) -> None:
+    """T9k's DeepspeedJob runs the command through DeepSpeed's launcher, which appends ``--local_rank=N``."""
+    from finetune_operator.cli import build_parser
+
+    argv = ["worker", "train", "--config", "x.yaml", "max_steps=3", "--local_rank=1"]
+    args = build_parser(argv).parse_args(argv)
+    out = tmp_path / "out"
+    markers.write_marker(out, {"steps": 3})
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(json.dumps({"output_dir": str(out)}))
+    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg), "max_steps=3", "--local_rank=1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert args.config == "x.yaml"

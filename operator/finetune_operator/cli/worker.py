@@ -77,7 +77,8 @@ def _download(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from finetune_operator.worker.train import run_train
 
-    overrides = [o for o in args.overrides if o != "--"]
+    # DeepSpeed's launcher appends --local_rank=N after everything else (LOCAL_RANK carries it too).
+    overrides = [o for o in args.overrides if o != "--" and not o.startswith(("--local_rank", "--local-rank"))]
     res = run_train(
         args.config,
         backend=args.backend or os.environ.get("FT_BACKEND") or "job",
