@@ -80,6 +80,7 @@ LF_MIRRORED: list[tuple[str, int, str, dict[str, object]]] = [
     ("eval-no-split", 0, "lora", {"do_eval": True}),
     ("infer-backend", 0, "lora", {"infer_backend": "vllm"}),
     ("dora-full", 0, "full", {"use_dora": True}),
+    ("llama-pro-full", 0, "full", {"use_llama_pro": True}),
     ("streaming-no-max-steps", 0, "lora", {"streaming": True}),
     ("qlora-device-map", 0, "qlora", {"quantization_device_map": "auto"}),
 ]

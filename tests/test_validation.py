@@ -275,6 +275,15 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
      "spec.stages[1].args.dpo_label_smoothing", "sigmoid"),
     ("infer-backend-in-training", put("spec.stages[0].args.infer_backend", "vllm"),
      "spec.stages[0].args.infer_backend", "spec.serve"),
+    ("vllm-arg-in-training", put("spec.stages[0].args.vllm_maxlen", 4096), "spec.stages[0].args.vllm_maxlen",
+     "spec.serve"),
+    ("export-arg-in-training", put("spec.stages[0].args.export_quantization_bit", 4),
+     "spec.stages[0].args.export_quantization_bit", "spec.merge"),
+    ("push-to-hub", put("spec.stages[0].args.push_to_hub", True), "spec.stages[0].args.push_to_hub",
+     "credentials"),
+    ("llama-pro-full", both(put("spec.stages[0].method", "full"), drop("spec.stages[0].lora"),
+                            drop("spec.stages[1]"), put("spec.stages[0].args.use_llama_pro", True)),
+     "spec.stages[0].args.use_llama_pro", "freeze or LoRA"),
 ]
 
 

@@ -52,6 +52,7 @@ from finetune_operator.lfargs import load as load_lf_table
 
 __all__ = [
     "RESERVED_ARGS",
+    "RESERVED_PREFIXES",
     "RULES",
     "SECRET_ARGS",
     "check",
@@ -895,6 +896,14 @@ RESERVED_ARGS: Mapping[str, str] = {
     "model_revision": "spec.model.revision",
 }
 
+#: Families of arguments that belong to other steps than training (LLaMA-Factory ignores them in ``train``).
+RESERVED_PREFIXES: Mapping[str, str] = {
+    "export_": "spec.merge (the merge step runs the export)",
+    "vllm_": "spec.serve (vLLM runs in the serve step)",
+    "sglang_": "spec.serve (the serve step uses vLLM)",
+    "infer_": "spec.serve (inference runs in the serve step)",
+}
+
 #: LoRA arguments the renderer sets for lora/qlora stages from the ``lora`` block (or its defaults).
 LORA_BLOCK_ARGS: Mapping[str, str] = {
     "lora_rank": "spec.stages[].lora.rank",
@@ -951,6 +960,9 @@ def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
                 )
             elif key in RESERVED_ARGS:
                 yield FieldError(path, f"{key} is set by the operator: use {RESERVED_ARGS[key]}")
+            elif str(key).startswith(tuple(RESERVED_PREFIXES)):
+                use = next(v for p, v in RESERVED_PREFIXES.items() if str(key).startswith(p))
+                yield FieldError(path, f"{key} does not apply to a training stage: use {use}")
             elif key in LORA_BLOCK_ARGS and method in ADAPTER_METHODS:
                 yield FieldError(
                     path, f"{key} is set by the operator from the stage's lora settings: use {LORA_BLOCK_ARGS[key]}"
@@ -1092,9 +1104,15 @@ ARGS_RULES: tuple[_ArgsRule, ...] = (
         "streaming needs args.max_steps (the dataset length is unknown)",
     ),
     _ArgsRule(
-        "infer_backend",
-        lambda s, a, c: a.get("infer_backend", "huggingface") != "huggingface",
-        "vLLM/SGLang inference backends are not used for training: use spec.serve",
+        "push_to_hub",
+        lambda s, a, c: _truthy(a, "push_to_hub"),
+        "training pods get no hub credentials (the token reaches only the download pod): keep results on "
+        "spec.output and publish the merged model from there",
+    ),
+    _ArgsRule(
+        "use_llama_pro",
+        lambda s, a, c: _truthy(a, "use_llama_pro") and c.method(s) == "full",
+        "use_llama_pro is only valid for freeze or LoRA training",
     ),
     _ArgsRule(
         "quantization_device_map",
