@@ -198,7 +198,7 @@ def _program(rule: str) -> Any:
 def _nodes(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
     """Every value at a schema path (``spec.stages[]``) with a concrete location."""
     found: list[tuple[str, Any]] = [("", obj)]
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         name = part.rstrip("[]")
         nxt: list[tuple[str, Any]] = []
         for loc, value in found:
@@ -321,13 +321,28 @@ IMMUTABLE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("backend-added", put("spec.backend", "pytorchjob"), "spec.backend is immutable"),
 ]
 
+#: Status of a job whose first workload was created (what the operator writes).
+STARTED = {"state": "Running", "stages": [{"name": "sft", "type": "sft", "state": "Running", "attempts": 1}]}
+NOT_STARTED = {"state": "Failed", "stages": [{"name": "sft", "type": "sft", "state": "Pending", "attempts": 0}]}
+
 
 @pytest.mark.parametrize(("mutate", "message"), [pytest.param(m, w, id=i) for i, m, w in IMMUTABLE])
-def test_immutable_fields(mutate: Callable[[dict[str, Any]], None], message: str) -> None:
-    old = base()
+def test_immutable_once_started(mutate: Callable[[dict[str, Any]], None], message: str) -> None:
+    old = {**base(), "status": STARTED}
     new = copy.deepcopy(old)
     mutate(new)
-    assert message in _cel_failures(new, old)
+    assert any(f.startswith(message) for f in _cel_failures(new, old))
+
+
+@pytest.mark.parametrize("status", [None, {}, {"state": "Failed"}, NOT_STARTED], ids=["none", "empty", "no-stages",
+                                                                                      "zero-attempts"])
+@pytest.mark.parametrize(("mutate", "message"), [pytest.param(m, w, id=i) for i, m, w in IMMUTABLE])
+def test_spec_can_be_fixed_before_start(status: dict[str, Any] | None, mutate: Callable[[dict[str, Any]], None],
+                                        message: str) -> None:
+    old = base() if status is None else {**base(), "status": status}
+    new = copy.deepcopy(old)
+    mutate(new)
+    assert _cel_failures(new, old) == []
 
 
 @pytest.mark.parametrize("mutate", [
@@ -336,9 +351,10 @@ def test_immutable_fields(mutate: Callable[[dict[str, Any]], None], message: str
     put("spec.serve", {"enabled": True, "replicas": 3}),
     put("spec.merge.enabled", False),
     put("spec.image", "registry.example.com/worker:0.2.0"),
-], ids=["suspend", "retries", "serve-replicas", "merge", "image"])
+    put("status.state", "Succeeded"),
+], ids=["suspend", "retries", "serve-replicas", "merge", "image", "status"])
 def test_mutable_fields(mutate: Callable[[dict[str, Any]], None]) -> None:
-    old = base()
+    old = {**base(), "status": STARTED}
     new = copy.deepcopy(old)
     mutate(new)
     assert _cel_failures(new, old) == []

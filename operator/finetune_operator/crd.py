@@ -25,9 +25,10 @@ Decisions:
   unknown fields of preserve-unknown-fields objects to CEL), so reserved and misspelled arguments are left to
   :mod:`finetune_operator.validation` (``ftctl validate`` and the operator's ``InvalidSpec`` condition).
 - The immutable parts of the spec (model, datasets, stages, output, backend) are guarded by transition rules
-  (``self == oldSelf``), while ``suspend``, ``serve.replicas``, ``retries``, ``merge`` and ``serve`` stay
-  mutable. For the same reason as above, an edit confined to ``stages[].args`` is invisible to these rules; the
-  operator compares the whole spec it started from.
+  once the pipeline has started (the old status shows a created workload); before that a spec refused by the
+  operator (``InvalidSpec``) can still be fixed in place. ``suspend``, ``serve.replicas`` and ``retries`` stay
+  mutable. CEL may not see an edit confined to ``stages[].args`` (see above); the operator compares the whole
+  spec it accepted, so such an edit is refused there (``ImmutableField``).
 """
 
 from __future__ import annotations
@@ -61,11 +62,42 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "spec.serve.args[]": {"maxLength": 4096},
     "spec.scheduling.nodeSelector": {"maxProperties": 64},
     "spec.scheduling.nodeSelector{}": {"maxLength": 63},
+    # Bounds for the CEL cost estimate of the "started" check (download + 16 stages + merge + serve fit).
+    "status.stages": {"maxItems": 64},
 }
+
+#: The old object had a workload created (status.stages[].attempts > 0): the operator has accepted its spec.
+_STARTED = (
+    "has(oldSelf.status) && has(oldSelf.status.stages) && "
+    "oldSelf.status.stages.exists(s, has(s.attempts) && s.attempts > 0)"
+)
+
+CelRule = tuple[str, str, str | None]
+
+
+def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
+    rules: list[CelRule] = [
+        (
+            f"!({_STARTED}) || self.spec.{field} == oldSelf.spec.{field}",
+            f"spec.{field} is immutable once the pipeline has started",
+            f".spec.{field}",
+        )
+        for field in fields
+    ]
+    rules.append(
+        (
+            f"!({_STARTED}) || (has(self.spec.backend) == has(oldSelf.spec.backend) && "
+            "(!has(self.spec.backend) || self.spec.backend == oldSelf.spec.backend))",
+            "spec.backend is immutable once the pipeline has started",
+            ".spec.backend",
+        )
+    )
+    return rules
+
 
 #: CEL rules by schema path: (rule, message, fieldPath or None). Each mirrors a rule of
 #: :mod:`finetune_operator.validation`, which remains the place that reports *every* error with a hint.
-CEL_RULES: dict[str, list[tuple[str, str, str | None]]] = {
+CEL_RULES: dict[str, list[CelRule]] = {
     "spec": [
         (
             "self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))",
@@ -100,16 +132,11 @@ CEL_RULES: dict[str, list[tuple[str, str, str | None]]] = {
             "kto stages need datasets with a columns.ktoTag label column",
             ".stages",
         ),
-        (
-            "has(self.backend) == has(oldSelf.backend) && (!has(self.backend) || self.backend == oldSelf.backend)",
-            "spec.backend is immutable",
-            ".backend",
-        ),
     ],
-    "spec.model": [("self == oldSelf", "spec.model is immutable", None)],
-    "spec.datasets": [("self == oldSelf", "spec.datasets is immutable", None)],
-    "spec.stages": [("self == oldSelf", "spec.stages is immutable", None)],
-    "spec.output": [("self == oldSelf", "spec.output is immutable", None)],
+    # Transition rules at the root, because "started" is in the old object's status: before the operator
+    # created the first workload the spec can still be fixed (say, after an InvalidSpec condition); afterwards
+    # the pipeline is a function of the spec it started with.
+    "": _immutable_once_started(("model", "datasets", "stages", "output")),
     "spec.stages[]": [
         (
             "!has(self.lora) || !has(self.method) || self.method in ['lora', 'qlora']",
@@ -296,9 +323,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
 
 
 def _at(root: dict[str, Any], path: str) -> dict[str, Any]:
-    """The schema node at ``path`` (``spec.stages[].lora``, ``...{}`` for map values)."""
+    """The schema node at ``path`` (``spec.stages[].lora``, ``...{}`` for map values; ``""`` is the root)."""
     node = root
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         name = part.rstrip("[]{}")
         node = node["properties"][name]
         suffix = part[len(name) :]
