@@ -51,7 +51,7 @@ def deployment_container(job: FineTuneJob) -> dict[str, Any]:
 
 def to_pod(argv: list[str], launcher: list[str], workdir: str, port: int) -> list[str]:
     """Undo the documented local mapping: what the pod would run for this local argv."""
-    rest = argv[len(launcher):]
+    rest = argv[len(launcher) :]
     if ls.is_api_server_module(launcher):
         assert rest[0] == "--model", rest
         rest = rest[1:]
@@ -90,7 +90,9 @@ def test_proof_holds_for_the_ftctl_render_output(tmp_path: Path) -> None:
     example = EXAMPLES / "local-demo-serve-lora.yaml"
     out = subprocess.run(
         [str(Path(sys.executable).parent / "ftctl"), "render", "-f", str(example)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     (dep,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
     (container,) = dep["spec"]["template"]["spec"]["containers"]
@@ -134,10 +136,16 @@ def test_lora_mode_serves_the_adapter_directory_the_stage_wrote(tmp_path: Path) 
     [
         (["vllm", "serve"], ["/m", "--port", "1"], ["vllm", "serve", "/m", "--port", "1"]),
         (["/v/bin/vllm", "serve"], ["/m"], ["/v/bin/vllm", "serve", "/m"]),
-        (["py", "-m", ls.API_SERVER_MODULE], ["/m", "--port", "1"], ["py", "-m", ls.API_SERVER_MODULE, "--model", "/m",
-                                                                     "--port", "1"]),
-        (["py", "/s/vllm/entrypoints/openai/api_server.py"], ["/m"],
-         ["py", "/s/vllm/entrypoints/openai/api_server.py", "--model", "/m"]),
+        (
+            ["py", "-m", ls.API_SERVER_MODULE],
+            ["/m", "--port", "1"],
+            ["py", "-m", ls.API_SERVER_MODULE, "--model", "/m", "--port", "1"],
+        ),
+        (
+            ["py", "/s/vllm/entrypoints/openai/api_server.py"],
+            ["/m"],
+            ["py", "/s/vllm/entrypoints/openai/api_server.py", "--model", "/m"],
+        ),
         # A --model already in the args is moved, never duplicated.
         (["vllm", "serve"], ["--port", "1", "--model", "/m"], ["vllm", "serve", "/m", "--port", "1"]),
         (["py", "-m", ls.API_SERVER_MODULE], ["--model=/m"], ["py", "-m", ls.API_SERVER_MODULE, "--model", "/m"]),
@@ -181,8 +189,9 @@ def test_served_models(args: list[str], expected: list[str]) -> None:
 
 def test_curl_is_pasteable_json() -> None:
     cmd = ls.LocalServeCommand(argv=[], env={}, host="127.0.0.1", port=9, served_models=["it's"])
-    out = subprocess.run(["bash", "-c", f"set -- {cmd.curl()}; printf '%s\\n' \"$@\""], capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", "-c", f"set -- {cmd.curl()}; printf '%s\\n' \"$@\""], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[:3] == ["curl", "-s", "http://127.0.0.1:9/v1/chat/completions"]
     body = json.loads(out[-1])
     assert body["model"] == "it's" and body["messages"][0]["role"] == "user"
@@ -295,6 +304,8 @@ def test_stop_kills_the_process_group_after_the_grace_period(tmp_path: Path) -> 
 def test_wait_healthy_reports_an_early_exit_with_the_log(tmp_path: Path) -> None:
     script = "import sys; print('unrecognized arguments: --bogus', file=sys.stderr); sys.exit(2)"
     cmd = ls.LocalServeCommand(argv=[sys.executable, "-c", script], env={}, host="127.0.0.1", port=ls.free_port())
-    with ls.VllmProcess(cmd, log_path=tmp_path / "vllm.log") as proc, \
-            pytest.raises(ls.ServeError, match=r"(?s)exited with code 2 .*unrecognized arguments: --bogus"):
+    with (
+        ls.VllmProcess(cmd, log_path=tmp_path / "vllm.log") as proc,
+        pytest.raises(ls.ServeError, match=r"(?s)exited with code 2 .*unrecognized arguments: --bogus"),
+    ):
         proc.wait_healthy(timeout=60)

@@ -64,6 +64,7 @@ DEFAULT_STOP_GRACE_S = 20.0
 SMOKE_PROMPT = "What is two plus three?"
 SMOKE_MAX_TOKENS = 16
 
+
 class ServeError(Exception):
     """vLLM could not be started locally, did not become healthy, or a smoke request failed."""
 
@@ -89,13 +90,14 @@ class LocalServeCommand:
 
     def curl(self, model: str | None = None) -> str:
         """A ready-to-paste ``curl`` that asks ``model`` (the first served name by default) one question."""
-        body = json.dumps({
-            "model": model or (self.served_models[0] if self.served_models else ""),
-            "messages": [{"role": "user", "content": SMOKE_PROMPT}],
-            "max_tokens": SMOKE_MAX_TOKENS,
-        })
-        return (f"curl -s {self.base_url}/v1/chat/completions -H 'Content-Type: application/json' "
-                f"-d {shlex.quote(body)}")
+        body = json.dumps(
+            {
+                "model": model or (self.served_models[0] if self.served_models else ""),
+                "messages": [{"role": "user", "content": SMOKE_PROMPT}],
+                "max_tokens": SMOKE_MAX_TOKENS,
+            }
+        )
+        return f"curl -s {self.base_url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,9 +122,9 @@ def split_serve_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     rest = list(args)
     for i, tok in enumerate(rest):
         if tok == "--model" and i + 1 < len(rest):
-            return rest[i + 1], rest[:i] + rest[i + 2:]
+            return rest[i + 1], rest[:i] + rest[i + 2 :]
         if tok.startswith("--model="):
-            return tok.split("=", 1)[1], rest[:i] + rest[i + 1:]
+            return tok.split("=", 1)[1], rest[:i] + rest[i + 1 :]
     if rest and not rest[0].startswith("-"):
         return rest[0], rest[1:]
     return None, rest
@@ -244,8 +246,9 @@ def check_artefacts(vc: VllmCommand, outputs: Mapping[str, Any] | None = None) -
     wanted = [vc.model] if vc.mode != "lora" else [d for _, d in vc.lora_modules]
     for path in wanted:
         if str(Path(path)) not in produced:
-            raise ServeError(f"vLLM would serve {path}, which the pipeline did not report as an output "
-                             f"(outputs: {sorted(produced)})")
+            raise ServeError(
+                f"vLLM would serve {path}, which the pipeline did not report as an output (outputs: {sorted(produced)})"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,12 +290,16 @@ def list_models(base_url: str) -> list[str]:
 
 def chat(base_url: str, model: str, prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS) -> str:
     """One greedy chat completion from ``model``; returns its text, raises :class:`ServeError` on any failure."""
-    status, body = http_json(f"{base_url}/v1/chat/completions", {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }, timeout=120)
+    status, body = http_json(
+        f"{base_url}/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+        timeout=120,
+    )
     if status != 200 or not isinstance(body, dict):
         raise ServeError(f"chat completion for {model!r} answered {status}: {body!r}")
     choices = body.get("choices") or []
@@ -308,6 +315,30 @@ def chat(base_url: str, model: str, prompt: str = SMOKE_PROMPT, max_tokens: int 
 # --------------------------------------------------------------------------------------------------
 
 
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of process group ``pgid`` (Linux ``/proc``; [] elsewhere).
+
+    Zombies are left out: they hold neither memory nor ports, and whether they are reaped soon depends on
+    who adopted them, which is outside our control.
+    """
+    members: list[int] = []
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return members
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
 class VllmProcess:
     """A vLLM server in its own process group, with its output in a log file.
 
@@ -315,8 +346,12 @@ class VllmProcess:
     process that would otherwise keep the port and gigabytes of memory).
     """
 
-    def __init__(self, cmd: LocalServeCommand, log_path: str | os.PathLike[str] | None = None,
-                 base_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cmd: LocalServeCommand,
+        log_path: str | os.PathLike[str] | None = None,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.cmd = cmd
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="vllm-", suffix=".log")
@@ -337,20 +372,30 @@ class VllmProcess:
         env = {**self._base_env, **self.cmd.env}
         try:
             self.proc = subprocess.Popen(
-                self.cmd.argv, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                self.cmd.argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         except OSError as exc:
             self._log.close()
-            raise ServeError(f"cannot start vLLM with {shlex.join(self.cmd.argv[:3])}...: {exc}; "
-                             "choose how vLLM is started with --vllm \"CMD\"") from exc
+            raise ServeError(
+                f"cannot start vLLM with {shlex.join(self.cmd.argv[:3])}...: {exc}; "
+                'choose how vLLM is started with --vllm "CMD"'
+            ) from exc
         return self
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_healthy(self, timeout: float = DEFAULT_START_TIMEOUT_S,
-                     on_tick: Callable[[float], None] | None = None, interval: float = 0.5) -> float:
+    def wait_healthy(
+        self,
+        timeout: float = DEFAULT_START_TIMEOUT_S,
+        on_tick: Callable[[float], None] | None = None,
+        interval: float = 0.5,
+    ) -> float:
         """Poll ``/health`` until it answers 200; returns the seconds waited.
 
         Ends early with :class:`ServeError` (and the log's tail) when the process exits: a bad flag or a
@@ -363,13 +408,16 @@ class VllmProcess:
                 on_tick(elapsed)
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise ServeError(f"vLLM exited with code {code} before it was healthy; last lines of "
-                                 f"{self.log_path}:\n{self.log_tail()}")
+                raise ServeError(
+                    f"vLLM exited with code {code} before it was healthy; last lines of "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
             if health_ok(self.cmd.base_url):
                 return time.monotonic() - start
             if elapsed > timeout:
-                raise ServeError(f"vLLM was not healthy after {timeout:.0f} s; last lines of {self.log_path}:\n"
-                                 f"{self.log_tail()}")
+                raise ServeError(
+                    f"vLLM was not healthy after {timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(interval)
 
     def log_tail(self, lines: int = 25) -> str:
@@ -389,11 +437,16 @@ class VllmProcess:
                     os.killpg(pgid, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=grace)
-            # The engine-core child may outlive the leader: always sweep the group.
+            # The engine-core child may outlive the leader: always sweep the group, and return only once
+            # nothing of it runs any more (SIGKILL is delivered asynchronously), so that the caller may
+            # reuse the port and the memory right away.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -459,8 +512,12 @@ def serve(
     # Pasteable lines: no wrapping, no markup interpretation of paths or JSON.
     console.print(Text.assemble(("serve: ", "bold"), shlex.join(cmd.argv)), soft_wrap=True)
     if cmd.env:
-        console.print("  env:   " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items()),
-                      soft_wrap=True, markup=False, highlight=False)
+        console.print(
+            "  env:   " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items()),
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
     previous = _sigterm_as_interrupt()
     try:
         server.start()
