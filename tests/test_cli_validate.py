@@ -121,3 +121,41 @@ def test_directory_validates_every_yaml_file() -> None:
     proc = ftctl("validate", "-f", str(ROOT / "manifests" / "examples"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(": ok") >= len(EXAMPLES)
+
+
+def test_directory_skips_other_manifests_but_not_misspelled_kinds(tmp_path: Path) -> None:
+    _write(tmp_path / "a-job.yaml", base())
+    _write(tmp_path / "b-configmap.yaml", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    (tmp_path / "notes.txt").write_text("not yaml: [", encoding="utf-8")
+    proc = ftctl("validate", "-f", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{tmp_path / 'a-job.yaml'}: ok"]
+    _write(tmp_path / "c-typo.yaml", {**base(), "kind": "FinetuneJob"})
+    proc = ftctl("validate", "-f", str(tmp_path))
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'c-typo.yaml'}: kind: unsupported value 'FinetuneJob'" in proc.stderr
+
+
+def test_explicit_file_without_a_job_is_invalid(tmp_path: Path) -> None:
+    path = _write(tmp_path / "cm.yaml", {"apiVersion": "v1", "kind": "ConfigMap"})
+    proc = ftctl("validate", "-f", str(path))
+    assert proc.returncode == 1
+    assert "no FineTuneJob found" in proc.stderr
+
+
+def test_json_output(tmp_path: Path) -> None:
+    import json
+
+    bad = base()
+    bad["spec"]["retries"] = -1
+    good_path = _write(tmp_path / "good.yaml", base())
+    bad_path = _write(tmp_path / "bad.yaml", bad)
+    proc = ftctl("validate", "-o", "json", "-f", str(good_path), "-f", str(bad_path),
+                 "-f", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2
+    report = json.loads(proc.stdout)
+    assert [(r["file"], r["valid"]) for r in report] == [(str(good_path), True), (str(bad_path), False),
+                                                         (str(tmp_path / "missing.yaml"), False)]
+    assert report[0]["name"] == "demo" and report[0]["errors"] == []
+    assert report[1]["errors"][0]["path"] == "spec.retries"
+    assert report[2]["error"].startswith("cannot read")
