@@ -16,11 +16,11 @@ that claim), and changes only two things:
   the renderer takes host and port as parameters, so the arguments keep their order.
 
 Everything else — served model name, LoRA modules, ``--max-lora-rank``, ``serve.args`` and ``serve.env`` —
-is passed through untouched; ``tests/test_vllm_handoff.py`` proves the equality against the rendered
+is passed through untouched; ``tests/test_vllm_command.py`` proves the equality against the rendered
 Deployment, and ``tests/test_vllm_serve.py`` serves the pipeline's real artefacts with real vLLM.
 
 The server runs in its own process group (``start_new_session``) so that stopping it also stops vLLM's
-engine-core child process; Ctrl-C, a failed start and the end of ``--smoke`` all go through :meth:`stop`.
+engine-core child process; Ctrl-C, a failed start and the end of ``--smoke`` all go through :meth:`VllmProcess.stop`.
 """
 
 from __future__ import annotations
