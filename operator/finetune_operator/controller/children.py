@@ -279,8 +279,12 @@ def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
 
 def with_owner(obj: Mapping[str, Any], owner: Mapping[str, Any], *, attempt: int | None = None) -> dict[str, Any]:
     """A copy of a rendered object with namespace, our ownerReference and (for workloads) the attempt number."""
-    out = copy.deepcopy(dict(obj))
-    meta = out.setdefault("metadata", {})
+    # Only metadata changes: copy it, share the rest (rendered objects are never mutated; deep-copying pod
+    # templates and ConfigMap data for every create was the operator's largest CPU cost).
+    out = dict(obj)
+    meta = out["metadata"] = dict(obj.get("metadata") or {})
+    if "annotations" in meta:
+        meta["annotations"] = dict(meta["annotations"])
     meta["namespace"] = owner["metadata"].get("namespace") or "default"
     ref = owner_reference(owner)
     refs = [r for r in meta.get("ownerReferences") or [] if r.get("uid") != ref["uid"]]

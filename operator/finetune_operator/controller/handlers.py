@@ -1,5 +1,8 @@
 """kopf handlers: ``kopf run -m finetune_operator.controller.handlers`` (or ``ftctl operator``).
 
+The handlers are ``async`` although they only enqueue: kopf runs synchronous handlers in a thread pool, and
+the hand-off through it cost more than the whole reconcile under load.
+
 Every handler here is an ``@kopf.on.event`` that only enqueues the FineTuneJob concerned; the reconciling
 is done by :class:`~finetune_operator.controller.runtime.Controller` (see that module for why: no kopf state
 annotations, no finalizers). Children are watched with a label selector (``app.kubernetes.io/managed-by=
@@ -12,8 +15,10 @@ Settings chosen in :func:`configure`:
   dropped connection (a load balancer's idle timeout) is noticed; kopf resumes from the last resourceVersion.
 * ``posting.reporting_component``: kopf's own events carry our name. (Our transition events are posted by
   :class:`~finetune_operator.controller.runtime.ApiEventSink`.)
-* ``persistence``: nothing is persisted by kopf for event handlers; the storages are still pointed at our
-  own annotation prefix so that nothing ``kopf.zalando.org/*`` appears should a future handler need state.
+* ``persistence``: nothing is persisted by kopf for event handlers. The diff-base storage is
+  :class:`NoDiffBaseStorage` (kopf would otherwise deep-copy every object on every event to diff it for
+  handlers we do not have); the progress storage points at our own annotation prefix so that nothing
+  ``kopf.zalando.org/*`` appears should a future handler need state.
 * ``execution.max_workers``: the handlers are async, no thread pool needed beyond kopf's default.
 """
 
@@ -36,6 +41,25 @@ MEMO_CONTROLLER = "finetune_controller"
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGER}
 
 
+class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """A diff-base storage that neither stores nor computes anything.
+
+    kopf builds a deep copy of every object's "essence" on every watch event, to detect changes for
+    create/update handlers. This operator has none (only ``on.event`` handlers, see
+    :mod:`~finetune_operator.controller.runtime`), and those copies of FineTuneJobs and pod templates were
+    most of kopf's CPU per event. Do not combine it with change-detecting handlers.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """Apply the operator's kopf settings (see the module docstring for the why of each)."""
     settings.posting.reporting_component = c.MANAGER
@@ -44,7 +68,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.watching.connect_timeout = 30
     settings.watching.reconnect_backoff = 1.0
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = NoDiffBaseStorage(prefix=c.GROUP)
     settings.persistence.finalizer = f"{c.GROUP}/finalizer"
 
 
@@ -80,13 +104,13 @@ def queue_depth(memo: kopf.Memo, **_: Any) -> int:
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def finetunejob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def finetunejob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     controller = _controller(memo)
     if controller is not None:
         controller.on_ftj_event(type, body)
 
 
-def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     controller = _controller(memo)
     if controller is not None:
         controller.on_child_event(type, body)

@@ -30,6 +30,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
+import aiohttp
+import aiohttp.helpers
+import yarl
+
 from finetune_operator.controller.children import PLURALS
 
 log = logging.getLogger(__name__)
@@ -233,26 +237,34 @@ async def connect(
     except config.ConfigException:
         await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     api = client.ApiClient(configuration)
+    rest = api.rest_client
+    timeout = aiohttp.ClientTimeout(total=60)
+    host = str(configuration.host)
+    # The proxy (if any) is resolved once here. kubernetes_asyncio's session has trust_env=True, which makes
+    # aiohttp look up proxy variables and ~/.netrc in a thread for every single request.
+    proxy: str | None = rest.proxy or None
+    if not proxy:
+        with contextlib.suppress(LookupError):
+            proxy = str(aiohttp.helpers.get_env_proxy_for_url(yarl.URL(host))[0])
+    session = aiohttp.ClientSession(connector=rest.pool_manager.connector, connector_owner=False, trust_env=False)
 
     async def request(
         method: str, url: str, headers: Mapping[str, str], body: bytes | None
     ) -> tuple[int, dict[str, str], bytes]:
-        path, _, query = url.partition("?")
+        # Straight to the client's aiohttp session (its TLS context): ApiClient.call_api would walk and
+        # re-serialize every body through the generated-model sanitizer, for nothing.
         hdrs = dict(headers)
-        resp = await api.call_api(
-            path,
-            method,
-            query_params=[tuple(kv.split("=", 1)) for kv in query.split("&")] if query else None,
-            header_params=hdrs,
-            body=json.loads(body) if body is not None else None,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=30,
-        )
-        try:
-            payload = await resp.read()
-            return resp.status, dict(resp.headers), payload
-        finally:
-            resp.release()
+        await api.update_params_for_auth(hdrs, [], ["BearerToken"])
+        kwargs: dict[str, Any] = {"headers": hdrs, "data": body, "timeout": timeout}
+        if proxy:
+            kwargs["proxy"] = proxy
+        if rest.server_hostname:
+            kwargs["server_hostname"] = rest.server_hostname
+        async with session.request(method, host + url, **kwargs) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
 
-    return request, api.close
+    async def close() -> None:
+        await session.close()
+        await api.close()
+
+    return request, close

@@ -340,7 +340,14 @@ class Reconciler:
     ) -> str:
         """One download/train/merge step: create, adopt, retry, suspend, or notice success."""
         wl = step.workload
-        child = await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+        never_created = int(sst.get("attempts") or 0) == 0 and sst.get("state") == StageState.PENDING
+        # A step never started has no workload: go straight to creating it (a 409 is handled by adoption),
+        # saving a GET per hand-off.
+        child = (
+            None
+            if never_created
+            else await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+        )
         if child is not None and not ch.is_ours(child, ctx.uid):
             raise _Blocked(
                 f"{wl['kind']} {wl['metadata']['name']} exists but is not owned by this FineTuneJob; "

@@ -55,11 +55,24 @@ def _set(d: dict[str, Any], path: str, value: Any) -> None:
         d[head] = value
 
 
+def _without(d: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A copy of ``d`` without ``path``; only the dicts on the path are copied (the rest is shared)."""
+    head, _, rest = path.partition(".")
+    out = dict(d)
+    if rest:
+        sub = out.get(head)
+        if isinstance(sub, Mapping):
+            out[head] = _without(sub, rest)
+    else:
+        out.pop(head, None)
+    return out
+
+
 def immutable_part(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``spec`` without the mutable fields."""
-    out = copy.deepcopy(dict(spec))
+    """``spec`` without the mutable fields (shares unchanged sub-objects with ``spec``: read it, do not edit)."""
+    out = dict(spec)
     for path in MUTABLE_PATHS:
-        _pop(out, path)
+        out = _without(out, path)
     # ``serve: {}`` and an absent serve are the same after removing replicas.
     if out.get("serve") == {}:
         out.pop("serve")
@@ -74,13 +87,12 @@ def changed_immutable_fields(accepted: Mapping[str, Any], current: Mapping[str, 
 
 def effective_spec(accepted: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """The accepted spec with the current values of the mutable fields: what the operator drives."""
-    out = copy.deepcopy(dict(accepted))
+    out = dict(accepted)
     for path in MUTABLE_PATHS:
+        out = _without(out, path)  # copies the dicts on the path, so setting below never touches ``accepted``
         found, value = _get(current, path)
         if found:
             _set(out, path, copy.deepcopy(value))
-        else:
-            _pop(out, path)
     return out
 
 
