@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import copy
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -268,3 +270,128 @@ async def connect(
         await api.close()
 
     return request, close
+
+
+_FRESH: contextvars.ContextVar[bool] = contextvars.ContextVar("finetune_fresh_reads", default=False)
+
+
+@contextlib.contextmanager
+def fresh_reads() -> Iterator[None]:
+    """Within this block, :class:`CachingKube` reads bypass the cache (drift checks, conflict recovery)."""
+    token = _FRESH.set(True)
+    try:
+        yield
+    finally:
+        _FRESH.reset(token)
+
+
+def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether ``a`` is not older than ``b`` (resourceVersions compared as integers when both are)."""
+    ra, rb = (a.get("metadata") or {}).get("resourceVersion"), (b.get("metadata") or {}).get("resourceVersion")
+    if isinstance(ra, str) and isinstance(rb, str) and ra.isdigit() and rb.isdigit():
+        return int(ra) >= int(rb)
+    return True
+
+
+class CachingKube:
+    """:class:`Kube` with an informer-style cache: objects from watch events and from our own writes.
+
+    Why: with a plain GET of the FineTuneJob and its workload on every reconcile, reads were a third of the
+    operator's API traffic, all for objects whose latest state had just arrived on a watch. Serving them from
+    memory is safe here because every *write* is guarded by the server: status and annotation writes carry
+    the resourceVersion they were computed from (a stale read ends in a 409, after which the entry is dropped
+    and the reconcile re-reads), and creates of deterministic names cannot duplicate. A missing entry is never
+    taken as "absent": it is read from the server. ConfigMaps and Events are not cached (large, not watched).
+    """
+
+    UNCACHED = frozenset({"ConfigMap", "Event"})
+
+    def __init__(self, inner: Kube) -> None:
+        self.inner = inner
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ cache maintenance
+
+    @staticmethod
+    def _key(kind: str, namespace: str, name: str) -> tuple[str, str, str]:
+        return (kind, namespace, name)
+
+    def observe(self, type_: str | None, obj: Mapping[str, Any]) -> None:
+        """Feed a watch event (``DELETED`` removes the entry, if it is the same object)."""
+        kind = str(obj.get("kind") or "")
+        if not kind or kind in self.UNCACHED:
+            return
+        meta = obj.get("metadata") or {}
+        key = self._key(kind, str(meta.get("namespace") or "default"), str(meta.get("name")))
+        if type_ == "DELETED":
+            current = self._objects.get(key)
+            if current is not None and (current.get("metadata") or {}).get("uid") == meta.get("uid"):
+                del self._objects[key]
+            return
+        self._put(key, obj)
+
+    def _put(self, key: tuple[str, str, str], obj: Mapping[str, Any]) -> None:
+        current = self._objects.get(key)
+        same = current is not None and (current.get("metadata") or {}).get("uid") == (obj.get("metadata") or {}).get(
+            "uid"
+        )
+        if current is None or not same or _newer(obj, current):
+            self._objects[key] = copy.deepcopy(dict(obj))
+
+    def drop(self, kind: str, namespace: str, name: str) -> None:
+        self._objects.pop(self._key(kind, namespace, name), None)
+
+    def forget_namespace_prefix(self, namespace: str, prefix: str) -> None:
+        """Drop every entry of a deleted FineTuneJob (its children's names start with its name)."""
+        for key in [k for k in self._objects if k[1] == namespace and k[2].startswith(prefix)]:
+            del self._objects[key]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    # ------------------------------------------------------------------ Kube
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        key = self._key(kind, namespace, name)
+        if not _FRESH.get() and key in self._objects:
+            return copy.deepcopy(self._objects[key])
+        found = await self.inner.get(api_version, kind, namespace, name)
+        if found is None:
+            self._objects.pop(key, None)
+        elif kind not in self.UNCACHED:
+            self._put(key, found)
+        return found
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        created = await self.inner.create(obj)
+        created.setdefault("apiVersion", obj["apiVersion"])
+        created.setdefault("kind", obj["kind"])
+        if obj["kind"] not in self.UNCACHED:
+            meta = created.get("metadata") or {}
+            self._put(self._key(obj["kind"], str(meta.get("namespace") or "default"), str(meta.get("name"))), created)
+        return created
+
+    async def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        try:
+            updated = await self.inner.patch(api_version, kind, namespace, name, patch, subresource=subresource)
+        except ApiError:
+            self.drop(kind, namespace, name)
+            raise
+        updated.setdefault("apiVersion", api_version)
+        updated.setdefault("kind", kind)
+        if kind not in self.UNCACHED:
+            self._put(self._key(kind, namespace, name), updated)
+        return updated
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.drop(kind, namespace, name)
+        await self.inner.delete(api_version, kind, namespace, name)

@@ -41,7 +41,7 @@ from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
 from finetune_operator.controller import spec as specs
 from finetune_operator.controller import status as st
-from finetune_operator.controller.kube import AlreadyExists, Conflict, Kube
+from finetune_operator.controller.kube import AlreadyExists, Conflict, Kube, fresh_reads
 from finetune_operator.errors import FineTuneError, SpecError
 from finetune_operator.render.plan import Plan, Step
 
@@ -166,11 +166,16 @@ class Reconciler:
         normal reconciles look at the workload only, which is what changes.
         """
         metrics.RECONCILES.inc()
+        fresh = deep
         for _ in range(self.config.conflict_retries):
             try:
+                if fresh:  # drift checks and conflict recovery read from the server, not a cache
+                    with fresh_reads():
+                        return await self._reconcile(namespace, name, deep=deep)
                 return await self._reconcile(namespace, name, deep=deep)
             except Conflict:
                 metrics.STATUS_CONFLICTS.inc()
+                fresh = True
                 continue
         raise Conflict(409, "Conflict", f"{namespace}/{name}: status kept changing under the operator")
 
@@ -524,7 +529,8 @@ class Reconciler:
         try:
             created = await self.kube.create(body)
         except AlreadyExists:
-            found = await self.kube.get(body["apiVersion"], body["kind"], ctx.namespace, meta["name"])
+            with fresh_reads():
+                found = await self.kube.get(body["apiVersion"], body["kind"], ctx.namespace, meta["name"])
             if found is None:  # deleted in between: let the next reconcile create it
                 raise _Blocked(
                     f"{body['kind']} {meta['name']} was being replaced", warn=False, retry_after=0.2

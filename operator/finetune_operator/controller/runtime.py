@@ -27,7 +27,7 @@ from typing import Any
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
-from finetune_operator.controller.kube import Kube, RestKube, connect
+from finetune_operator.controller.kube import CachingKube, Kube, RestKube, connect
 from finetune_operator.controller.queue import WorkQueue
 from finetune_operator.controller.reconciler import EventSink, Reconciler, ReconcilerConfig
 
@@ -164,6 +164,8 @@ class Controller:
 
     def __init__(self, config: OperatorConfig, kube: Kube, events: EventSink | None = None) -> None:
         self.config = config
+        self.cache = CachingKube(kube)
+        kube = self.cache
         self.events = events if events is not None else ApiEventSink(kube)
         self.reconciler = Reconciler(
             kube,
@@ -222,11 +224,13 @@ class Controller:
     def on_ftj_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+        self.cache.observe(type_, dict(body, kind=c.KIND))
         if type_ == "DELETED":
             self.known.discard(key)
             self._deep.discard(key)
             self.queue.forget(key)
             self.reconciler.forget(*key)
+            self.cache.forget_namespace_prefix(key[0], key[1])
             return
         first = key not in self.known
         self.known.add(key)
@@ -242,6 +246,7 @@ class Controller:
             return
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace") or "default"), str(owner.get("name")))
+        self.cache.observe(type_, body)
         if type_ != "DELETED" and self.reconciler.is_own_version(body):
             return
         self.queue.add(key)
