@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from finetune_operator.worker import markers
 
 ROOT = Path(__file__).resolve().parents[1]
 FTCTL = str(Path(sys.executable).parent / "ftctl")
+SESSION = os.getpid()
 
 
 def shared_tiny_model(factory: pytest.TempPathFactory) -> Path:
@@ -30,6 +32,10 @@ def lf_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false",
                HF_HOME=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ft-test-hf-home"))
+    # DeepSpeed JIT-builds a CPU communication op on first use behind a lock file in the extensions folder; a
+    # build killed elsewhere leaves that lock behind and every later process waits on it forever. A folder of
+    # this test session's own keeps runs independent (the op is built once per session).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"ft-test-torch-ext-{SESSION}"))
     for k in ("FT_JOB_NAME", "FT_JOB_NAMESPACE", "FORCE_TORCHRUN", "NNODES", "NPROC_PER_NODE", "MASTER_PORT"):
         env.pop(k, None)
     env.update(extra)
