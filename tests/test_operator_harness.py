@@ -199,7 +199,13 @@ def wait_event(
 
 def fast_config(**overrides: Any) -> OperatorConfig:
     """Small intervals so tests wait for events, not for timers."""
-    kw: dict[str, Any] = {"resync_interval": 0.5, "progress_interval": 0.3, "workers": 4, "watch_timeout": 30}
+    kw: dict[str, Any] = {
+        "resync_interval": 0.5,
+        "drift_interval": 0.5,
+        "progress_interval": 0.3,
+        "workers": 4,
+        "watch_timeout": 30,
+    }
     kw.update(overrides)
     return OperatorConfig(**kw)
 

@@ -45,6 +45,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--resync-seconds", type=float, default=None, help="full resync period (FT_RESYNC_SECONDS, default 60)"
     )
     parser.add_argument(
+        "--drift-seconds",
+        type=float,
+        default=None,
+        help="period of drift checks against the API server (FT_DRIFT_SECONDS, default 300)",
+    )
+    parser.add_argument(
         "--progress-interval",
         type=float,
         default=None,
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig,
         metrics_port=args.metrics_port,
         resync_interval=args.resync_seconds,
+        drift_interval=args.drift_seconds,
         progress_interval=args.progress_interval,
         workers=args.workers,
     )

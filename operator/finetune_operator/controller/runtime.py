@@ -53,6 +53,9 @@ class OperatorConfig:
     worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
     #: Seconds between full resyncs of every FineTuneJob (drift repair, missed events) (``FT_RESYNC_SECONDS``).
     resync_interval: float = 60.0
+    #: Seconds between drift checks that re-read every object of the current step from the API server instead
+    #: of the watch cache (``FT_DRIFT_SECONDS``); rounded up to a multiple of ``resync_interval``.
+    drift_interval: float = 300.0
     #: Minimum seconds between progress-only status writes per job (``FT_PROGRESS_INTERVAL_SECONDS``).
     progress_interval: float = 10.0
     #: Concurrent reconciles (different jobs) (``FT_RECONCILE_WORKERS``).
@@ -74,6 +77,7 @@ class OperatorConfig:
             "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or c.DEFAULT_WORKER_SERVICE_ACCOUNT,
             "resync_interval": _env_float(e, "FT_RESYNC_SECONDS", 60.0),
             "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
+            "drift_interval": _env_float(e, "FT_DRIFT_SECONDS", 300.0),
             "workers": int(_env_float(e, "FT_RECONCILE_WORKERS", 16)),
         }
         if e.get("FT_METRICS_PORT"):
@@ -104,18 +108,24 @@ def make_validate() -> Callable[[Mapping[str, Any]], Any]:
 
 
 class ApiEventSink:
-    """Posts core/v1 Events about FineTuneJobs, in the background (a reconcile never waits for an event).
+    """Posts core/v1 Events about FineTuneJobs from a queue, with few concurrent posts.
 
     kopf's own ``kopf.event`` only works inside kopf's per-object handler tasks, and reconciles run in the
     work queue's tasks, so the operator posts its events itself (same format, ``reportingComponent``
-    ``finetune-operator``; RBAC: create on events).
+    ``finetune-operator``; RBAC: create on events). Events are informational: a reconcile never waits for
+    one, and under load they queue behind the API calls that move pipelines forward (``posters`` at a time)
+    instead of competing with them.
     """
 
-    def __init__(self, kube: Kube, *, component: str = c.MANAGER, instance: str | None = None) -> None:
+    def __init__(
+        self, kube: Kube, *, component: str = c.MANAGER, instance: str | None = None, posters: int = 2
+    ) -> None:
         self.kube = kube
         self.component = component
         self.instance = instance or os.environ.get("HOSTNAME", "finetune-operator")
-        self._pending: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self._posters = posters
+        self._tasks: list[asyncio.Task[None]] = []
 
     def __call__(self, obj: Mapping[str, Any], type: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}
@@ -144,19 +154,32 @@ class ApiEventSink:
             "count": 1,
         }
         log.info("%s %s/%s: %s: %s", type, namespace, meta.get("name"), reason, message)
-        task = asyncio.get_running_loop().create_task(self._post(event))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _post(self, event: dict[str, Any]) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._post_loop(), name="finetune-events") for _ in range(self._posters)]
         try:
-            await self.kube.create(event)
-        except Exception as exc:  # an event is informational: log and go on
-            log.warning("could not post event %s: %s", event["reason"], exc)
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            log.warning("event queue full; dropped event %s", reason)
 
-    async def flush(self, timeout: float = 5.0) -> None:
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=timeout)
+    async def _post_loop(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self.kube.create(event)
+            except Exception as exc:  # an event is informational: log and go on
+                log.warning("could not post event %s: %s", event["reason"], exc)
+            finally:
+                self._queue.task_done()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Post what is queued (up to ``timeout``), then stop."""
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
 
 class Controller:
@@ -166,7 +189,7 @@ class Controller:
         self.config = config
         self.cache = CachingKube(kube)
         kube = self.cache
-        self.events = events if events is not None else ApiEventSink(kube)
+        self.events = events if events is not None else ApiEventSink(kube)  # uncached: events are not read
         self.reconciler = Reconciler(
             kube,
             validate=make_validate(),
@@ -210,7 +233,7 @@ class Controller:
         self._tasks.clear()
         await self.queue.stop()
         if isinstance(self.events, ApiEventSink):
-            await self.events.flush()
+            await self.events.close()
         if self._metrics_server is not None:
             server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else self._metrics_server
             with contextlib.suppress(Exception):
@@ -264,12 +287,19 @@ class Controller:
 
     async def _resync_loop(self) -> None:
         """Every ``resync_interval``, re-add every known job at a random point of the next interval (jitter
-        keeps 1000 jobs from hitting the API at the same instant)."""
+        keeps 1000 jobs from hitting the API at the same instant). Those reconciles read from the watch cache
+        (catching missed events costs no API call); every ``drift_interval`` they re-read from the server
+        and check every object of the current step (drift repair)."""
         interval = self.config.resync_interval
+        every = max(1, round(self.config.drift_interval / interval))
+        rounds = 0
         while True:
             await asyncio.sleep(interval)
+            rounds += 1
+            deep = rounds % every == 0
             for key in list(self.known):
-                self._deep.add(key)
+                if deep:
+                    self._deep.add(key)
                 self.queue.add_after(key, random.uniform(0, interval / 2))
 
     async def _gauge_loop(self) -> None:
