@@ -172,6 +172,44 @@ def test_two_processes_zero2_lora_through_local_runner(tiny_model: Path, tmp_pat
     assert marker is not None and marker["writer"]["nprocPerNode"] == 2
 
 
+def test_t9k_deepspeedjob_through_deepspeed_launcher(tiny_model: Path, tmp_path: Path) -> None:
+    """T9k's DeepspeedJob runs ``config.run.exec`` through DeepSpeed's launcher, which starts one process per slot
+    with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*: the worker must train in that process (no second torchrun)."""
+    import base64
+
+    doc = one_stage_job({"max_steps": 4, "save_steps": 2}, deepspeed={"zeroStage": 2}, name="t9k")
+    doc["spec"]["backend"] = "deepspeedjob"
+    doc["spec"]["stages"][0]["resources"] = {"nodes": 1, "gpusPerNode": 2}
+    from finetune_operator.local.runner import LocalOptions, resolver_for
+    from finetune_operator.render import RenderOptions, render
+    from finetune_operator.validation import validate
+
+    cfg, out = prepare(tmp_path, tiny_model, doc)
+    job = validate(doc)
+    resolver = resolver_for(job, LocalOptions(workdir=tmp_path / "wd", volumes={"demo-models": str(tiny_model.parent)}))
+    workload = render(job, RenderOptions(resolver=resolver)).step("sft").workload
+    config = workload["spec"]["config"]
+    assert config["localRank"] is False and config["slotsPerWorker"] == 2
+    command = config["run"]["exec"]
+    assert command[:3] == ["ftctl", "worker", "train"] and command[-1] == str(cfg)
+    rendered = _container_env(workload["spec"]["worker"]["template"])
+    env = lf_env(**{k: v for k, v in rendered.items() if k not in ("HOME", "HF_HOME", "FT_JOB_NAME")})
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
+    # What the launcher on the first replica runs for each host (pdsh), with exec (no python) and localRank false.
+    argv = [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "--no_python", "--no_local_rank", FTCTL, *command[1:]]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert text.count("direct launch, 1 node(s) x 2 process(es)") == 2
+    assert "torchrun" not in text.split("direct launch", 1)[1]  # no nested launcher
+    assert "world size: 2" in text
+    marker = markers.read_marker(out)
+    assert marker is not None and marker["writer"]["backend"] == "deepspeedjob"
+    assert text.count("complete:") == 1  # rank 0 only
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_zero3_full_interrupted_resumes_and_saves_gathered_weights(tiny_model: Path, tmp_path: Path) -> None:
     doc = one_stage_job({"max_steps": 24, "save_steps": 2}, method="full", deepspeed={"zeroStage": 3}, name="zero3")
     cfg, out = prepare(tmp_path, tiny_model, doc)
