@@ -199,6 +199,11 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
         wait_until(lambda: states(server, ns).get("Serving", 0) >= n, 900, "not every pipeline reached Serving", 0.5)
         total = time.monotonic() - t0
         mem = proc_status(proc.pid)
+        # Events are posted after the transitions they describe: let the operator go quiet before counting.
+        seen = -1
+        while seen != len(server.emulator.request_log):
+            seen = len(server.emulator.request_log)
+            time.sleep(1.5)
         log = list(server.emulator.request_log)[first_request:]
     finally:
         proc.terminate()

@@ -151,9 +151,9 @@ class Reconciler:
         #: (kind, namespace, name) -> resourceVersion our last write produced: its watch event needs no
         #: reconcile (this halves the API traffic of a pipeline; a missed skip only costs a no-op reconcile).
         #: Bounded (oldest entries dropped) so that deleted jobs' children do not accumulate.
-        self.own_versions: OrderedDict[tuple[str, str, str], str] = OrderedDict()
-        self._validated: OrderedDict[str, FineTuneJob | SpecError] = OrderedDict()
-        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self.own_versions: OrderedDict[tuple[str, str, str], tuple[str, ...]] = OrderedDict()
+        self._validated: OrderedDict[tuple[Any, ...], FineTuneJob | SpecError] = OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
         #: (namespace, name) -> status.state, for the jobs-by-state gauge.
         self.states: dict[tuple[str, str], str] = {}
 
@@ -179,14 +179,20 @@ class Reconciler:
                 continue
         raise Conflict(409, "Conflict", f"{namespace}/{name}: status kept changing under the operator")
 
-    def _key(self, ftj: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    @staticmethod
+    def _key(ftj: Mapping[str, Any], spec: Mapping[str, Any], variant: str) -> tuple[Any, ...]:
+        """Cache key of a spec: the object's identity and generation (which changes with every spec edit) and
+        the accepted-spec annotation; the spec itself only when the server does not count generations."""
         meta = ftj["metadata"]
-        return specs.dump({"n": meta.get("namespace"), "m": meta.get("name"), "u": meta.get("uid"), "s": spec})
+        accepted = (meta.get("annotations") or {}).get(specs.ANNOTATION_ACCEPTED_SPEC) or ""
+        generation = meta.get("generation")
+        ident = generation if generation is not None else specs.dump(spec)
+        return (meta.get("namespace"), meta.get("name"), meta.get("uid"), ident, variant, hash(accepted))
 
-    def _validate(self, ftj: Mapping[str, Any], spec: Mapping[str, Any]) -> FineTuneJob:
-        """``validate`` with a small LRU cache: a reconcile that finds nothing changed should cost two GETs,
-        not a validation and a render (a render dumps every LLaMA-Factory config: ~10 ms of CPU)."""
-        key = self._key(ftj, spec)
+    def _validate(self, ftj: Mapping[str, Any], spec: Mapping[str, Any], variant: str) -> FineTuneJob:
+        """``validate`` with a small LRU cache: a reconcile that finds nothing changed should cost no CPU to
+        speak of, not a validation and a render (a render dumps every LLaMA-Factory config: ~10 ms)."""
+        key = self._key(ftj, spec, variant)
         hit = self._validated.get(key)
         if hit is None:
             try:
@@ -199,7 +205,7 @@ class Reconciler:
         return hit
 
     def _render(self, ftj: Mapping[str, Any], job: FineTuneJob) -> Plan:
-        key = self._key(ftj, job.spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+        key = (id(job), *self._key(ftj, {}, "plan"))
         plan = self._plans.get(key)
         if plan is None:
             plan = self.render(job)
@@ -207,7 +213,7 @@ class Reconciler:
         return plan
 
     @staticmethod
-    def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         cache[key] = value
         cache.move_to_end(key)
         while len(cache) > _CACHE_MAX:
@@ -247,18 +253,18 @@ class Reconciler:
         spec_cond: tuple[bool, str, str] = (True, REASON_ACCEPTED, "")
         if accepted is None:
             try:
-                job = self._validate(ftj, spec)
+                job = self._validate(ftj, spec, "current")
             except SpecError as exc:
                 return await self._invalid(ctx, exc.render())
         else:
             changed = specs.changed_immutable_fields(accepted, spec)
             effective = specs.effective_spec(accepted, spec)
             try:
-                job = self._validate(ftj, effective)
+                job = self._validate(ftj, effective, "effective")
             except SpecError as exc:
                 spec_cond = (False, Reason.INVALID_SPEC, f"the change is ignored: {exc.render()}")
                 try:
-                    job = self._validate(ftj, accepted)
+                    job = self._validate(ftj, accepted, "accepted")
                 except SpecError as exc2:
                     return await self._invalid(ctx, exc2.render())
             if changed:
@@ -690,17 +696,18 @@ class Reconciler:
         rv = meta.get("resourceVersion")
         if rv:
             key = (str(body.get("kind") or c.KIND), ctx.namespace, str(meta.get("name")))
-            self.own_versions[key] = str(rv)
+            self.own_versions[key] = (*self.own_versions.get(key, ())[-3:], str(rv))
             self.own_versions.move_to_end(key)
             while len(self.own_versions) > _OWN_VERSIONS_MAX:
                 self.own_versions.popitem(last=False)
 
     def is_own_version(self, obj: Mapping[str, Any]) -> bool:
-        """Whether ``obj`` (from a watch event) is exactly what our last write to it produced."""
+        """Whether ``obj`` (from a watch event) is exactly what one of our last writes to it produced (the
+        last few are kept: under load the echo of a write often arrives after the next write)."""
         meta = obj.get("metadata") or {}
         key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
         rv = meta.get("resourceVersion")
-        return rv is not None and self.own_versions.get(key) == str(rv)
+        return rv is not None and str(rv) in self.own_versions.get(key, ())
 
     def _post(self, ctx: _Ctx) -> None:
         for event in ctx.events:
