@@ -800,3 +800,46 @@ def test_cli_render_stdin() -> None:
     res = _ftctl("render", "-f", "-", stdin=EXAMPLES[0].read_text())
     assert res.returncode == 0, res.stderr
     assert res.stdout == (GOLDEN / f"{EXAMPLES[0].stem}.yaml").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Names and edge cases
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_long_names_stay_valid() -> None:
+    raw = _raw(EXAMPLES[-1])
+    raw["metadata"]["name"] = "a" * 63
+    raw["spec"]["stages"][0]["name"] = "s" * 40
+    raw["spec"]["backend"] = "job"  # Indexed Job: pod hostnames are <job>-<index>
+    raw["spec"]["output"]["volume"]["claimName"] = "outputs.team-a.example.com"
+    plan = render(validate(raw))
+    for obj in plan.objects():
+        assert is_dns_label(obj["metadata"]["name"]), obj["metadata"]["name"]
+        if obj["apiVersion"] in ("v1", "batch/v1", "apps/v1"):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        for tpl in _pod_templates(obj):
+            assert all(is_dns_label(v["name"]) for v in tpl["spec"]["volumes"])
+    wl = plan.step("s" * 40).workload
+    assert len(f"{wl['metadata']['name']}-15") <= 63  # a 16-node Indexed Job's last hostname still fits
+    assert plan.outputs["endpoint"].startswith("http://")
+    # names stay distinct after truncation
+    names = [(o["kind"], o["metadata"]["name"]) for o in plan.objects()]
+    assert len(names) == len(set(names))
+
+
+def test_kto_dataset_info() -> None:
+    raw = _raw(EXAMPLES[0])
+    raw["spec"]["datasets"][0]["columns"] = {"prompt": "instruction", "response": "output", "ktoTag": "label"}
+    raw["spec"]["stages"][0]["type"] = "kto"
+    info = json.loads(config_files(validate(raw))["dataset_info.json"])
+    assert info["support_tickets"]["columns"]["kto_tag"] == "label"
+
+
+def test_deepspeedjob_keeps_real_home() -> None:
+    """The DeepSpeed launcher reads ~/.deepspeed_env (written by T9k): HOME must not be redirected there."""
+    wl = render(_example(EXAMPLES[3])).step("sft").workload
+    env = {e["name"] for e in wl["spec"]["worker"]["template"]["spec"]["containers"][0]["env"]}
+    assert "HOME" not in env
+    job_env = render(_example(EXAMPLES[0])).step("sft").workload["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HOME", "value": "/tmp"} in job_env

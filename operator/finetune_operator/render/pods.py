@@ -51,9 +51,20 @@ def worker_command(step: WorkerStep, stage: str | None = None, *, config_dir: st
 
 
 def worker_env(
-    job: FineTuneJob, stage: str, backend: str, *, nproc_per_node: int = 1, offline: bool = True
+    job: FineTuneJob,
+    stage: str,
+    backend: str,
+    *,
+    nproc_per_node: int = 1,
+    offline: bool = True,
+    redirect_home: bool = True,
 ) -> list[dict[str, Any]]:
-    """The ``FT_*`` and Hugging Face variables of worker containers (never a secret: see download)."""
+    """The ``FT_*`` and Hugging Face variables of worker containers (never a secret: see download).
+
+    ``redirect_home`` points ``HOME`` at the ``/tmp`` emptyDir for read-only root filesystems. T9k's
+    DeepSpeedJob pods keep their real home: the DeepSpeed launcher reads ``~/.deepspeed_env`` (written there
+    by T9k to forward the pod's environment to every rank) through ``HOME``.
+    """
     env: list[dict[str, Any]] = [
         {"name": "FT_JOB_NAME", "value": job.name},
         {"name": "FT_JOB_NAMESPACE", "value": job.namespace},
@@ -62,11 +73,11 @@ def worker_env(
         {"name": "FT_NPROC_PER_NODE", "value": str(nproc_per_node)},
         {"name": "FT_CONFIG_DIR", "value": CONFIG_DIR},
         {"name": "HF_HOME", "value": HF_HOME},
-        # The root filesystem is read-only: caches of torch/triton/matplotlib go to the /tmp emptyDir.
-        {"name": "HOME", "value": "/tmp"},
-        # getpass.getuser() (torch inductor, triton) must not need a passwd entry for the non-root UID.
-        {"name": "USER", "value": "finetune"},
     ]
+    if redirect_home:
+        # The root filesystem is read-only: caches of torch/triton/matplotlib go to the /tmp emptyDir, and
+        # getpass.getuser() (torch inductor, triton) must not need a passwd entry for the non-root UID.
+        env += [{"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": "finetune"}]
     if offline:
         # Training and merging read local folders only; a hub lookup would hang or leak on air-gapped nodes.
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})

@@ -218,7 +218,7 @@ def _train_pod(
     res = stage.resources
     gpus = res.gpus_per_node if res is not None else 1
     read, write = _train_claims(job, stage)
-    env = worker_env(job, stage.name, backend, nproc_per_node=max(gpus, 1))
+    env = worker_env(job, stage.name, backend, nproc_per_node=max(gpus, 1), redirect_home=restricted)
     env.append({"name": "FT_NNODES", "value": str(res.nodes if res else 1)})
     env += extra_env or []
     return pod_template(
