@@ -843,3 +843,18 @@ def test_deepspeedjob_keeps_real_home() -> None:
     assert "HOME" not in env
     job_env = render(_example(EXAMPLES[0])).step("sft").workload["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HOME", "value": "/tmp"} in job_env
+
+
+def test_cli_render_several_jobs_into_subfolders(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text(EXAMPLES[0].read_text() + "\n---\n" + EXAMPLES[4].read_text())
+    out = tmp_path / "out"
+    res = _ftctl("render", "-f", str(both), "-o", str(out), "--worker-image", "reg/w:2")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["faq-bot", "llama3-lora-sft"]
+    assert sorted(p.name for p in (out / "faq-bot").iterdir()) == ["00-shared.yaml", "01-sft.yaml", "02-serve.yaml"]
+    assert "image: reg/w:2" in (out / "llama3-lora-sft" / "02-sft.yaml").read_text()
+    stdout = _ftctl("render", "-f", str(both))
+    assert stdout.returncode == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(stdout.stdout)]
+    assert kinds.count("ConfigMap") == 2

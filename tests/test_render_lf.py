@@ -60,12 +60,17 @@ import importlib, json, sys
 # argument parsing never runs: skip it here.
 # (deepspeed.comm re-exports the torch *library* as ``torch``: patch the submodule itself.)
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+from llamafactory.data.parser import get_dataset_list
 from llamafactory.hparams import get_infer_args, get_train_args
 for line in sys.stdin:
     case = json.loads(line)
     try:
-        (get_infer_args if case["parser"] == "infer" else get_train_args)(case["config"])
-        result = {"id": case["id"], "ok": True}
+        if case["parser"] == "datasets":
+            attrs = get_dataset_list(case["names"], case["dataset_dir"])
+            result = {"id": case["id"], "ok": True, "attrs": [dict(vars(a)) for a in attrs]}
+        else:
+            (get_infer_args if case["parser"] == "infer" else get_train_args)(case["config"])
+            result = {"id": case["id"], "ok": True}
     except BaseException as exc:  # LF raises ValueError, HfArgumentParser may sys.exit
         result = {"id": case["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(result), flush=True)
@@ -95,6 +100,13 @@ def lf_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
             if key in config:
                 config[key] = False
         lines.append(json.dumps({"id": ident, "parser": parser, "config": config}))
+        if name == next(c[3] for c in CASES if c[2] == path):  # once per example: its dataset_info.json
+            names = [d.name for d in validate(load_documents(path)[0]).spec.datasets]
+            lines.append(
+                json.dumps(
+                    {"id": f"{path.stem}:datasets", "parser": "datasets", "names": names, "dataset_dir": str(cfg_dir)}
+                )
+            )
         if ident == CASES[0][0]:
             bad = dict(config, lora_rnak=8)
             lines.append(json.dumps({"id": CANARY, "parser": "train", "config": bad}))
@@ -134,6 +146,28 @@ def test_llamafactory_accepts_rendered_config(
 ) -> None:
     result = lf_results[ident]
     assert result["ok"], f"LLaMA-Factory ({parser}) rejected {name} of {path.name}: {result.get('error')}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_llamafactory_reads_dataset_info(lf_results: dict[str, dict[str, Any]], path: Path) -> None:
+    """LLaMA-Factory's own dataset_info parser sees every dataset with the spec's formatting, columns and tags,
+    and its loader's os.path.join(dataset_dir, file_name) resolves to the absolute file on the volume."""
+    result = lf_results[f"{path.stem}:datasets"]
+    assert result["ok"], result.get("error")
+    job = validate(load_documents(path)[0])
+    attrs = {a["dataset_name"]: a for a in result["attrs"]}
+    assert len(attrs) == len(job.spec.datasets)
+    for ds in job.spec.datasets:
+        (file_name,) = [n for n in attrs if n.endswith(ds.volume.sub_path or "")]
+        attr = attrs[file_name]
+        assert attr["load_from"] == "file"
+        assert os.path.isabs(file_name) and os.path.join("/any/dataset_dir", file_name) == file_name
+        assert attr["formatting"] == ds.formatting
+        assert attr["ranking"] is ds.ranking
+        for key, value in (ds.columns.model_dump(exclude_none=True) if ds.columns else {}).items():
+            assert attr[key] == value, key
+        for key, value in (ds.tags.model_dump(exclude_none=True) if ds.tags else {}).items():
+            assert attr[key] == value, key
 
 
 def test_llamafactory_rejects_the_canary(lf_results: dict[str, dict[str, Any]]) -> None:
