@@ -184,12 +184,14 @@ class Reconciler:
         """Cache key of a spec: the object's identity and generation (which changes with every spec edit) and
         the accepted-spec annotation; the spec itself only when the server does not count generations."""
         meta = ftj["metadata"]
-        accepted = (meta.get("annotations") or {}).get(specs.ANNOTATION_ACCEPTED_SPEC) or ""
+        accepted = ""
+        if variant != "current":  # only the other variants depend on the annotation
+            accepted = (meta.get("annotations") or {}).get(specs.ANNOTATION_ACCEPTED_SPEC) or ""
         generation = meta.get("generation")
         ident = generation if generation is not None else specs.dump(spec)
         return (meta.get("namespace"), meta.get("name"), meta.get("uid"), ident, variant, hash(accepted))
 
-    def _validate(self, ftj: Mapping[str, Any], spec: Mapping[str, Any], variant: str) -> FineTuneJob:
+    def _validate(self, ftj: Mapping[str, Any], spec: Mapping[str, Any], variant: str) -> tuple[FineTuneJob, Any]:
         """``validate`` with a small LRU cache: a reconcile that finds nothing changed should cost no CPU to
         speak of, not a validation and a render (a render dumps every LLaMA-Factory config: ~10 ms)."""
         key = self._key(ftj, spec, variant)
@@ -202,10 +204,10 @@ class Reconciler:
             self._remember(self._validated, key, hit)
         if isinstance(hit, SpecError):
             raise hit
-        return hit
+        return hit, key
 
-    def _render(self, ftj: Mapping[str, Any], job: FineTuneJob) -> Plan:
-        key = (id(job), *self._key(ftj, {}, "plan"))
+    def _render(self, key: Any, job: FineTuneJob) -> Plan:
+        """The plan of ``job`` (validated under cache ``key``), rendered once per key."""
         plan = self._plans.get(key)
         if plan is None:
             plan = self.render(job)
@@ -253,18 +255,19 @@ class Reconciler:
         spec_cond: tuple[bool, str, str] = (True, REASON_ACCEPTED, "")
         if accepted is None:
             try:
-                job = self._validate(ftj, spec, "current")
+                job, job_key = self._validate(ftj, spec, "current")
             except SpecError as exc:
                 return await self._invalid(ctx, exc.render())
         else:
             changed = specs.changed_immutable_fields(accepted, spec)
-            effective = specs.effective_spec(accepted, spec)
+            # Unchanged immutable fields (the usual case): the effective spec is the current one.
+            effective, variant = (specs.effective_spec(accepted, spec), "effective") if changed else (spec, "current")
             try:
-                job = self._validate(ftj, effective, "effective")
+                job, job_key = self._validate(ftj, effective, variant)
             except SpecError as exc:
                 spec_cond = (False, Reason.INVALID_SPEC, f"the change is ignored: {exc.render()}")
                 try:
-                    job = self._validate(ftj, accepted, "accepted")
+                    job, job_key = self._validate(ftj, accepted, "accepted")
                 except SpecError as exc2:
                     return await self._invalid(ctx, exc2.render())
             if changed:
@@ -275,7 +278,7 @@ class Reconciler:
                     "(revert it, or create a new FineTuneJob)",
                 )
         try:
-            plan = self._render(ftj, job)
+            plan = self._render(job_key, job)
         except FineTuneError as exc:
             return await self._invalid(ctx, f"cannot render the pipeline: {exc}")
 

@@ -1,0 +1,29 @@
+"""The kopf operator: drives every FineTuneJob through its steps to a serving endpoint.
+
+Layout (kubebuilder-style: pure pieces separate from the loop that talks to the cluster)::
+
+    handlers.py    kopf registrations (``kopf run -m finetune_operator.controller.handlers``): on.event only
+    runtime.py     Controller: configuration (env/flags), the work queue, resync timer, event posting, metrics
+    reconciler.py  Reconciler.reconcile(namespace, name): level-based, idempotent; the heart
+    queue.py       client-go style work queue: dedupe, one worker per key, delayed re-adds, error backoff
+    kube.py        async REST client (retries, error hierarchy) and the informer-style CachingKube
+    children.py    pure: child status per kind (Job, PyTorchJob, DeepSpeedJob, Deployment), suspend, ownership
+    status.py      pure: conditions, progress folding, printer-column summary, transition events
+    spec.py        pure: which spec fields are immutable once started; the accepted spec
+    metrics.py     Prometheus metrics
+
+How a FineTuneJob moves: every trigger (its own events, a child's events, the resync timer) enqueues the
+FineTuneJob's key; a worker reconciles it: validate (the same code as ``ftctl validate``), render the plan
+(the same code as ``ftctl render``), look at the current step's workload, act (create / adopt / retry /
+suspend / scale / advance), then write ``status`` guarded by the resourceVersion it was computed from.
+See :mod:`.reconciler` for why this survives restarts between any two API calls.
+
+RBAC the operator needs (namespaced resources, in every watched namespace):
+
+* ``finetune.dev`` finetunejobs: get, list, watch, patch; finetunejobs/status: patch
+* ``batch`` jobs, ``kubeflow.org`` pytorchjobs, ``batch.tensorstack.dev`` deepspeedjobs, ``apps`` deployments:
+  get, list, watch, create, patch, delete
+* core configmaps, services: get, create;  core events: create
+* (kopf) core namespaces: list, watch (namespace patterns); ``apiextensions.k8s.io`` customresourcedefinitions:
+  list, watch (kopf notices the PyTorchJob/DeepSpeedJob CRDs being installed later)
+"""
