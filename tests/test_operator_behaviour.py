@@ -265,3 +265,45 @@ def test_worker_progress_is_folded_into_the_printer_columns(cluster: EmulatorSer
 
     cluster.patch_status(FTJ, "prog", {"reported": {"sft": {**report, "step": 50}}})
     cluster.wait_for(lambda: ftj_status(cluster, "prog").get("progress") == "50/100 (50%)")
+
+
+# ------------------------------------------------------------------------------------------------ RBAC
+
+
+def test_every_request_is_covered_by_the_declared_rbac(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    """Retry, suspend/resume, serve and scale: the operator never needs a permission outside rbac.RULES."""
+    from finetune_operator.controller import rbac
+
+    cluster.create(minimal("perm", retries=1, serve={"enabled": True, "resources": {"gpusPerNode": 1}}))
+    wait_child(cluster, "Job", "perm-sft")
+    fail_child(cluster, "Job", "perm-sft")
+    wait_child(cluster, "Job", "perm-sft", attempt=2)
+    cluster.patch(FTJ, "perm", {"spec": {"suspend": True}})
+    cluster.wait_for(lambda: ch.is_suspended(cluster.get("jobs.batch", "perm-sft")))
+    cluster.patch(FTJ, "perm", {"spec": {"suspend": False}})
+    cluster.wait_for(lambda: not ch.is_suspended(cluster.get("jobs.batch", "perm-sft")))
+    succeed(cluster, "Job", "perm-sft")
+    dep = cluster.wait_for_object("deployments.apps", "perm-serve")
+    harness.make_available(cluster, dep["metadata"]["name"])
+    cluster.patch(FTJ, "perm", {"spec": {"serve": {"replicas": 2}}})
+    cluster.wait_for(lambda: cluster.get("deployments.apps", "perm-serve")["spec"]["replicas"] == 2)
+    wait_state(cluster, "perm", "Serving")
+    operator.wait_reconciled("perm")  # includes a drift check (fresh reads)
+
+    used = {
+        (r.group, f"{r.resource}/{r.subresource}" if r.subresource else r.resource, r.verb)
+        for r in cluster.emulator.request_log
+    }
+    outside = sorted(u for u in used if not rbac.allows(*u))
+    assert outside == []
+    for needed in [
+        ("batch", "jobs", "create"),
+        ("batch", "jobs", "delete"),
+        ("batch", "jobs", "patch"),
+        ("apps", "deployments", "patch"),
+        ("finetune.dev", "finetunejobs/status", "patch"),
+        ("finetune.dev", "finetunejobs", "patch"),
+        ("", "events", "create"),
+        ("", "configmaps", "create"),
+    ]:
+        assert needed in used, needed

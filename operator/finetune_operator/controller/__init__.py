@@ -11,6 +11,7 @@ Layout (kubebuilder-style: pure pieces separate from the loop that talks to the 
     status.py      pure: conditions, progress folding, printer-column summary, transition events
     spec.py        pure: which spec fields are immutable once started; the accepted spec
     metrics.py     Prometheus metrics
+    rbac.py        every API permission the operator uses, as data
 
 How a FineTuneJob moves: every trigger (its own events, a child's events, the resync timer) enqueues the
 FineTuneJob's key; a worker reconciles it: validate (the same code as ``ftctl validate``), render the plan
@@ -18,12 +19,6 @@ FineTuneJob's key; a worker reconciles it: validate (the same code as ``ftctl va
 suspend / scale / advance), then write ``status`` guarded by the resourceVersion it was computed from.
 See :mod:`.reconciler` for why this survives restarts between any two API calls.
 
-RBAC the operator needs (namespaced resources, in every watched namespace):
-
-* ``finetune.dev`` finetunejobs: get, list, watch, patch; finetunejobs/status: patch
-* ``batch`` jobs, ``kubeflow.org`` pytorchjobs, ``batch.tensorstack.dev`` deepspeedjobs, ``apps`` deployments:
-  get, list, watch, create, patch, delete
-* core configmaps, services: get, create;  core events: create
-* (kopf) core namespaces: list, watch (namespace patterns); ``apiextensions.k8s.io`` customresourcedefinitions:
-  list, watch (kopf notices the PyTorchJob/DeepSpeedJob CRDs being installed later)
+RBAC: :data:`.rbac.RULES` lists every permission used (a test runs whole pipelines and checks every request
+against it); :func:`.rbac.cluster_role` renders it as a ClusterRole.
 """
