@@ -25,8 +25,9 @@ from finetune_operator.api.types import FineTuneJob
 from finetune_operator.render.meta import labels
 from finetune_operator.render.plan import CONFIG_DIR, PathResolver
 
-#: UID/GID of the worker image's unprivileged user; ``fsGroup`` makes PVCs writable for it.
-RUN_AS_USER = 1000
+#: UID/GID of the worker image's unprivileged user (images/Dockerfile: 65532, the distroless "nonroot" id);
+#: ``fsGroup`` makes PVCs writable for it. A high UID cannot collide with a host account.
+RUN_AS_USER = 65532
 #: HF_HOME inside pods: an emptyDir (the root filesystem is read-only).
 HF_HOME = "/tmp/hf-home"
 #: Name of the main container of every workload (the Job podFailurePolicy refers to it).
