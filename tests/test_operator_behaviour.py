@@ -307,3 +307,20 @@ def test_every_request_is_covered_by_the_declared_rbac(cluster: EmulatorServer, 
         ("", "configmaps", "create"),
     ]:
         assert needed in used, needed
+
+
+def test_progress_writes_are_rate_limited(cluster: EmulatorServer) -> None:
+    """A worker reporting every step must not turn into a status write per step."""
+    op = harness.OperatorThread(harness.fast_config(progress_interval=1.0)).start()
+    try:
+        cluster.create(minimal("chatty"))
+        wait_child(cluster, "Job", "chatty-sft")
+        cluster.wait_for(lambda: ftj_status(cluster, "chatty").get("stages"))
+        before = requests(cluster, "patch", "finetunejobs", "status")
+        for step in range(1, 31):
+            cluster.patch_status(FTJ, "chatty", {"reported": {"sft": {"step": step, "totalSteps": 30, "loss": 1.0}}})
+        cluster.wait_for(lambda: ftj_status(cluster, "chatty").get("progress") == "30/30 (100%)", timeout=10)
+        writes = requests(cluster, "patch", "finetunejobs", "status") - before
+    finally:
+        op.stop()
+    assert 1 <= writes <= 4, writes  # the last report always lands; intermediate ones are coalesced
