@@ -858,3 +858,13 @@ def test_cli_render_several_jobs_into_subfolders(tmp_path: Path) -> None:
     assert stdout.returncode == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(stdout.stdout)]
     assert kinds.count("ConfigMap") == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("all", "all"), ("q_proj,v_proj", "q_proj,v_proj"), (["q_proj", "v_proj"], "q_proj,v_proj")],
+)
+def test_lora_target_forms(target: Any, expected: str) -> None:
+    raw = _raw(EXAMPLES[0])
+    raw["spec"]["stages"][0]["lora"]["target"] = target
+    assert yaml.safe_load(config_files(FineTuneJob.model_validate(raw))["sft.yaml"])["lora_target"] == expected
