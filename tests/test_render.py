@@ -868,3 +868,16 @@ def test_lora_target_forms(target: Any, expected: str) -> None:
     raw = _raw(EXAMPLES[0])
     raw["spec"]["stages"][0]["lora"]["target"] = target
     assert yaml.safe_load(config_files(FineTuneJob.model_validate(raw))["sft.yaml"])["lora_target"] == expected
+
+
+def test_scheduler_specific_policies() -> None:
+    raw = _raw(EXAMPLES[3])
+    raw["spec"]["scheduling"] = {"schedulerName": "t9k-scheduler", "queueName": "a100"}
+    wl = render(validate(raw)).step("sft").workload
+    assert wl["spec"]["scheduler"] == {"t9kScheduler": {"queue": "a100"}}
+    assert c.LABEL_KUEUE_QUEUE not in wl["metadata"]["labels"]  # Kueue has no DeepSpeedJob integration
+    assert "runMode" not in wl["spec"]  # not suspended: T9k's own queue admits it
+    raw = _raw(EXAMPLES[2])
+    raw["spec"]["scheduling"].pop("schedulerName")
+    run_policy = render(validate(raw)).step("sft").workload["spec"]["runPolicy"]
+    assert "schedulingPolicy" not in run_policy  # gang policy only for Volcano
