@@ -152,3 +152,26 @@ def test_kubectl_apply_and_wait_for_ready(
     assert 'finetune_children_created_total{kind="DeepSpeedJob"} 2.0' in text
     assert "finetune_stage_duration_seconds_bucket" in text
     assert 'finetune_api_requests_total{code="201",verb="POST"}' in text
+
+
+def test_kopf_run_module_works_too(
+    emulator_server: EmulatorServer, kube_env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    """``kopf run -m finetune_operator.controller.handlers`` is the same operator, configured from env vars."""
+    emulator_server.apply_crd(CRDS)
+    env = dict(kube_env, FT_WORKER_IMAGE="registry.example.com/worker:test")
+    log = (tmp_path / "kopf.log").open("w")
+    cmd = [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.controller.handlers", "--standalone", "-A"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        doc = yaml.safe_load((EXAMPLES / "01-lora-sft-single-gpu.yaml").read_text())
+        doc["metadata"]["namespace"] = "default"
+        doc["spec"].pop("image", None)
+        emulator_server.create(doc)
+        name = doc["metadata"]["name"]
+        job = emulator_server.wait_for_object("jobs.batch", f"{name}-download", timeout=30)
+        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/worker:test"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
