@@ -263,6 +263,8 @@ def train_objects(
             return [wl], wl
         svc = service_name(job.name, stage.name)
         extra = [
+            {"name": "FT_WORKLOAD_NAME", "value": name},
+            {"name": "FT_HEADLESS_SERVICE", "value": svc},
             {"name": "FT_MASTER_ADDR", "value": f"{name}-0.{svc}"},
             {"name": "FT_MASTER_PORT", "value": str(MASTER_PORT)},
         ]
