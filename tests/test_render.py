@@ -881,3 +881,10 @@ def test_scheduler_specific_policies() -> None:
     raw["spec"]["scheduling"].pop("schedulerName")
     run_policy = render(validate(raw)).step("sft").workload["spec"]["runPolicy"]
     assert "schedulingPolicy" not in run_policy  # gang policy only for Volcano
+
+
+def test_reserved_stage_names_agree_with_validation() -> None:
+    from finetune_operator import render as render_pkg
+    from finetune_operator import validation
+
+    assert render_pkg.RESERVED_STAGE_NAMES == validation.RESERVED_STAGE_NAMES

@@ -39,10 +39,9 @@ from finetune_operator.render.pods import worker_command
 from finetune_operator.render.serve import VllmCommand, vllm_command
 from finetune_operator.render.workloads import suspend_path
 
-#: Step names the pipeline uses itself; training stages may not take them (their files/objects would collide).
-RESERVED_STAGE_NAMES: frozenset[str] = frozenset(
-    {workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR, "config", "shared"}
-)
+#: Step names the pipeline uses itself; training stages may not take them (their config files, output folders
+#: and child objects would collide). Validation rejects the same set (validation.RESERVED_STAGE_NAMES).
+RESERVED_STAGE_NAMES: frozenset[str] = frozenset({workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR})
 
 
 @dataclass(frozen=True)
