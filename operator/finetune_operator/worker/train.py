@@ -141,12 +141,11 @@ def resume_overrides(cfg: Mapping[str, Any], output_dir: Path, *, primary: bool)
     if cfg.get("resume_from_checkpoint"):
         return []
     if primary:
-        for step, path in checkpoints(output_dir):
+        for _step, path in checkpoints(output_dir):
             if not is_complete_checkpoint(path):
                 aside = path.with_name(f".incomplete-{path.name}-{int(time.time())}")
                 log.warning("checkpoint %s is incomplete (killed while saving): moving it to %s", path, aside.name)
                 path.rename(aside)
-                del step
     complete = [p for _, p in checkpoints(output_dir) if is_complete_checkpoint(p)]
     if complete:
         log.info("resuming from %s", complete[-1])
