@@ -324,3 +324,20 @@ def test_progress_writes_are_rate_limited(cluster: EmulatorServer) -> None:
     finally:
         op.stop()
     assert 1 <= writes <= 4, writes  # the last report always lands; intermediate ones are coalesced
+
+
+def test_a_missing_workload_kind_is_reported_and_recovered(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    """pytorchjob backend without the Kubeflow training operator: say so in status and events, go on later."""
+    fault = cluster.fail("create", "pytorchjobs", status=404, count=None)
+    cluster.create(minimal("nokind", backend="pytorchjob"))
+    status = cluster.wait_for(
+        lambda: "CRD installed" in str((s := ftj_status(cluster, "nokind")).get("stages", [{}])[0].get("message")) and s
+    )
+    assert status["state"] == "Running" and condition(status, "Failed")["status"] == "False"
+    (event,) = wait_event(cluster, "nokind", "CreateFailed")
+    assert event[0] == "Warning" and "PyTorchJob" in event[2]
+    cluster.emulator.faults.remove(fault)  # the training operator gets installed
+    wait_child(cluster, "PyTorchJob", "nokind-sft")
+    cluster.wait_for(lambda: "message" not in ftj_status(cluster, "nokind")["stages"][0])
+    wait_event(cluster, "nokind", c.Reason.STAGE_STARTED)
+    assert len([e for e in events(cluster, "nokind") if e[1] == "CreateFailed"]) == 1  # not one per retry

@@ -41,7 +41,15 @@ from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
 from finetune_operator.controller import spec as specs
 from finetune_operator.controller import status as st
-from finetune_operator.controller.kube import AlreadyExists, Conflict, Kube, fresh_reads
+from finetune_operator.controller.kube import (
+    AlreadyExists,
+    ApiError,
+    Conflict,
+    Kube,
+    NotFound,
+    Unavailable,
+    fresh_reads,
+)
 from finetune_operator.errors import FineTuneError, SpecError
 from finetune_operator.render.plan import Plan, Step
 
@@ -52,6 +60,7 @@ SPEC_ACCEPTED: Final = "SpecAccepted"
 #: Event/condition reasons used only by the operator (the shared ones live in api/constants.py).
 REASON_ACCEPTED: Final = "Accepted"
 REASON_CHILD_CONFLICT: Final = "ChildConflict"
+REASON_CREATE_FAILED: Final = "CreateFailed"
 
 ValidateFn = Callable[[Mapping[str, Any]], FineTuneJob]
 RenderFn = Callable[[FineTuneJob], Plan]
@@ -71,6 +80,8 @@ class ReconcilerConfig:
     progress_interval: float = 10.0
     #: Seconds to wait before looking again at a child that is being deleted or is not ours.
     wait_interval: float = 5.0
+    #: Seconds before trying again a step whose objects the API server refused (4xx: kind missing, quota).
+    refused_interval: float = 30.0
     #: Times a reconcile is recomputed after a status write conflict before giving up (then backoff).
     conflict_retries: int = 8
 
@@ -177,6 +188,8 @@ class Reconciler:
                 metrics.STATUS_CONFLICTS.inc()
                 fresh = True
                 continue
+            except NotFound:
+                return None  # the FineTuneJob was deleted under us
         raise Conflict(409, "Conflict", f"{namespace}/{name}: status kept changing under the operator")
 
     @staticmethod
@@ -300,6 +313,20 @@ class Reconciler:
                 if exc.warn:
                     ctx.events.append(st.Event("Warning", REASON_CHILD_CONFLICT, str(exc)))
                 ctx.requeue_after(exc.retry_after if exc.retry_after is not None else self.config.wait_interval)
+                break
+            except (Conflict, Unavailable):
+                raise
+            except ApiError as exc:
+                # Refused for good (a 4xx): most often the workload kind is not installed (no Kubeflow training
+                # operator, no T9k), or admission/quota said no. Say so where users look, and try again later.
+                kind = step.workload["kind"]
+                hint = f" (is the {kind} CRD installed?)" if isinstance(exc, NotFound) else ""
+                msg = f"the API server refused a {kind} of stage {step.name}: {exc}{hint}"
+                if sst.get("message") != msg:
+                    ctx.events.append(st.Event("Warning", REASON_CREATE_FAILED, msg))
+                sst["message"] = msg
+                summary_kw["current_message"] = msg
+                ctx.requeue_after(self.config.refused_interval)
                 break
             if outcome == _ADVANCE:
                 current = None
