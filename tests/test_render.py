@@ -888,3 +888,40 @@ def test_reserved_stage_names_agree_with_validation() -> None:
     from finetune_operator import validation
 
     assert render_pkg.RESERVED_STAGE_NAMES == validation.RESERVED_STAGE_NAMES
+
+
+@pytest.mark.parametrize(
+    ("formatting", "columns", "tags", "expected_columns", "expected_tags"),
+    [
+        # A partial alpaca block keeps LLaMA-Factory's defaults for the columns it omits.
+        ("alpaca", {"system": "persona"}, None,
+         {"prompt": "instruction", "query": "input", "response": "output", "system": "persona"}, None),
+        # A partial sharegpt block: messages default, and every omitted tag takes LF's default.
+        ("sharegpt", {"system": "sys"}, {"roleTag": "role"},
+         {"messages": "conversations", "system": "sys"},
+         {"role_tag": "role", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+          "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}),
+        # Nothing given: nothing written, LF applies its defaults itself.
+        ("sharegpt", None, None, None, None),
+    ],
+)
+def test_partial_columns_and_tags_keep_llamafactory_defaults(
+    formatting: str,
+    columns: dict[str, str] | None,
+    tags: dict[str, str] | None,
+    expected_columns: dict[str, str] | None,
+    expected_tags: dict[str, str] | None,
+) -> None:
+    """LF sets every column a ``columns`` block omits to None; the API promises its defaults instead."""
+    raw = _raw(EXAMPLES[0])
+    ds = raw["spec"]["datasets"][0]
+    ds["formatting"] = formatting
+    ds.pop("columns", None)
+    ds.pop("tags", None)
+    if columns is not None:
+        ds["columns"] = columns
+    if tags is not None:
+        ds["tags"] = tags
+    entry = json.loads(config_files(validate(raw))["dataset_info.json"])[ds["name"]]
+    assert entry.get("columns") == expected_columns
+    assert entry.get("tags") == expected_tags

@@ -145,6 +145,24 @@ def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
     return Chain(stages=inputs, model=model, adapters=tuple(adapters), lora_ranks=tuple(ranks))
 
 
+#: LLaMA-Factory's own column/tag defaults (``llamafactory.data.parser.DatasetAttr``). LF applies them only
+#: when ``columns``/``tags`` are absent: once a ``columns`` block exists, every column it omits becomes None.
+#: The API promises "omitted ones take LLaMA-Factory's defaults", so a partial block is completed here.
+LF_DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+    "sharegpt": {"messages": "conversations"},
+}
+LF_DEFAULT_TAGS: dict[str, str] = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+
+
 def _dataset_entry(ds: DatasetSpec, resolver: PathResolver) -> dict[str, Any]:
     entry: dict[str, Any] = {
         # Absolute: os.path.join(dataset_dir, "/abs") == "/abs", so dataset_dir can be the read-only config dir.
@@ -156,11 +174,11 @@ def _dataset_entry(ds: DatasetSpec, resolver: PathResolver) -> dict[str, Any]:
     if ds.columns is not None:
         cols = ds.columns.model_dump(exclude_none=True)
         if cols:
-            entry["columns"] = cols
+            entry["columns"] = {**LF_DEFAULT_COLUMNS[ds.formatting], **cols}
     if ds.tags is not None:
         tags = ds.tags.model_dump(exclude_none=True)
         if tags:
-            entry["tags"] = tags
+            entry["tags"] = {**LF_DEFAULT_TAGS, **tags}
     return entry
 
 
