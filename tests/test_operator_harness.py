@@ -152,7 +152,7 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((x for x in status.get("conditions") or [] if x["type"] == type_), {})
 
 
-def wait_state(server: EmulatorServer, name: str, state: str, namespace: str = "default", timeout: float = 15) -> dict:
+def wait_state(server: EmulatorServer, name: str, state: str, namespace: str = "default", timeout: float = 30) -> dict:
     return server.wait_for(
         lambda: (s := ftj_status(server, name, namespace)).get("state") == state and s,
         timeout,
@@ -161,7 +161,7 @@ def wait_state(server: EmulatorServer, name: str, state: str, namespace: str = "
 
 
 def wait_child(
-    server: EmulatorServer, kind: str, name: str, namespace: str = "default", timeout: float = 15, attempt: int = 1
+    server: EmulatorServer, kind: str, name: str, namespace: str = "default", timeout: float = 30, attempt: int = 1
 ) -> dict[str, Any]:
     """Wait for a child workload (of a given attempt) to exist."""
     return server.wait_for_object(
@@ -182,7 +182,7 @@ def events(server: EmulatorServer, name: str, namespace: str = "default") -> lis
 
 
 def wait_event(
-    server: EmulatorServer, name: str, reason: str, namespace: str = "default", timeout: float = 10, count: int = 1
+    server: EmulatorServer, name: str, reason: str, namespace: str = "default", timeout: float = 20, count: int = 1
 ) -> list[tuple[str, str, str]]:
     """Wait for ``count`` events with ``reason`` about ``name``; return them."""
     return server.wait_for(
@@ -293,7 +293,7 @@ class OperatorThread:
         with self._reconciled:
             return self._reconciles.get((namespace, name), 0)
 
-    def wait_reconciled(self, name: str, times: int = 2, namespace: str = "default", timeout: float = 15) -> None:
+    def wait_reconciled(self, name: str, times: int = 2, namespace: str = "default", timeout: float = 30) -> None:
         """Wait until FineTuneJob ``name`` has been reconciled ``times`` more times (e.g. by the resync)."""
         with self._reconciled:
             target = self._reconciles.get((namespace, name), 0) + times
