@@ -131,6 +131,8 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("unknown-hub", put("spec.model.hub", "github"), "spec.model.hub", "modelscope"),
     ("zero-stage-4", put("spec.stages[0].deepspeed", {"zeroStage": 4}), "spec.stages[0].deepspeed.zeroStage",
      "less than or equal to 3"),
+    ("offload-without-zero", put("spec.stages[0].deepspeed", {"zeroStage": 0, "offload": True}),
+     "spec.stages[0].deepspeed.offload", "zeroStage"),
     ("nodes-0", put("spec.stages[0].resources.nodes", 0), "spec.stages[0].resources.nodes", "greater than"),
     ("negative-retries", put("spec.retries", -1), "spec.retries", "greater than or equal to 0"),
     ("retries-as-string", put("spec.retries", "2"), "spec.retries", "expected an integer"),

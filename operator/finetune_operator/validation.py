@@ -466,6 +466,17 @@ def dataset_names_unique(ctx: _Context) -> Iterator[FieldError]:
             seen[name] = i
 
 
+@_rule
+def offload_needs_zero(ctx: _Context) -> Iterator[FieldError]:
+    """DeepSpeed offloads ZeRO-partitioned state: with ZeRO stage 0 there is nothing to offload."""
+    for i, stage in ctx.stages():
+        ds = stage.get("deepspeed")
+        if isinstance(ds, Mapping) and ds.get("offload") is True and ctx.zero_stage(stage) == 0:
+            yield FieldError(
+                f"spec.stages[{i}].deepspeed.offload", "needs zeroStage 1, 2 or 3 (ZeRO stage 0 partitions nothing)"
+            )
+
+
 # --- datasets and stages ------------------------------------------------------------------------------------
 
 
