@@ -13,7 +13,6 @@ Settings chosen in :func:`configure`:
 
 * ``watching.server_timeout``/``client_timeout``: watches are re-opened every few minutes, so a silently
   dropped connection (a load balancer's idle timeout) is noticed; kopf resumes from the last resourceVersion.
-* ``batching.batch_window``: 10 ms instead of 100 ms (the work queue coalesces events anyway).
 * ``posting.reporting_component``: kopf's own events carry our name. (Our transition events are posted by
   :class:`~finetune_operator.controller.runtime.ApiEventSink`.)
 * ``persistence``: nothing is persisted by kopf for event handlers. The diff-base storage is
@@ -68,9 +67,6 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.watching.client_timeout = config.watch_timeout + 30
     settings.watching.connect_timeout = 30
     settings.watching.reconnect_backoff = 1.0
-    # kopf waits this long after an event for more of the same object before calling handlers; ours only
-    # enqueue and the work queue coalesces, so kopf's 0.1 s would only add latency to every hand-off.
-    settings.batching.batch_window = 0.01
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = NoDiffBaseStorage(prefix=c.GROUP)
     settings.persistence.finalizer = f"{c.GROUP}/finalizer"
