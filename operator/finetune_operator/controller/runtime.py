@@ -20,7 +20,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +66,6 @@ class OperatorConfig:
     kubeconfig: str | None = None
     #: Seconds a watch request stays open before kopf reconnects (kopf's ``server_timeout``).
     watch_timeout: float = 300.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> OperatorConfig:
