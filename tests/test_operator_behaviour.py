@@ -201,7 +201,7 @@ def test_immutable_edits_are_refused_and_the_accepted_spec_is_driven(
     cluster.wait_for(lambda: condition(ftj_status(cluster, "edit"), "SpecAccepted").get("status") == "True")
 
 
-def test_serve_replicas_scale_the_deployment(cluster: EmulatorServer, operator: OperatorThread) -> None:
+def test_serve_replicas_and_suspend_scale_the_deployment(cluster: EmulatorServer, operator: OperatorThread) -> None:
     cluster.create(minimal("srv", serve={"enabled": True, "replicas": 1, "resources": {"gpusPerNode": 1}}))
     wait_child(cluster, "Job", "srv-sft")
     succeed(cluster, "Job", "srv-sft")
@@ -218,6 +218,16 @@ def test_serve_replicas_scale_the_deployment(cluster: EmulatorServer, operator: 
     cluster.wait_for(lambda: cluster.get("deployments.apps", "srv-serve")["spec"]["replicas"] == 3)
     wait_event(cluster, "srv", c.Reason.SCALED)
     assert condition(ftj_status(cluster, "srv"), "SpecAccepted")["status"] == "True"  # a mutable field
+
+    # Suspending a served model scales it to zero and withdraws the endpoint; resuming brings it back.
+    cluster.patch(FTJ, "srv", {"spec": {"suspend": True}})
+    cluster.wait_for(lambda: cluster.get("deployments.apps", "srv-serve")["spec"]["replicas"] == 0)
+    status = wait_state(cluster, "srv", "Suspended")
+    assert condition(status, "Ready")["status"] == "False" and "endpoint" not in status.get("outputs", {})
+    cluster.patch(FTJ, "srv", {"spec": {"suspend": False}})
+    cluster.wait_for(lambda: cluster.get("deployments.apps", "srv-serve")["spec"]["replicas"] == 3)
+    harness.make_available(cluster, "srv-serve")
+    assert wait_state(cluster, "srv", "Serving")["outputs"]["endpoint"] == "http://srv-serve.default.svc:8000/v1"
 
 
 # ------------------------------------------------------------------------------------------------ delete, drift

@@ -537,3 +537,24 @@ async def test_paths_and_bodies() -> None:
         {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
     )
     assert sent[2][1] == "/apis/batch.tensorstack.dev/v1beta1/namespaces/ml/deepspeedjobs/d"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        (
+            {"outputs": {"endpoint": "e", "model": "m"}},
+            {"outputs": {"model": "m"}},
+            {"outputs": {"model": "m", "endpoint": None}},
+        ),
+        ({"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 1, "d": None}}}),
+        ({"stages": [{"x": 1}]}, {"stages": []}, {"stages": []}),  # lists are replaced whole
+        ({}, {"state": "Running"}, {"state": "Running"}),
+    ],
+)
+def test_status_patches_delete_vanished_nested_keys(
+    old: dict[str, Any], new: dict[str, Any], patch: dict[str, Any]
+) -> None:
+    from finetune_operator.controller.reconciler import _with_deletions
+
+    assert _with_deletions(old, new) == patch

@@ -306,6 +306,7 @@ class Reconciler:
             try:
                 if step.kind == "serve":
                     summary_kw["serving"] = await self._serve(ctx, job, step, sst)
+                    summary_kw["suspended"] = sst.get("state") == StageState.SUSPENDED
                     break
                 outcome = await self._drive(ctx, job, plan, step, sst, first=i == 0, deep=deep)
             except _Blocked as exc:
@@ -503,7 +504,11 @@ class Reconciler:
             self._note_own_write(ctx, child)
 
     async def _serve(self, ctx: _Ctx, job: FineTuneJob, step: Step, sst: dict[str, Any]) -> bool:
-        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; True when it serves."""
+        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; True when it serves.
+
+        ``spec.suspend`` while serving scales the Deployment to 0 (the GPUs are what suspending frees) and
+        resuming scales it back; the endpoint leaves ``status.outputs`` while nothing answers there.
+        """
         deployment: dict[str, Any] | None = None
         existed_before = int(sst.get("attempts") or 0) > 0
         for obj in step.objects:
@@ -525,17 +530,21 @@ class Reconciler:
         assert deployment is not None
         sst.setdefault("startTime", ctx.stamp)
         sst.update(state=StageState.RUNNING, attempts=max(1, int(sst.get("attempts") or 0)))
-        want = job.spec.serve.replicas
+        want = 0 if job.spec.suspend else job.spec.serve.replicas
         have = (deployment.get("spec") or {}).get("replicas")
         if have != want:
             deployment = await self.kube.patch(
                 "apps/v1", "Deployment", ctx.namespace, deployment["metadata"]["name"], {"spec": {"replicas": want}}
             )
+            why = " (spec.suspend)" if job.spec.suspend else ""
+            reason = Reason.SUSPENDED if job.spec.suspend else Reason.SCALED
             ctx.events.append(
-                st.Event("Normal", Reason.SCALED, f"scaled Deployment {deployment['metadata']['name']} to {want}")
+                st.Event("Normal", reason, f"scaled Deployment {deployment['metadata']['name']} to {want}{why}")
             )
         serving = want > 0 and ch.is_available(deployment)
-        if serving:
+        if job.spec.suspend:
+            sst.update(state=StageState.SUSPENDED, message="suspended (spec.suspend): scaled to 0 replicas")
+        elif serving:
             sst.pop("message", None)
         else:
             cs = ch.interpret(deployment)
@@ -712,7 +721,7 @@ class Reconciler:
                 ctx.requeue_after(wait)
                 return
         patch: dict[str, Any] = {"metadata": {"resourceVersion": ctx.ftj["metadata"].get("resourceVersion")}}
-        patch["status"] = {**new_status, **dict.fromkeys(removed)}
+        patch["status"] = _with_deletions(old_cmp, {**new_status, **dict.fromkeys(removed)})
         updated = await self.kube.patch(c.API_VERSION, c.KIND, ctx.namespace, ctx.name, patch, subresource="status")
         ctx.ftj = updated
         self._last_write[ctx.uid] = ctx.now
@@ -751,6 +760,18 @@ class Reconciler:
 _OWN_VERSIONS_MAX = 20_000
 #: Validated specs and rendered plans kept (LRU); beyond it a reconcile re-validates and re-renders.
 _CACHE_MAX = 512
+
+
+def _with_deletions(old: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning ``old`` into ``new``: keys of nested objects that disappeared become ``null``
+    (a merge patch merges objects, so a key simply left out would stay, e.g. a withdrawn endpoint)."""
+    out = dict(new)
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, Mapping):
+            out[key] = _with_deletions(before, value)
+            out[key].update({k: None for k in before if k not in value})
+    return out
 
 
 def _parse_time(value: Any) -> float | None:
