@@ -279,6 +279,8 @@ CEL_BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
                              put("spec.stages[1].datasets", ["fb"])), "ktoTag"),
     ("ranking-without-rejected", drop("spec.datasets[1].columns.rejected"), "columns.chosen and columns.rejected"),
     ("reserved-stage-name", put("spec.stages[1].name", "serve"), "reserved"),
+    ("run-id-is-stage-name", put("spec.runId", "dpo"), "runId must not be a stage or step name"),
+    ("run-id-is-merged", put("spec.runId", "merged"), "runId must not be a stage or step name"),
     ("tp-over-gpus", put("spec.serve", {"enabled": True, "tensorParallelSize": 2}), "tensorParallelSize"),
     ("tp-over-gpus-explicit", put("spec.serve", {"tensorParallelSize": 8, "resources": {"gpusPerNode": 4}}),
      "tensorParallelSize"),
@@ -382,3 +384,54 @@ def test_committed_crd_passes_yamllint() -> None:
     conf = config.YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))
     problems = [str(p) for p in linter.run(COMMITTED.read_text(encoding="utf-8"), conf)]
     assert problems == []
+
+
+# A new spec.runId re-runs the pipeline: with it the training fields may change; without it they may not.
+RERUN: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+    (i, m) for i, m, _ in IMMUTABLE
+] + [("several", both(put("spec.stages[0].args", {"learning_rate": 1e-5}), put("spec.model.template", "llama3")))]
+
+
+@pytest.mark.parametrize("old_run", [None, "r1"], ids=["first-run-id", "new-run-id"])
+@pytest.mark.parametrize("mutate", [pytest.param(m, id=i) for i, m in RERUN])
+def test_training_fields_change_with_a_new_run_id(old_run: str | None,
+                                                  mutate: Callable[[dict[str, Any]], None]) -> None:
+    old = {**base(), "status": STARTED}
+    if old_run is not None:
+        old["spec"]["runId"] = old_run
+    new = copy.deepcopy(old)
+    mutate(new)
+    assert _cel_failures(new, old), "without a runId change the edit is refused"
+    new["spec"]["runId"] = "r2"
+    assert _cel_failures(new, old) == []
+    assert not check(new)[1]
+
+
+@pytest.mark.parametrize("mutate", [pytest.param(m, id=i) for i, m in RERUN])
+def test_same_run_id_keeps_training_fields_immutable(mutate: Callable[[dict[str, Any]], None]) -> None:
+    old = {**base(), "status": STARTED}
+    old["spec"]["runId"] = "r1"
+    new = copy.deepcopy(old)
+    mutate(new)
+    assert any("is immutable once the pipeline has started" in f for f in _cel_failures(new, old))
+
+
+def test_run_id_cannot_be_removed_once_started() -> None:
+    old = {**base(), "status": STARTED}
+    old["spec"]["runId"] = "r1"
+    new = copy.deepcopy(old)
+    del new["spec"]["runId"]
+    assert any(f.startswith("spec.runId cannot be removed") for f in _cel_failures(new, old))
+    assert _cel_failures(new, {**old, "status": NOT_STARTED}) == []  # before the start anything goes
+    new["spec"]["runId"] = "r2"
+    assert _cel_failures(new, old) == []
+
+
+@pytest.mark.parametrize(("value", "ok"), [("r2", True), ("2026-06-01", True), ("a" * 20, True), ("a" * 21, False),
+                                           ("Run2", False), ("-r", False)])
+def test_run_id_format_in_the_crd_schema(schema: dict[str, Any], value: str, ok: bool) -> None:
+    obj = base()
+    obj["spec"]["runId"] = value
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(obj))
+    assert (not errors) == ok, errors
+    assert (not check(obj)[1]) == ok

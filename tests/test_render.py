@@ -925,3 +925,76 @@ def test_partial_columns_and_tags_keep_llamafactory_defaults(
     entry = json.loads(config_files(validate(raw))["dataset_info.json"])[ds["name"]]
     assert entry.get("columns") == expected_columns
     assert entry.get("tags") == expected_tags
+
+
+# ------------------------------------------------------------------------------------------------ re-runs
+
+
+def _with_run(path: Path, run_id: str | None) -> FineTuneJob:
+    doc = _raw(path)
+    if run_id is not None:
+        doc["spec"]["runId"] = run_id
+    return validate(doc)
+
+
+def _run_scoped_names(plan: Any) -> list[str]:
+    return [o["metadata"]["name"] for o in plan.objects() if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"]
+
+
+@pytest.mark.parametrize("path", [EXAMPLES[3], EXAMPLES[-1]], ids=["deepspeedjob", "pytorchjob"])
+def test_run_id_versions_outputs_and_run_scoped_names(path: Path) -> None:
+    plain, run1, run2 = render(_with_run(path, None)), render(_with_run(path, "r1")), render(_with_run(path, "r2"))
+    job = _with_run(path, "r1")
+    base = f"/mnt/volumes/{job.spec.output.volume.claim_name}"
+    if job.spec.output.volume.sub_path:
+        base += f"/{job.spec.output.volume.sub_path}"
+    base += f"/{job.name}"
+    # Per-run folders: every training stage and the merged model, in the LF configs and the outputs.
+    for step in run1.steps:
+        if step.kind in ("train", "merge"):
+            leaf = "merged" if step.kind == "merge" else step.name
+            assert step.output_path == f"{base}/r1/{leaf}"
+            assert plain.step(step.name).output_path == f"{base}/{leaf}"
+    assert run1.outputs["mergedModel"] == f"{base}/r1/merged"
+    assert all(a.startswith(f"{base}/r1/") for a in run1.outputs["adapters"])
+    configs = run1.shared[0]["data"]
+    assert f"{base}/r1/" in configs["merge.yaml"] and f"{base}/r2/" not in configs["merge.yaml"]
+    # Run-scoped children never share a name with another run's (or the run-less job's) children.
+    names1, names2, names0 = _run_scoped_names(run1), _run_scoped_names(run2), _run_scoped_names(plain)
+    assert not set(names1) & set(names2) and not set(names1) & set(names0)
+    assert all(is_dns_label(n) for n in names1)
+    assert run1.shared[0]["metadata"]["name"] == f"{job.name}-r1-config"
+    for tpl in (t for step in run1.steps if step.kind != "serve" for t in _pod_templates(step.workload)):
+        cm = [v["configMap"]["name"] for v in tpl["spec"]["volumes"] if "configMap" in v]
+        assert cm == [f"{job.name}-r1-config"]
+    # The serving Deployment and Service keep their names across runs, so the endpoint does not move ...
+    dep1, dep2 = run1.step("serve").workload, run2.step("serve").workload
+    assert dep1["metadata"]["name"] == dep2["metadata"]["name"] == plain.step("serve").workload["metadata"]["name"]
+    assert run1.outputs["endpoint"] == run2.outputs["endpoint"] == plain.outputs["endpoint"]
+    assert run1.step("serve").objects[1] == run2.step("serve").objects[1]
+    # ... the selector too (immutable in a Deployment), while the pod template changes: it rolls.
+    assert dep1["spec"]["selector"] == dep2["spec"]["selector"]
+    assert dep1["spec"]["template"] != dep2["spec"]["template"]
+    args1 = dep1["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args1[0] == f"{base}/r1/merged"
+    assert dep1["metadata"]["annotations"] == {c.ANNOTATION_RUN: "r1"}
+    assert "annotations" not in plain.step("serve").workload["metadata"]
+    # Old pods keep serving until new ones are ready.
+    assert dep1["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def test_run_id_lora_mode_serves_the_runs_adapter() -> None:
+    job = _with_run(EXAMPLES[4], "v2")
+    cmd = vllm_command(job)
+    assert cmd.mode == "lora"
+    assert cmd.args[0] == "/mnt/volumes/models/llama-3.2-3b-instruct"  # the base model is not per run
+    assert cmd.lora_modules == (("faq-bot", "/mnt/volumes/finetune-outputs/faq-bot/v2/sft"),)
+
+
+def test_long_run_scoped_names_stay_dns_labels() -> None:
+    doc = _raw(EXAMPLES[-1])
+    doc["metadata"]["name"] = "a" * 40
+    doc["spec"]["runId"] = "b" * 20
+    plan = render(validate(doc))
+    names = _run_scoped_names(plan)
+    assert len(set(names)) == len(names) and all(is_dns_label(n) for n in names)

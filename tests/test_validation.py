@@ -139,6 +139,10 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("lora-target-type", put("spec.stages[0].lora.target", 5), "spec.stages[0].lora.target",
      "expected a string or a list"),
     ("stage-name-not-dns", put("spec.stages[0].name", "SFT_1"), "spec.stages[0].name", "DNS-1123"),
+    ("run-id-not-dns", put("spec.runId", "Run_2"), "spec.runId", "DNS-1123"),
+    ("run-id-is-stage", put("spec.runId", "sft"), "spec.runId", "stage or step name"),
+    ("run-id-too-long", put("spec.runId", "r" * 21), "spec.runId", "at most 20"),
+    ("run-id-not-string", put("spec.runId", 2), "spec.runId", "expected a string"),
     ("dataset-name-comma", put("spec.datasets[0].name", "a,b"), "spec.datasets[0].name", "no commas"),
     ("no-stages", put("spec.stages", []), "spec.stages", "at least 1"),
     ("claim-not-dns", put("spec.output.volume.claimName", "Out_Puts"), "spec.output.volume.claimName",
@@ -309,6 +313,7 @@ def test_table_is_large_and_ids_unique() -> None:
 # Valid variants: decisions documented in finetune_operator.validation.
 GOOD: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("base", lambda obj: None),
+    ("run-id", put("spec.runId", "2026-06-01")),
     ("multi-node-indexed-job", both(put("spec.backend", "job"), put("spec.stages[0].resources.nodes", 4))),
     ("merge-without-adapters", both(drop("spec.stages[1]"), put("spec.stages[0].method", "full"),
                                     drop("spec.stages[0].lora"))),

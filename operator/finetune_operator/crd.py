@@ -72,24 +72,36 @@ _STARTED = (
     "oldSelf.status.stages.exists(s, has(s.attempts) && s.attempts > 0)"
 )
 
+#: The update starts a new run: spec.runId is set and differs from the old one. That is the one way to re-run a
+#: job, so it is also the one update that may change the training fields (the new run starts from scratch).
+_RERUN = "(has(self.spec.runId) && (!has(oldSelf.spec.runId) || self.spec.runId != oldSelf.spec.runId))"
+
 CelRule = tuple[str, str, str | None]
 
 
 def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
     rules: list[CelRule] = [
         (
-            f"!({_STARTED}) || self.spec.{field} == oldSelf.spec.{field}",
-            f"spec.{field} is immutable once the pipeline has started",
+            f"!({_STARTED}) || {_RERUN} || self.spec.{field} == oldSelf.spec.{field}",
+            f"spec.{field} is immutable once the pipeline has started (change spec.runId to re-run with it)",
             f".spec.{field}",
         )
         for field in fields
     ]
     rules.append(
         (
-            f"!({_STARTED}) || (has(self.spec.backend) == has(oldSelf.spec.backend) && "
+            f"!({_STARTED}) || {_RERUN} || (has(self.spec.backend) == has(oldSelf.spec.backend) && "
             "(!has(self.spec.backend) || self.spec.backend == oldSelf.spec.backend))",
-            "spec.backend is immutable once the pipeline has started",
+            "spec.backend is immutable once the pipeline has started (change spec.runId to re-run with it)",
             ".spec.backend",
+        )
+    )
+    # Removing runId would point the next run at the unversioned folders (and the previous run's markers).
+    rules.append(
+        (
+            f"!({_STARTED}) || !has(oldSelf.spec.runId) || has(self.spec.runId)",
+            "spec.runId cannot be removed once the pipeline has started (set a new value to re-run)",
+            ".spec.runId",
         )
     )
     return rules
@@ -108,6 +120,12 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
             "stage names must be unique",
             ".stages",
+        ),
+        (
+            "!has(self.runId) || (!(self.runId in ['download', 'merge', 'merged', 'serve']) && "
+            "!self.stages.exists(s, s.name == self.runId))",
+            "runId must not be a stage or step name",
+            ".runId",
         ),
         (
             "self.stages.all(s, s.datasets.all(n, self.datasets.exists(d, d.name == n)))",

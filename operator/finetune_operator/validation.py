@@ -452,6 +452,18 @@ def stage_names_unique_and_free(ctx: _Context) -> Iterator[FieldError]:
 
 
 @_rule
+def run_id_is_not_a_folder_name(ctx: _Context) -> Iterator[FieldError]:
+    """A run writes ``<out>/<job>/<runId>/``: a runId named like a stage or ``merged`` would put the new run
+    inside the folder of a run-less run's stage (the layout before the first runId)."""
+    run = ctx.spec.get("runId")
+    if not isinstance(run, str):
+        return
+    stages = {s.get("name") for _, s in ctx.stages()}
+    if run in RESERVED_STAGE_NAMES or run in stages:
+        yield FieldError("spec.runId", f"{run!r} is a stage or step name; choose another runId (e.g. a date)")
+
+
+@_rule
 def dataset_names_unique(ctx: _Context) -> Iterator[FieldError]:
     seen: dict[str, int] = {}
     for i, ds in ctx.datasets():

@@ -35,6 +35,8 @@ LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 # Annotations.
 ANNOTATION_SPEC_HASH: Final = f"{GROUP}/spec-hash"
 ANNOTATION_ATTEMPT: Final = f"{GROUP}/attempt"
+#: On the vLLM Deployment: the ``spec.runId`` whose model it serves (the operator rolls it when a new run is done).
+ANNOTATION_RUN: Final = f"{GROUP}/run"
 
 # Default images (overridable per job with ``spec.image``/``spec.serve.image`` and per install with Helm values).
 DEFAULT_WORKER_IMAGE: Final = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
@@ -82,6 +84,8 @@ class Reason:
     SERVE_PENDING: Final = "ServePending"
     SCALED: Final = "Scaled"
     PENDING: Final = "Pending"
+    RUN_STARTED: Final = "RunStarted"
+    ROLLING_OUT: Final = "RollingOut"
 
 
 class State:

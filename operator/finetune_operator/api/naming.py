@@ -47,6 +47,16 @@ def child_name(*parts: str, reserve: int = 0) -> str:
     return f"{prefix}-{short_hash(full)}"
 
 
+def run_scope(job: str, run_id: str | None) -> str:
+    """The prefix of a run's children: ``<job>`` without a runId, else ``<job>-<runId>``.
+
+    Workloads and generated configs belong to one run: a re-run (a new ``spec.runId``) gets fresh names, so
+    it never collides with (or adopts) the previous run's finished workloads. Names stay DNS labels because
+    :func:`child_name` truncates with a hash downstream.
+    """
+    return f"{job}-{run_id}" if run_id else job
+
+
 def workload_name(job: str, stage: str) -> str:
     """Name of a stage's workload (Job, PyTorchJob, DeepSpeedJob), with room for pod suffixes."""
     return child_name(job, stage, reserve=POD_SUFFIX_RESERVE)

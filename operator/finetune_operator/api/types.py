@@ -320,6 +320,11 @@ class FineTuneJobSpec(_Model):
     """Suspend the running workload (mutable); false resumes it."""
     retries: int = Field(default=2, ge=0, le=100)
     """Retries per stage; a retried stage resumes from its last checkpoint."""
+    run_id: str | None = Field(default=None, max_length=20, pattern=DNS_LABEL_PATTERN)
+    """Names the run (DNS label, at most 20 characters). Changing it runs the whole pipeline again, the one
+    way to re-run a job: together with it the training fields (model, datasets, stages, merge, ...) may change.
+    Each run writes ``<out>/<job>/<runId>/...`` and has its own workloads; the vLLM Deployment rolls to the
+    new model and keeps the previous one serving until the new pods are ready."""
 
     def resolved_backend(self) -> Backend:
         """The backend in force: the explicit one, else ``job`` for single-node pipelines."""
@@ -432,6 +437,8 @@ class FineTuneJobStatus(_Model):
 
     observed_generation: int | None = None
     """metadata.generation last acted upon."""
+    run: str | None = None
+    """``spec.runId`` of the run the stages belong to (absent for a job without runId)."""
     state: str | None = None
     """Summary for ``kubectl get``: Pending, Running, Suspended, Serving, Succeeded or Failed."""
     current_stage: str | None = None

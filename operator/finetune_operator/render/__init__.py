@@ -33,7 +33,7 @@ from finetune_operator.render import llamafactory as lf
 from finetune_operator.render import paths, serve, workloads
 from finetune_operator.render.deepspeed import deepspeed_config
 from finetune_operator.render.dump import to_json, to_yaml, to_yaml_documents
-from finetune_operator.render.meta import COMPONENT_CONFIG, metadata
+from finetune_operator.render.meta import COMPONENT_CONFIG, metadata, run_scope
 from finetune_operator.render.plan import CONFIG_DIR, VOLUME_ROOT, PathResolver, Plan, Step, StepKind
 from finetune_operator.render.pods import worker_command
 from finetune_operator.render.serve import VllmCommand, vllm_command
@@ -100,7 +100,7 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(job, config_map_name(job.name), COMPONENT_CONFIG, "shared"),
+        "metadata": metadata(job, config_map_name(run_scope(job)), COMPONENT_CONFIG, "shared"),
         "data": config_files(job, res),
     }
 

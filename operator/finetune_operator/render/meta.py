@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator.api import constants as c
+from finetune_operator.api import naming
 from finetune_operator.api.naming import MAX_NAME, child_name
 from finetune_operator.api.types import FineTuneJob
 
@@ -24,6 +25,13 @@ COMPONENT_SERVE = "serve"
 def label_value(value: str) -> str:
     """A label value of at most 63 characters, hash-truncated deterministically when longer."""
     return value if len(value) <= MAX_NAME else child_name(value)
+
+
+def run_scope(job: FineTuneJob) -> str:
+    """Name prefix of the current run's children (``<job>``, or ``<job>-<runId>``: see
+    :func:`finetune_operator.api.naming.run_scope`). The vLLM Deployment and Service do not use it: they
+    outlive a run and roll from one run's model to the next."""
+    return naming.run_scope(job.name, job.spec.run_id)
 
 
 def labels(job: FineTuneJob, component: str, stage: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from finetune_operator.api.naming import child_name, config_map_name, is_dns_label, short_hash
 from finetune_operator.api.types import FineTuneJob
-from finetune_operator.render.meta import labels
+from finetune_operator.render.meta import labels, run_scope
 from finetune_operator.render.plan import CONFIG_DIR, PathResolver
 
 #: UID/GID of the worker image's unprivileged user (images/Dockerfile: 65532, the distroless "nonroot" id);
@@ -201,7 +201,7 @@ def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | No
     res = resolver or PathResolver()
     volumes, mounts = claim_mounts(res, opts.read_claims, opts.write_claims)
     if opts.mount_config:
-        volumes.append({"name": "config", "configMap": {"name": config_map_name(job.name)}})
+        volumes.append({"name": "config", "configMap": {"name": config_map_name(run_scope(job))}})
         mounts.append({"name": "config", "mountPath": res.config_dir, "readOnly": True})
     volumes += [
         {"name": "tmp", "emptyDir": {}},

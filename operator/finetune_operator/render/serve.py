@@ -176,7 +176,9 @@ def deployment(job: FineTuneJob, image: str, cmd: VllmCommand, resolver: PathRes
     """The vLLM Deployment: OpenAI server on 8000, probes on /health, model volumes read-only.
 
     Rolling updates surge one pod and keep every old pod until the new one is ready (``maxUnavailable: 0``),
-    so a re-run that produces a new model never leaves the endpoint without a ready server.
+    so a re-run that produces a new model never leaves the endpoint without a ready server. The name is the
+    job's, not the run's: a re-run (new ``spec.runId``) patches this Deployment's template to the new model
+    folder (the rollout hash and the args change with it), and Kubernetes rolls the pods.
     """
     serve = job.spec.serve
     sres = serve.resources
@@ -209,10 +211,15 @@ def deployment(job: FineTuneJob, image: str, cmd: VllmCommand, resolver: PathRes
         resolver,
     )
     template["metadata"]["annotations"] = {c.ANNOTATION_SPEC_HASH: _rollout_hash(job)}
+    meta = metadata(job, serve_name(job), COMPONENT_SERVE, SERVE)
+    if job.spec.run_id:
+        # The Deployment outlives a run (same name, same Service, same endpoint); this records which run's
+        # model it serves, so that the operator knows to roll it to the next run's template.
+        meta["annotations"] = {c.ANNOTATION_RUN: job.spec.run_id}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(job, serve_name(job), COMPONENT_SERVE, SERVE),
+        "metadata": meta,
         "spec": {
             "replicas": serve.replicas,
             "selector": {"matchLabels": selector_labels(job, COMPONENT_SERVE, SERVE)},

@@ -43,6 +43,7 @@ from finetune_operator.render.meta import (
     COMPONENT_MERGE,
     COMPONENT_TRAIN,
     metadata,
+    run_scope,
     selector_labels,
 )
 from finetune_operator.render.plan import PathResolver
@@ -187,7 +188,7 @@ def download_job(job: FineTuneJob, image: str, backoff_limit: int, resolver: Pat
         resolver,
     )
     return batch_job(
-        job, workload_name(job.name, DOWNLOAD), COMPONENT_DOWNLOAD, DOWNLOAD, tpl, backoff_limit=backoff_limit
+        job, workload_name(run_scope(job), DOWNLOAD), COMPONENT_DOWNLOAD, DOWNLOAD, tpl, backoff_limit=backoff_limit
     )
 
 
@@ -255,13 +256,13 @@ def train_objects(
     backend = job.spec.resolved_backend()
     nodes = stage.resources.nodes if stage.resources else 1
     gpus = stage.resources.gpus_per_node if stage.resources else 1
-    name = workload_name(job.name, stage.name)
+    name = workload_name(run_scope(job), stage.name)
     if backend == "job":
         if nodes == 1:
             tpl = _train_pod(job, stage, image, backend, resolver, service_account=service_account)
             wl = batch_job(job, name, COMPONENT_TRAIN, stage.name, tpl, backoff_limit=backoff_limit)
             return [wl], wl
-        svc = service_name(job.name, stage.name)
+        svc = service_name(run_scope(job), stage.name)
         extra = [
             {"name": "FT_WORKLOAD_NAME", "value": name},
             {"name": "FT_HEADLESS_SERVICE", "value": svc},
@@ -349,7 +350,7 @@ def pytorch_job(
         "apiVersion": PYTORCHJOB_API,
         "kind": PYTORCHJOB_KIND,
         "metadata": metadata(
-            job, workload_name(job.name, stage.name), COMPONENT_TRAIN, stage.name, **_kueue_labels(job)
+            job, workload_name(run_scope(job), stage.name), COMPONENT_TRAIN, stage.name, **_kueue_labels(job)
         ),
         "spec": {
             "nprocPerNode": str(max(gpus, 1)),
@@ -398,7 +399,7 @@ def deepspeed_job(
     return {
         "apiVersion": DEEPSPEEDJOB_API,
         "kind": DEEPSPEEDJOB_KIND,
-        "metadata": metadata(job, workload_name(job.name, stage.name), COMPONENT_TRAIN, stage.name),
+        "metadata": metadata(job, workload_name(run_scope(job), stage.name), COMPONENT_TRAIN, stage.name),
         "spec": spec,
     }
 
@@ -430,4 +431,6 @@ def merge_job(job: FineTuneJob, image: str, backoff_limit: int, resolver: PathRe
         ),
         resolver,
     )
-    return batch_job(job, workload_name(job.name, MERGE), COMPONENT_MERGE, MERGE, tpl, backoff_limit=backoff_limit)
+    return batch_job(
+        job, workload_name(run_scope(job), MERGE), COMPONENT_MERGE, MERGE, tpl, backoff_limit=backoff_limit
+    )
