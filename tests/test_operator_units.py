@@ -278,6 +278,22 @@ SUMMARIES = [
         {"Failed": "True", "Ready": "False", "Progressing": "False"},
     ),
     (st.Summary(invalid="bad", suspended=True), State.FAILED, {"Failed": "True", "Suspended": "False"}),
+    # A re-run trains while the previous model serves: Ready stays, the training shows as progress.
+    (
+        st.Summary(serve_enabled=True, serving_previous=True, current="sft"),
+        State.RUNNING,
+        {"Ready": "True", "Progressing": "True", "Succeeded": "False"},
+    ),
+    (
+        st.Summary(serve_enabled=True, serving_previous=True, failed="boom", current="sft"),
+        State.FAILED,
+        {"Ready": "False", "Failed": "True"},
+    ),
+    (
+        st.Summary(succeeded=True, serve_enabled=True, serving=True, rolling=True, current="serve"),
+        State.SERVING,
+        {"Ready": "True", "Progressing": "False"},
+    ),
 ]
 
 
@@ -558,3 +574,39 @@ def test_status_patches_delete_vanished_nested_keys(
     from finetune_operator.controller.reconciler import _with_deletions
 
     assert _with_deletions(old, new) == patch
+
+
+@pytest.mark.parametrize(
+    ("accepted", "current", "new_run"),
+    [
+        ({}, {}, False),
+        ({}, {"runId": "a"}, True),
+        ({"runId": "a"}, {"runId": "a"}, False),
+        ({"runId": "a"}, {"runId": "b"}, True),
+        ({"runId": "a"}, {}, False),  # removing it is a refused edit, not a run
+    ],
+)
+def test_is_new_run(accepted: dict[str, Any], current: dict[str, Any], new_run: bool) -> None:
+    assert specs.is_new_run(accepted, current) is new_run
+    if not new_run and accepted != current:
+        assert specs.changed_immutable_fields(accepted, current) == ["spec.runId"]
+
+
+def _deployment(generation: int, want: int, **status: int) -> dict[str, Any]:
+    return {"metadata": {"generation": generation}, "spec": {"replicas": want}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("dep", "done"),
+    [
+        (_deployment(2, 2, observedGeneration=2, replicas=2, updatedReplicas=2, availableReplicas=2), True),
+        (_deployment(2, 2, observedGeneration=1, replicas=2, updatedReplicas=2, availableReplicas=2), False),
+        (_deployment(2, 2, observedGeneration=2, replicas=3, updatedReplicas=2, availableReplicas=3), False),  # surge
+        (_deployment(2, 2, observedGeneration=2, replicas=2, updatedReplicas=1, availableReplicas=2), False),
+        (_deployment(2, 2, observedGeneration=2, replicas=2, updatedReplicas=2, availableReplicas=1), False),
+        (_deployment(3, 0, observedGeneration=3), True),
+    ],
+    ids=["done", "not-observed", "old-pod-left", "half-updated", "new-not-available", "scaled-to-0"],
+)
+def test_rollout_complete(dep: dict[str, Any], done: bool) -> None:
+    assert ch.rollout_complete(dep) is done

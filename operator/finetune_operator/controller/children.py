@@ -264,6 +264,25 @@ def is_available(obj: Mapping[str, Any]) -> bool:
     return st.phase == Phase.RUNNING and st.available_replicas > 0
 
 
+def rollout_complete(obj: Mapping[str, Any]) -> bool:
+    """Every replica of a Deployment runs its current template (``kubectl rollout status`` says done).
+
+    The controller has seen the latest spec (observedGeneration), every wanted replica is updated and
+    available, and no old replica is left. Until then the old pods may still be the ones answering.
+    """
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    want = int((obj.get("spec") or {}).get("replicas") or 0)
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return False
+    updated = int(status.get("updatedReplicas") or 0)
+    return (
+        updated >= want
+        and int(status.get("replicas") or 0) <= updated
+        and int(status.get("availableReplicas") or 0) >= want
+    )
+
+
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     """The controller ownerReference pointing at ``owner`` (garbage collection deletes the child with it)."""
     meta = owner["metadata"]

@@ -18,6 +18,11 @@ Where the truth lives, and why nothing is lost across restarts:
   action taken on the way is idempotent.
 * **The accepted spec** is recorded once, in annotation ``finetune.dev/accepted-spec``, before the first
   child is created (see :mod:`finetune_operator.controller.spec`).
+* **Runs.** A new ``spec.runId`` is the one accepted change of the training fields: :meth:`Reconciler._start_run`
+  stops the previous run's unfinished workload, resets the stages (keeping the serve stage, whose Deployment
+  goes on serving the previous model), then records the new accepted spec; the new run's children have
+  run-scoped names, so nothing is adopted from the previous run. At the serve step the existing Deployment is
+  patched to the new model and rolls; ``Ready`` and the previous outputs stay until it has rolled out.
 
 No finalizer: children are deleted by the garbage collector through their ownerReferences, and the operator
 has nothing else to clean up. A finalizer would only add the failure mode of FineTuneJobs that can never be
@@ -251,21 +256,36 @@ class Reconciler:
             return None  # the garbage collector takes the children
         ctx = _Ctx(ftj, self.clock())
         old_status: dict[str, Any] = ftj.get("status") or {}
+        accepted = specs.load((meta.get("annotations") or {}).get(specs.ANNOTATION_ACCEPTED_SPEC))
+        spec = ftj.get("spec") or {}
+        # A new spec.runId re-runs the pipeline, even a failed or finished one.
+        new_run = accepted is not None and specs.is_new_run(accepted, spec)
 
-        if st.condition_true(old_status, c.ConditionType.FAILED) and (
-            (st.get_condition(old_status, c.ConditionType.FAILED) or {}).get("reason") != Reason.INVALID_SPEC
+        if (
+            not new_run
+            and st.condition_true(old_status, c.ConditionType.FAILED)
+            and ((st.get_condition(old_status, c.ConditionType.FAILED) or {}).get("reason") != Reason.INVALID_SPEC)
         ):
             self.states[(namespace, name)] = c.State.FAILED
             return None  # terminal: a failed pipeline stays failed (its children remain for inspection)
-        if old_status.get("state") == c.State.SUCCEEDED and old_status.get("observedGeneration") == meta.get(
-            "generation"
+        if (
+            not new_run
+            and old_status.get("state") == c.State.SUCCEEDED
+            and old_status.get("observedGeneration") == meta.get("generation")
         ):
             self.states[(namespace, name)] = c.State.SUCCEEDED
             return None  # done, nothing to serve: finished workloads may even be gone (ttlSecondsAfterFinished)
 
-        accepted = specs.load((meta.get("annotations") or {}).get(specs.ANNOTATION_ACCEPTED_SPEC))
-        spec = ftj.get("spec") or {}
         spec_cond: tuple[bool, str, str] = (True, REASON_ACCEPTED, "")
+        run_refused: str | None = None
+        if new_run and accepted is not None:
+            try:
+                self._validate(ftj, spec, "current")
+            except SpecError as exc:
+                run_refused = f"run {specs.run_id(spec)} is not started: {exc.render()}"
+            else:
+                await self._start_run(ctx, spec, accepted, old_status)
+                return 0.0  # drive the new run from a fresh read
         if accepted is None:
             try:
                 job, job_key = self._validate(ftj, spec, "current")
@@ -288,8 +308,10 @@ class Reconciler:
                     False,
                     Reason.IMMUTABLE_FIELD,
                     f"{', '.join(changed)} cannot change once the pipeline started; the change is ignored "
-                    "(revert it, or create a new FineTuneJob)",
+                    "(revert it, set a new spec.runId to re-run, or create a new FineTuneJob)",
                 )
+            if run_refused is not None:
+                spec_cond = (False, Reason.INVALID_SPEC, run_refused)
         try:
             plan = self._render(job_key, job)
         except FineTuneError as exc:
@@ -297,6 +319,7 @@ class Reconciler:
 
         stages = self._stage_statuses(plan, old_status)
         summary_kw: dict[str, Any] = {"serve_enabled": any(s.kind == "serve" for s in plan.steps)}
+        summary_kw["serving_previous"] = await self._serving_previous(ctx, job, plan, stages)
         current: str | None = None
         for i, step in enumerate(plan.steps):
             sst = stages[i]
@@ -305,7 +328,7 @@ class Reconciler:
             current = step.name
             try:
                 if step.kind == "serve":
-                    summary_kw["serving"] = await self._serve(ctx, job, step, sst)
+                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(ctx, job, step, sst)
                     summary_kw["suspended"] = sst.get("state") == StageState.SUSPENDED
                     break
                 outcome = await self._drive(ctx, job, plan, step, sst, first=i == 0, deep=deep)
@@ -503,11 +526,56 @@ class Reconciler:
             child.update(updated)
             self._note_own_write(ctx, child)
 
-    async def _serve(self, ctx: _Ctx, job: FineTuneJob, step: Step, sst: dict[str, Any]) -> bool:
-        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; True when it serves.
+    async def _serving_previous(self, ctx: _Ctx, job: FineTuneJob, plan: Plan, stages: list[dict[str, Any]]) -> bool:
+        """Whether a re-run trains while the Deployment still serves the previous run's model.
+
+        A new run keeps the serve stage's status (it was started) and resets the others, so "serve started,
+        an earlier step not done" means exactly that. The Ready condition and the endpoint then stay.
+        """
+        idx = next((i for i, s in enumerate(plan.steps) if s.kind == "serve"), None)
+        if idx is None or int(stages[idx].get("attempts") or 0) == 0:
+            return False
+        if all(s.get("state") == StageState.SUCCEEDED for s in stages[:idx]):
+            return False
+        wl = plan.steps[idx].workload
+        dep = await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+        return (
+            dep is not None
+            and ch.is_ours(dep, ctx.uid)
+            and int((dep.get("spec") or {}).get("replicas") or 0) > 0
+            and ch.is_available(dep)
+        )
+
+    async def _roll(self, ctx: _Ctx, job: FineTuneJob, found: dict[str, Any], rendered: Mapping[str, Any]) -> Any:
+        """Patch the existing Deployment to the new run's pod template (same object, same uid, same Service).
+
+        Kubernetes then rolls the pods with the rendered strategy (surge 1, maxUnavailable 0): the previous
+        model answers until a new pod is ready. Patching instead of re-creating is what keeps it available.
+        Keys the new template no longer has are removed (a merge patch alone would keep them).
+        """
+        meta = found["metadata"]
+        old_tpl = (found.get("spec") or {}).get("template") or {}
+        patch = {
+            "metadata": {"annotations": {c.ANNOTATION_RUN: job.spec.run_id}},
+            "spec": {"template": _with_deletions(old_tpl, copy.deepcopy(rendered["spec"]["template"]))},
+        }
+        patch["spec"]["template"].update({k: None for k in old_tpl if k not in rendered["spec"]["template"]})
+        updated = await self.kube.patch(found["apiVersion"], found["kind"], ctx.namespace, meta["name"], patch)
+        updated.setdefault("apiVersion", found["apiVersion"])
+        updated.setdefault("kind", found["kind"])
+        self._note_own_write(ctx, updated)
+        ctx.events.append(
+            st.Event("Normal", Reason.ROLLING_OUT, f"rolling Deployment {meta['name']} to run {job.spec.run_id}")
+        )
+        return updated
+
+    async def _serve(self, ctx: _Ctx, job: FineTuneJob, step: Step, sst: dict[str, Any]) -> tuple[bool, bool]:
+        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; (serving, rolling).
 
         ``spec.suspend`` while serving scales the Deployment to 0 (the GPUs are what suspending frees) and
-        resuming scales it back; the endpoint leaves ``status.outputs`` while nothing answers there.
+        resuming scales it back; the endpoint leaves ``status.outputs`` while nothing answers there. After a
+        re-run the existing Deployment is rolled to the new model (:meth:`_roll`); ``rolling`` stays True
+        until every replica runs it, and ``status.outputs`` keeps the previous run's paths until then.
         """
         deployment: dict[str, Any] | None = None
         existed_before = int(sst.get("attempts") or 0) > 0
@@ -525,6 +593,12 @@ class Reconciler:
                             "Warning", Reason.CHILD_RECREATED, f"{obj['kind']} {meta['name']} was missing; recreated"
                         )
                     )
+            elif (
+                obj is step.workload
+                and job.spec.run_id
+                and ((found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) != job.spec.run_id)
+            ):
+                found = await self._roll(ctx, job, found, obj)
             if obj is step.workload:
                 deployment = found
         assert deployment is not None
@@ -542,16 +616,104 @@ class Reconciler:
                 st.Event("Normal", reason, f"scaled Deployment {deployment['metadata']['name']} to {want}{why}")
             )
         serving = want > 0 and ch.is_available(deployment)
+        # Only runs roll an existing Deployment; without a runId the first rollout is the only one.
+        rolling = bool(job.spec.run_id) and want > 0 and not ch.rollout_complete(deployment)
         if job.spec.suspend:
             sst.update(state=StageState.SUSPENDED, message="suspended (spec.suspend): scaled to 0 replicas")
+        elif serving and rolling:
+            sst["message"] = f"rolling out the model of run {job.spec.run_id}"
         elif serving:
             sst.pop("message", None)
         else:
             cs = ch.interpret(deployment)
             sst["message"] = cs.message or ("scaled to 0 replicas" if want == 0 else "waiting for the Deployment")
-        return serving
+        return serving, rolling
 
     # ------------------------------------------------------------------------------------------ writes
+
+    async def _start_run(
+        self, ctx: _Ctx, spec: Mapping[str, Any], accepted: Mapping[str, Any], old_status: Mapping[str, Any]
+    ) -> None:
+        """Start the run ``spec.runId`` names: stop the old run, reset the stages, accept the new spec.
+
+        Order matters for crash safety: the status reset (recording ``status.run``) is written before the new
+        accepted spec, so an operator stopped in between finds "new run, already reset" and only accepts.
+        The previous run's *unfinished* workloads are deleted (they would hold GPUs for a result nobody will
+        use, and report progress into the new run's stages); its finished ones are left for inspection and
+        go with the FineTuneJob (ownerReferences). The serve stage keeps its status: the Deployment goes on
+        serving the previous model, and is rolled to the new one at the serve step.
+        """
+        run = specs.run_id(spec)
+        if old_status.get("run") != run:
+            for api, kind, wl_name in self._run_workloads(ctx, accepted, old_status):
+                found = await self.kube.get(api, kind, ctx.namespace, wl_name)
+                if (
+                    found is not None
+                    and ch.is_ours(found, ctx.uid)
+                    and not found["metadata"].get("deletionTimestamp")
+                    and ch.interpret(found).phase not in (ch.Phase.SUCCEEDED, ch.Phase.FAILED)
+                ):
+                    await self.kube.delete(api, kind, ctx.namespace, wl_name)
+            generation = ctx.ftj["metadata"].get("generation")
+            conditions = [dict(x) for x in old_status.get("conditions") or []]
+            for type_ in (c.ConditionType.FAILED, c.ConditionType.SUCCEEDED):
+                st.set_condition(
+                    conditions,
+                    type_,
+                    False,
+                    Reason.RUN_STARTED,
+                    f"run {run} started",
+                    now=ctx.stamp,
+                    generation=generation,
+                )
+            keep = [
+                s for s in old_status.get("stages") or [] if s.get("type") == "serve" and int(s.get("attempts") or 0)
+            ]
+            reset: dict[str, Any] = {
+                "run": run,
+                "state": c.State.RUNNING,
+                "stages": keep,
+                "conditions": conditions,
+                "reported": None,
+                "currentStage": None,
+                "progress": None,
+                "loss": None,
+            }
+            patch = {"metadata": {"resourceVersion": ctx.ftj["metadata"].get("resourceVersion")}, "status": reset}
+            ctx.ftj = await self.kube.patch(c.API_VERSION, c.KIND, ctx.namespace, ctx.name, patch, subresource="status")
+            self._note_own_write(ctx)
+            served = " (the previous model is served until the new one is ready)" if keep else ""
+            ctx.events.append(st.Event("Normal", Reason.RUN_STARTED, f"run {run} started{served}"))
+        patch = {
+            "metadata": {
+                "resourceVersion": ctx.ftj["metadata"].get("resourceVersion"),
+                "annotations": {specs.ANNOTATION_ACCEPTED_SPEC: specs.dump(spec)},
+            }
+        }
+        ctx.ftj = await self.kube.patch(c.API_VERSION, c.KIND, ctx.namespace, ctx.name, patch)
+        self._note_own_write(ctx)
+        self._post(ctx)
+
+    def _run_workloads(
+        self, ctx: _Ctx, accepted: Mapping[str, Any], old_status: Mapping[str, Any]
+    ) -> list[tuple[str, str, str]]:
+        """(apiVersion, kind, name) of the accepted run's workloads, from its plan (a workload may exist before
+        the status recorded it); from the status when the accepted spec no longer renders."""
+        try:
+            job, key = self._validate(ctx.ftj, accepted, "accepted")
+            return [
+                (s.workload["apiVersion"], s.workload["kind"], s.workload["metadata"]["name"])
+                for s in self._render(key, job).steps
+                if s.kind != "serve"
+            ]
+        except FineTuneError:
+            out = []
+            for sst in old_status.get("stages") or []:
+                kind, name = sst.get("workloadKind"), sst.get("workloadName")
+                api = next((a for a, k in ch.PLURALS if k == kind), None)
+                if sst.get("type") != "serve" and api and name:
+                    out.append((api, str(kind), str(name)))
+            return out
 
     async def _accept(self, ctx: _Ctx) -> None:
         """Record the accepted spec (once, before the first child): later immutable edits are refused."""
@@ -652,13 +814,21 @@ class Reconciler:
         progress = next((s["progress"] for s in reversed(stages[:upto]) if s.get("progress")), None)
 
         outputs: dict[str, Any] | None = None
-        if summary.succeeded:
+        # While the Deployment rolls, the previous run's outputs (if any) are what answers.
+        if summary.succeeded and not (summary.rolling and old_status.get("outputs")):
             outputs = {k: v for k, v in plan.outputs.items() if k != "endpoint" and v not in (None, [], "")}
             if summary.serving and plan.outputs.get("endpoint"):
                 outputs["endpoint"] = plan.outputs["endpoint"]
+        elif old_status.get("outputs"):
+            # A new run is under way (training, or the Deployment rolling to its model): the previous run's
+            # results are still what exists and what answers; they switch once the new model serves.
+            outputs = dict(old_status["outputs"])
+            if not (summary.serving or summary.serving_previous):
+                outputs.pop("endpoint", None)
         current_stage = summary.current or (plan.steps[-1].name if summary.succeeded and plan.steps else None)
         new = {
             "observedGeneration": generation,
+            "run": job.spec.run_id,
             "state": st.summary_state(summary),
             "currentStage": current_stage,
             "progress": st.format_progress(progress),

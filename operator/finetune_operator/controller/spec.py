@@ -8,6 +8,11 @@ than the later ones consume. So the operator records the spec it *accepted* (ann
 
 Mutable: ``suspend`` (suspend/resume the running workload), ``retries`` (raise the budget of a failing
 stage) and ``serve.replicas`` (scale the Deployment). Everything else is immutable.
+
+Re-running: a new ``spec.runId`` (:func:`is_new_run`) asks for the pipeline to run again, from the first
+step, into per-run folders and workloads. That edit is accepted whole (the new run may change any training
+field, since nothing of the new run exists yet); the CRD's CEL rules make the same exception. Removing a
+runId is not a new run: it stays a refused edit.
 """
 
 from __future__ import annotations
@@ -110,3 +115,15 @@ def load(text: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def run_id(spec: Mapping[str, Any]) -> str | None:
+    """``spec.runId``, or None."""
+    value = spec.get("runId")
+    return str(value) if value else None
+
+
+def is_new_run(accepted: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """The current spec asks for a new run: its runId is set and differs from the accepted one."""
+    new = run_id(current)
+    return new is not None and new != run_id(accepted)

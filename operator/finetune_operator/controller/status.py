@@ -138,6 +138,10 @@ class Summary:
     suspended: bool = False
     succeeded: bool = False  # every step before serve succeeded
     serving: bool = False  # the serve Deployment is available
+    #: A new run (spec.runId) trains while the Deployment still serves the previous run's model.
+    serving_previous: bool = False
+    #: The Deployment is rolling to the new run's model (old pods may still answer).
+    rolling: bool = False
     serve_enabled: bool = False
     current: str | None = None  # the running step
     current_message: str = ""
@@ -192,9 +196,14 @@ def build_conditions(
         generation=generation,
     )
 
-    if s.serve_enabled:
+    if s.serve_enabled and s.serving_previous and not s.serving:
+        # A re-run: the endpoint keeps answering with the previous run's model until the new one is rolled out.
+        ready, reason, msg = True, Reason.SERVING, "the previous run's model is served while the new run trains"
+    elif s.serve_enabled:
         ready, reason = s.serving, (Reason.SERVING if s.serving else Reason.SERVE_PENDING)
         msg = "the vLLM Deployment is available" if s.serving else "waiting for training and the vLLM Deployment"
+        if s.serving and s.rolling:
+            msg = "the vLLM Deployment is available, rolling to the new run's model"
     else:
         ready, reason = s.succeeded, (Reason.PIPELINE_SUCCEEDED if s.succeeded else Reason.PENDING)
         msg = "every stage succeeded" if s.succeeded else ""

@@ -1,0 +1,198 @@
+"""Re-running a FineTuneJob (a new ``spec.runId``): a second pipeline into per-run children and folders, while
+the vLLM Deployment keeps serving the previous model and is then rolled (patched, never re-created) to the new.
+
+The test plays the Job and Deployment controllers, including the rollout: after the operator patched the
+Deployment's template, the old pods answer until the test reports every replica updated and available.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import constants as c
+
+from . import test_operator_harness as harness
+from .emulator import EmulatorServer
+from .test_operator_harness import (
+    FTJ,
+    OperatorThread,
+    children,
+    condition,
+    events,
+    ftj_status,
+    minimal,
+    succeed,
+    wait_child,
+    wait_event,
+    wait_state,
+)
+
+cluster = harness.cluster
+operator = harness.operator
+
+SERVE = {"enabled": True, "replicas": 1, "resources": {"gpusPerNode": 1}}
+ENDPOINT = "http://rerun-serve.default.svc:8000/v1"
+
+
+def finish_rollout(server: EmulatorServer, name: str) -> dict[str, Any]:
+    """What the Deployment controller reports once every replica runs the current template."""
+    dep = server.get("deployments.apps", name)
+    replicas = int(dep["spec"]["replicas"])
+    status = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+    }
+    return server.patch_status("deployments.apps", name, status)
+
+
+class ReadySampler:
+    """Samples the Ready condition in the background (the events check below catches what sampling misses)."""
+
+    def __init__(self, server: EmulatorServer, name: str) -> None:
+        self.server, self.name = server, name
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.seen.add(str(condition(ftj_status(self.server, self.name), "Ready").get("status")))
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def test_a_new_run_id_reruns_the_pipeline_and_rolls_the_deployment(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    # Run 1 (no runId: the layout of a job that never re-ran) up to Serving.
+    cluster.create(minimal("rerun", serve=SERVE))
+    wait_child(cluster, "Job", "rerun-sft")
+    succeed(cluster, "Job", "rerun-sft")
+    dep = cluster.wait_for_object("deployments.apps", "rerun-serve")
+    finish_rollout(cluster, "rerun-serve")
+    first = wait_state(cluster, "rerun", "Serving")
+    assert first["outputs"]["adapters"] == ["/mnt/volumes/outputs/rerun/sft"]
+    assert first["outputs"]["endpoint"] == ENDPOINT
+    ready_since = condition(first, "Ready")["lastTransitionTime"]
+    uid = dep["metadata"]["uid"]
+
+    # Run r2 with a changed training argument: only allowed together with a new runId.
+    sampler = ReadySampler(cluster, "rerun")
+    stage = {**minimal()["spec"]["stages"][0], "args": {"learning_rate": 1e-5}}
+    cluster.patch(FTJ, "rerun", {"spec": {"runId": "r2", "stages": [stage]}})
+    wait_event(cluster, "rerun", c.Reason.RUN_STARTED)
+    new_job = wait_child(cluster, "Job", "rerun-r2-sft")
+    status = cluster.wait_for(
+        lambda: (s := ftj_status(cluster, "rerun")).get("currentStage") == "sft" and s.get("run") == "r2" and s
+    )
+    # The new run trains; the previous model still answers at the same endpoint.
+    assert status["state"] == "Running"
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Progressing")["status"] == "True"
+    assert condition(status, "SpecAccepted")["status"] == "True"
+    assert status["outputs"]["endpoint"] == ENDPOINT
+    assert status["outputs"]["adapters"] == ["/mnt/volumes/outputs/rerun/sft"]  # still the previous run's
+    sft = next(s for s in status["stages"] if s["name"] == "sft")
+    assert sft["state"] == "Running" and sft["attempts"] == 1 and sft["workloadName"] == "rerun-r2-sft"
+    # Run-scoped children: the new run's ConfigMap and Job next to the previous run's, no duplicate.
+    assert children(cluster, "rerun") == [
+        ("ConfigMap", "rerun-config"),
+        ("Job", "rerun-sft"),
+        ("Deployment", "rerun-serve"),
+        ("Service", "rerun-serve"),
+        ("ConfigMap", "rerun-r2-config"),
+        ("Job", "rerun-r2-sft"),
+    ]
+    config = yaml.safe_load(cluster.get("configmaps", "rerun-r2-config")["data"]["sft.yaml"])
+    assert config["learning_rate"] == 1e-5
+    assert config["output_dir"] == "/mnt/volumes/outputs/rerun/r2/sft"
+    volumes = new_job["spec"]["template"]["spec"]["volumes"]
+    assert [v["configMap"]["name"] for v in volumes if "configMap" in v] == ["rerun-r2-config"]
+
+    # The new model is done: the same Deployment (same uid) is patched to it and rolls.
+    succeed(cluster, "Job", "rerun-r2-sft")
+    wait_event(cluster, "rerun", c.Reason.ROLLING_OUT)
+    rolled = cluster.wait_for_object(
+        "deployments.apps",
+        "rerun-serve",
+        condition=lambda d: (d["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) == "r2",
+    )
+    assert rolled["metadata"]["uid"] == uid and rolled["metadata"]["generation"] > dep["metadata"]["generation"]
+    args = rolled["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--lora-modules") + 1] == "rerun=/mnt/volumes/outputs/rerun/r2/sft"
+    assert rolled["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    # While it rolls the old pods serve: Ready, the endpoint, and the previous outputs stay.
+    status = ftj_status(cluster, "rerun")
+    assert condition(status, "Ready")["status"] == "True"
+    assert status["outputs"]["adapters"] == ["/mnt/volumes/outputs/rerun/sft"]
+    assert status["outputs"]["endpoint"] == ENDPOINT
+
+    # Rolled out: the outputs switch to the new run.
+    finish_rollout(cluster, "rerun-serve")
+    final = cluster.wait_for(
+        lambda: (
+            (s := ftj_status(cluster, "rerun"))["outputs"]["adapters"] == ["/mnt/volumes/outputs/rerun/r2/sft"] and s
+        )
+    )
+    assert sampler.stop() == {"True"}
+    assert final["state"] == "Serving" and final["run"] == "r2"
+    assert final["outputs"]["endpoint"] == ENDPOINT
+    assert condition(final, "Ready")["lastTransitionTime"] == ready_since  # never flipped
+    assert [e for e in events(cluster, "rerun") if e[1] == c.Reason.SERVING] == [
+        ("Normal", c.Reason.SERVING, f"serving at {ENDPOINT}")
+    ]  # Ready became True once: in run 1
+    assert cluster.get("deployments.apps", "rerun-serve")["metadata"]["uid"] == uid
+    assert sorted(n for k, n in children(cluster, "rerun") if k == "Deployment") == ["rerun-serve"]
+
+
+def test_a_new_run_id_restarts_a_failed_pipeline_and_stops_an_unfinished_run(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    cluster.create(minimal("again", runId="r1", retries=0))
+    wait_child(cluster, "Job", "again-r1-sft")
+    harness.fail_child(cluster, "Job", "again-r1-sft")
+    wait_state(cluster, "again", "Failed")
+
+    # A new run after a failure starts over.
+    cluster.patch(FTJ, "again", {"spec": {"runId": "r2"}})
+    wait_child(cluster, "Job", "again-r2-sft")
+    status = wait_state(cluster, "again", "Running")
+    assert condition(status, "Failed")["status"] == "False"
+    assert cluster.get("jobs.batch", "again-r1-sft") is not None  # a finished run is kept for inspection
+
+    # A new run while one trains: the unfinished workload is deleted, the new one created.
+    cluster.patch(FTJ, "again", {"spec": {"runId": "r3"}})
+    wait_child(cluster, "Job", "again-r3-sft")
+    cluster.wait_for(lambda: cluster.get("jobs.batch", "again-r2-sft") is None, message="r2 workload not deleted")
+    succeed(cluster, "Job", "again-r3-sft")
+    final = wait_state(cluster, "again", "Succeeded")
+    assert final["outputs"]["adapters"] == ["/mnt/volumes/outputs/again/r3/sft"]
+    assert final["run"] == "r3"
+
+
+def test_changing_training_fields_without_a_new_run_id_is_still_refused(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    cluster.create(minimal("same", runId="r1"))
+    wait_child(cluster, "Job", "same-r1-sft")
+    cluster.patch(FTJ, "same", {"spec": {"model": {"template": "llama3"}}})
+    (event,) = wait_event(cluster, "same", c.Reason.IMMUTABLE_FIELD)
+    assert "spec.model" in event[2] and "spec.runId" in event[2]
+    # Removing the runId is not a new run either.
+    cluster.patch(FTJ, "same", {"spec": {"model": {"template": "qwen"}, "runId": None}})
+    cluster.wait_for(
+        lambda: "spec.runId" in condition(ftj_status(cluster, "same"), "SpecAccepted").get("message", ""),
+        message="removing runId was not refused",
+    )
+    assert [n for k, n in children(cluster, "same") if k == "Job"] == ["same-r1-sft"]
