@@ -196,3 +196,26 @@ def test_changing_training_fields_without_a_new_run_id_is_still_refused(
         message="removing runId was not refused",
     )
     assert [n for k, n in children(cluster, "same") if k == "Job"] == ["same-r1-sft"]
+
+
+def test_a_run_start_interrupted_before_the_spec_is_accepted_resumes_once(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    cluster.create(minimal("crash", runId="r1"))
+    wait_child(cluster, "Job", "crash-r1-sft")
+    cluster.wait_for(lambda: (ftj_status(cluster, "crash").get("stages") or [{}])[0].get("attempts") == 1)
+    # The stage reset is written, then the accepted-spec write fails (409): the next try must not reset again.
+    fault = cluster.fail("patch", FTJ, subresource=None, status=409)
+    obj = cluster.get(FTJ, "crash")
+    obj["spec"]["runId"] = "r2"
+    cluster.replace(FTJ, obj)  # an update (PUT): the fault only catches the operator's patch
+    wait_child(cluster, "Job", "crash-r2-sft")
+    assert fault.hits == 1, "the accepted-spec write never failed"
+    cluster.wait_for(lambda: cluster.get("jobs.batch", "crash-r1-sft") is None, message="r1 workload not deleted")
+    status = cluster.wait_for(
+        lambda: ((s := ftj_status(cluster, "crash")).get("stages") or [{}])[0].get("attempts") == 1 and s
+    )
+    assert status["run"] == "r2" and condition(status, "SpecAccepted")["status"] == "True"
+    assert [e[1] for e in events(cluster, "crash")].count(c.Reason.RUN_STARTED) == 1  # reset once
+    succeed(cluster, "Job", "crash-r2-sft")
+    assert wait_state(cluster, "crash", "Succeeded")["outputs"]["adapters"] == ["/mnt/volumes/outputs/crash/r2/sft"]

@@ -684,6 +684,7 @@ class Reconciler:
             self._note_own_write(ctx)
             served = " (the previous model is served until the new one is ready)" if keep else ""
             ctx.events.append(st.Event("Normal", Reason.RUN_STARTED, f"run {run} started{served}"))
+            self._post(ctx)  # now: if the next write fails, the retry finds the reset done and posts nothing
         patch = {
             "metadata": {
                 "resourceVersion": ctx.ftj["metadata"].get("resourceVersion"),
