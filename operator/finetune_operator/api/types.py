@@ -143,7 +143,8 @@ class DatasetSpec(_Model):
 
 
 class OutputSpec(_Model):
-    """Where checkpoints, adapters and the merged model are written: ``<claim>/<subPath>/<job>/<stage>/``."""
+    """Where checkpoints, adapters and the merged model are written: ``<claim>/<subPath>/<job>/<stage>/``
+    (``<claim>/<subPath>/<job>/<runId>/<stage>/`` with ``spec.runId``)."""
 
     volume: VolumeRef
     """The output volume (ReadWriteMany when training spans several nodes)."""
@@ -324,7 +325,8 @@ class FineTuneJobSpec(_Model):
     """Names the run (DNS label, at most 20 characters). Changing it runs the whole pipeline again, the one
     way to re-run a job: together with it the training fields (model, datasets, stages, merge, ...) may change.
     Each run writes ``<out>/<job>/<runId>/...`` and has its own workloads; the vLLM Deployment rolls to the
-    new model and keeps the previous one serving until the new pods are ready."""
+    new model and keeps the previous one serving until the new pods are ready. Use a value not used before: an
+    earlier run's value finds that run's finished workloads and outputs, and reuses them."""
 
     def resolved_backend(self) -> Backend:
         """The backend in force: the explicit one, else ``job`` for single-node pipelines."""
