@@ -219,3 +219,30 @@ def test_a_run_start_interrupted_before_the_spec_is_accepted_resumes_once(
     assert [e[1] for e in events(cluster, "crash")].count(c.Reason.RUN_STARTED) == 1  # reset once
     succeed(cluster, "Job", "crash-r2-sft")
     assert wait_state(cluster, "crash", "Succeeded")["outputs"]["adapters"] == ["/mnt/volumes/outputs/crash/r2/sft"]
+
+
+def test_a_new_run_without_serving_removes_the_previous_server(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    cluster.create(minimal("unserve", serve=SERVE))
+    wait_child(cluster, "Job", "unserve-sft")
+    succeed(cluster, "Job", "unserve-sft")
+    cluster.wait_for_object("deployments.apps", "unserve-serve")
+    finish_rollout(cluster, "unserve-serve")
+    wait_state(cluster, "unserve", "Serving")
+
+    cluster.patch(FTJ, "unserve", {"spec": {"runId": "r2", "serve": {"enabled": False}}})
+    wait_child(cluster, "Job", "unserve-r2-sft")
+    cluster.wait_for(
+        lambda: (
+            cluster.get("deployments.apps", "unserve-serve") is None
+            and cluster.get("services", "unserve-serve") is None
+        ),
+        message="the previous server was not removed",
+    )
+    status = cluster.wait_for(lambda: (s := ftj_status(cluster, "unserve")).get("run") == "r2" and s)
+    assert "endpoint" not in (status.get("outputs") or {})
+    succeed(cluster, "Job", "unserve-r2-sft")
+    final = wait_state(cluster, "unserve", "Succeeded")
+    assert final["outputs"]["adapters"] == ["/mnt/volumes/outputs/unserve/r2/sft"]
+    assert condition(final, "Ready")["status"] == "True" and "endpoint" not in final["outputs"]

@@ -641,7 +641,8 @@ class Reconciler:
         The previous run's *unfinished* workloads are deleted (they would hold GPUs for a result nobody will
         use, and report progress into the new run's stages); its finished ones are left for inspection and
         go with the FineTuneJob (ownerReferences). The serve stage keeps its status: the Deployment goes on
-        serving the previous model, and is rolled to the new one at the serve step.
+        serving the previous model, and is rolled to the new one at the serve step (unless the new spec
+        disables serving: then the Deployment and Service are deleted).
         """
         run = specs.run_id(spec)
         if old_status.get("run") != run:
@@ -654,9 +655,26 @@ class Reconciler:
                     and ch.interpret(found).phase not in (ch.Phase.SUCCEEDED, ch.Phase.FAILED)
                 ):
                     await self.kube.delete(api, kind, ctx.namespace, wl_name)
+            keep = [
+                s for s in old_status.get("stages") or [] if s.get("type") == "serve" and int(s.get("attempts") or 0)
+            ]
+            unserved = False
+            if keep and not (spec.get("serve") or {}).get("enabled"):
+                # The new run serves nothing: the previous model's server goes now (nobody would manage it).
+                for api, kind in (("apps/v1", "Deployment"), ("v1", "Service")):
+                    name = str(keep[0].get("workloadName") or "")
+                    found = await self.kube.get(api, kind, ctx.namespace, name) if name else None
+                    if found is not None and ch.is_ours(found, ctx.uid):
+                        await self.kube.delete(api, kind, ctx.namespace, name)
+                keep = []
+                unserved = True
             generation = ctx.ftj["metadata"].get("generation")
             conditions = [dict(x) for x in old_status.get("conditions") or []]
-            for type_ in (c.ConditionType.FAILED, c.ConditionType.SUCCEEDED):
+            # Ready stays while the previous model is served; Failed/Succeeded were about the previous run.
+            reset_types = (c.ConditionType.FAILED, c.ConditionType.SUCCEEDED) + (
+                (c.ConditionType.READY,) if unserved else ()
+            )
+            for type_ in reset_types:
                 st.set_condition(
                     conditions,
                     type_,
@@ -666,9 +684,6 @@ class Reconciler:
                     now=ctx.stamp,
                     generation=generation,
                 )
-            keep = [
-                s for s in old_status.get("stages") or [] if s.get("type") == "serve" and int(s.get("attempts") or 0)
-            ]
             reset: dict[str, Any] = {
                 "run": run,
                 "state": c.State.RUNNING,
@@ -679,6 +694,8 @@ class Reconciler:
                 "progress": None,
                 "loss": None,
             }
+            if unserved:
+                reset["outputs"] = {"endpoint": None}
             patch = {"metadata": {"resourceVersion": ctx.ftj["metadata"].get("resourceVersion")}, "status": reset}
             ctx.ftj = await self.kube.patch(c.API_VERSION, c.KIND, ctx.namespace, ctx.name, patch, subresource="status")
             self._note_own_write(ctx)
