@@ -27,6 +27,22 @@ OPERATOR_SA = ("finetune-operator", "finetune-system")
 #: Permissions granted although no recorded request used them, each with its reason. Keep it empty if you can.
 ALLOWED_UNUSED: dict[Permission, str] = {}
 
+_ADOPTION = (
+    "read with a fresh GET only when a create answers 409 AlreadyExists (a lost response or a restart), "
+    "to adopt the existing child; the operator's watch cache serves every other read, so whether a scenario "
+    "takes this path depends on timing (Reconciler._create)"
+)
+#: Permissions used on paths whose occurrence depends on timing: exempt from the "unused" check (they may or
+#: may not be used in a given run), never from the "allowed" check.
+RACE_PATHS: dict[Permission, str] = {
+    Permission("batch", "jobs", "get"): _ADOPTION,
+    Permission("kubeflow.org", "pytorchjobs", "get"): _ADOPTION,
+    Permission("batch.tensorstack.dev", "deepspeedjobs", "get"): _ADOPTION,
+    Permission("apps", "deployments", "get"): _ADOPTION,
+    Permission("", "configmaps", "get"): _ADOPTION,
+    Permission("", "services", "get"): _ADOPTION,
+}
+
 EXPECTED_FINAL_STATES = {
     "ml/llama3-lora-sft": "Succeeded",
     "ml/qwen-qlora": "Succeeded",
@@ -153,7 +169,8 @@ def test_every_operator_request_is_allowed_by_the_chart(recorded: Session) -> No
 def test_every_granted_permission_is_used(recorded: Session) -> None:
     grants = grants_for(recorded.chart_objects, *OPERATOR_SA)
     unused = evaluate(grants, [Request(*r) for r in recorded.requests]).unused
-    left = {src: [p for p in perms if p not in ALLOWED_UNUSED] for src, perms in unused.items()}
+    exempt = ALLOWED_UNUSED.keys() | RACE_PATHS.keys()
+    left = {src: [p for p in perms if p not in exempt] for src, perms in unused.items()}
     left = {src: perms for src, perms in left.items() if perms}
     assert not left, f"{recorded.mode}: permissions nothing used (drop them, or allowlist with a reason): {left}"
 
@@ -168,6 +185,15 @@ def test_allowlist_entries_have_reasons_and_are_still_needed() -> None:
     for permission, reason in ALLOWED_UNUSED.items():
         assert len(reason.split()) >= 6, f"{permission}: give a reason"
         assert permission in unused_anywhere, f"{permission} is used now: remove it from ALLOWED_UNUSED"
+    granted = {
+        p
+        for grant in grants_for(session("cluster-wide").chart_objects, *OPERATOR_SA)
+        for rule in grant.rules
+        for p in permissions(rule)
+    }
+    for permission, reason in RACE_PATHS.items():
+        assert len(reason.split()) >= 6, f"{permission}: give a reason"
+        assert permission in granted, f"{permission} is not granted any more: remove it from RACE_PATHS"
 
 
 def test_namespaced_mode_stays_in_its_namespaces() -> None:
