@@ -60,14 +60,20 @@ class ConditionType:
     """``spec.suspend`` is true and the running workload is suspended."""
     PROGRESSING: Final = "Progressing"
     """A stage is running (or waiting to be admitted)."""
+    SPEC_ACCEPTED: Final = "SpecAccepted"
+    """The current spec is the one being driven (False after a refused edit or an invalid change)."""
 
     ALL: Final = (READY, SUCCEEDED, FAILED, SUSPENDED, PROGRESSING)
+    """The five pipeline conditions, in display order (SpecAccepted is listed after them)."""
 
 
 class Reason:
     """``reason`` values of conditions and events: CamelCase, stable, documented."""
 
     INVALID_SPEC: Final = "InvalidSpec"
+    ACCEPTED: Final = "Accepted"
+    CHILD_CONFLICT: Final = "ChildConflict"
+    CREATE_FAILED: Final = "CreateFailed"
     IMMUTABLE_FIELD: Final = "ImmutableField"
     STAGE_STARTED: Final = "StageStarted"
     STAGE_RUNNING: Final = "StageRunning"

@@ -60,12 +60,11 @@ from finetune_operator.render.plan import Plan, Step
 
 log = logging.getLogger(__name__)
 
-#: Condition type telling whether the current spec is the one being driven (False after a refused edit).
-SPEC_ACCEPTED: Final = "SpecAccepted"
-#: Event/condition reasons used only by the operator (the shared ones live in api/constants.py).
-REASON_ACCEPTED: Final = "Accepted"
-REASON_CHILD_CONFLICT: Final = "ChildConflict"
-REASON_CREATE_FAILED: Final = "CreateFailed"
+#: Aliases of the shared constants (api/constants.py), kept for the call sites below.
+SPEC_ACCEPTED: Final = c.ConditionType.SPEC_ACCEPTED
+REASON_ACCEPTED: Final = Reason.ACCEPTED
+REASON_CHILD_CONFLICT: Final = Reason.CHILD_CONFLICT
+REASON_CREATE_FAILED: Final = Reason.CREATE_FAILED
 
 ValidateFn = Callable[[Mapping[str, Any]], FineTuneJob]
 RenderFn = Callable[[FineTuneJob], Plan]
