@@ -17,17 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from tests.emulator.emulator import RequestRecord
 
-class Request(NamedTuple):
-    """An API request as RBAC sees it (the emulator's ``RequestRecord`` has the same fields)."""
-
-    verb: str
-    group: str
-    version: str
-    resource: str
-    subresource: str | None
-    namespace: str | None
-    name: str | None
+#: An API request as RBAC sees it: the emulator's request-log record (one definition for both).
+Request = RequestRecord
 
 
 class Permission(NamedTuple):
