@@ -198,7 +198,13 @@ want() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
 h_debian="$(printf '%s %s' "$(recipe build_debian)" bookworm | digest)"
 h_python="$(printf '%s %s' "$(recipe build_python)" "$h_debian" | digest)"
 h_torch="$(printf '%s %s' "$(recipe build_torch)" "$h_python" | digest)"
-h_product="$(files_hash images/Dockerfile .dockerignore pyproject.toml README.md operator)"
+# README.md (the wheel's long description) and pyproject's [tool.*] tables other than setuptools (linters,
+# pytest) change nothing that is installed: leaving them out keeps such edits from rebuilding the images.
+h_pyproject="$(python3 -c 'import json, tomllib
+d = tomllib.load(open("pyproject.toml", "rb"))
+d["tool"] = {"setuptools": d.get("tool", {}).get("setuptools")}
+print(json.dumps(d, sort_keys=True))' | digest)"
+h_product="$(printf '%s %s' "$(files_hash images/Dockerfile .dockerignore operator)" "$h_pyproject" | digest)"
 h_operator="$(printf 'operator %s %s %s' "$(recipe build_target)" "$h_product" "$h_python" | digest)"
 h_worker="$(printf 'worker %s %s %s' "$(recipe build_target)" "$h_product" "$h_torch" | digest)"
 h_vllm="$(printf '%s %s %s' "$(recipe build_vllm)" "$(files_hash scripts/install-vllm.sh)" "$h_python" | digest)"

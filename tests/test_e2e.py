@@ -17,41 +17,29 @@ fixture runs it too, a no-op when nothing changed). One shared tiny model, tiny 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from finetune_operator.local.tinymodel import build_demo_data
 from finetune_operator.worker.train import checkpoints, is_complete_checkpoint
-from tests.emulator import EmulatorServer
-from tests.install_tools import ROOT, find_helm, render_chart
-from tests.node_agent import NodeAgent, available
-from tests.node_agent.hub import Hub
-from tests.operator_session import FTJ, operator_command
+from tests.e2e_harness import NS, REPO, TOKEN_SECRET, Cluster, build_images
+from tests.e2e_harness import cluster as start_cluster
+from tests.install_tools import ROOT
+from tests.node_agent import available
 from tests.test_local_run import shared_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TAG = os.environ.get("FT_IMAGE_TAG", "dev")
-WORKER_IMAGE = f"localhost/finetune-worker:{TAG}"
-VLLM_IMAGE = f"localhost/finetune-vllm:{TAG}"
 CANARY = "hf_E2E-CANARY-4b1d9e7a-never-print-me"
-REPO = "org/tiny-qwen2"
-NS = "e2e"
 VLLM_PORT = 8000
 
 
@@ -60,80 +48,14 @@ def images() -> None:
     why = available()
     if why:
         pytest.skip(f"containers cannot run here: {why}")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), "worker", "vllm"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=3600, check=False)
+    proc = build_images("worker", "vllm")
     assert proc.returncode == 0, proc.stderr[-6000:]
-
-
-@dataclass
-class Cluster:
-    server: EmulatorServer
-    agent: NodeAgent
-    hub: Hub
-    root: Path
-    kube_env: dict[str, str]
-    operator_log: Path
-
-    def kubectl(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        kubectl = str(Path(sys.executable).parent / "kubectl")
-        proc = subprocess.run([kubectl, *args], env=self.kube_env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-        if check:
-            assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}"
-        return proc
-
-    def status(self, name: str) -> dict[str, Any]:
-        return dict((self.server.get(FTJ, name, NS) or {}).get("status") or {})
 
 
 @pytest.fixture(scope="module")
 def cluster(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("e2e")
-    model = shared_tiny_model(tmp_path_factory)
-    hub = Hub(REPO, model, CANARY).start()
-    server = EmulatorServer().start()
-    proc: subprocess.Popen[bytes] | None = None
-    agent: NodeAgent | None = None
-    log_path = root / "operator.log"
-    try:
-        server.apply_crd(ROOT / "crds")
-        server.ensure_namespace(NS)
-        # The stand-in's worker ServiceAccount; the Secret as `kubectl create secret` stores it (data, base64).
-        server.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
-                       "type": "Opaque", "data": {"token": base64.b64encode(CANARY.encode()).decode()}})
-        chart = render_chart(find_helm(), {}, tmp_path=root)
-        cmd, chart_env = operator_command(chart, _free_port(), _free_port())
-        kube_env = server.env(server.kubeconfig(root / "kubeconfig", namespace=NS))
-        env = {**kube_env, **chart_env, "FT_WORKER_IMAGE": WORKER_IMAGE, "FT_VLLM_IMAGE": VLLM_IMAGE,
-               "PYTHONUNBUFFERED": "1"}
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-        # Node-level environment (README of tests/node_agent): the hub's address (huggingface.co cannot be
-        # pointed at the stand-in, TLS), the API server's plain-HTTP address for the workers' progress reports.
-        node_env = {"HF_ENDPOINT": hub.url, "FT_KUBE_API": server.url, "FT_PROGRESS_INTERVAL": "0"}
-        agent = NodeAgent(server, root / "node", node_env=node_env).start()
-        data = agent.kubelet.claim_dir(NS, "demo-data")
-        build_demo_data(data)
-        yield Cluster(server, agent, hub, root, kube_env, log_path)
-    finally:
-        if agent is not None:
-            agent.stop()
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        server.stop()
-        hub.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with start_cluster(tmp_path_factory.mktemp("e2e"), shared_tiny_model(tmp_path_factory), CANARY) as c:
+        yield c
 
 
 def spec(name: str, backend: str, nodes: int = 1) -> dict[str, Any]:
@@ -144,7 +66,7 @@ def spec(name: str, backend: str, nodes: int = 1) -> dict[str, Any]:
     s = doc["spec"]
     s["backend"] = backend
     s["model"]["source"] = REPO
-    s["model"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
+    s["model"]["tokenSecretRef"] = dict(TOKEN_SECRET)
     s["model"]["volume"] = {"claimName": "models", "subPath": name}
     s["retries"] = 1
     for stage in s["stages"]:
@@ -214,11 +136,11 @@ def assert_common(cluster: Cluster, name: str, served: str) -> None:
         prefix = max((p for p in wanted if rec.pod.startswith(p)), key=len)
         assert rec.user == wanted[prefix] or (wanted[prefix] == "image" and rec.user), (rec, wanted[prefix])
     # ... and the files they wrote are owned by it (the kernel's word, not the agent's).
-    out = cluster.agent.kubelet.claim_dir(NS, "demo-outputs") / name
+    out = cluster.claim("demo-outputs") / name
     merged = out / "merged"
     assert (merged / "config.json").is_file()
     assert (merged / "config.json").stat().st_uid == 65532
-    model_dir = cluster.agent.kubelet.claim_dir(NS, "models") / name
+    model_dir = cluster.claim("models") / name
     assert (model_dir / "config.json").stat().st_uid == 65532
     # The token: used (the hub saw it) and nowhere else.
     assert any(ok for _m, _p, ok in cluster.hub.requests)
@@ -240,15 +162,13 @@ spec_for: dict[str, dict[str, Any]] = {}
 
 
 def stop_serving(cluster: Cluster, name: str) -> None:
-    """Delete the job (its Deployment goes with it) so the next backend's vLLM can bind the port."""
+    """Delete the job (its Deployment goes with it) so that the next backend's vLLM can bind the port."""
+    deployment = cluster.server.get("deployments.apps", f"{name}-serve", NS)
+    assert deployment is not None
     cluster.kubectl("delete", "ftj", name, "--wait=false")
     cluster.server.wait_for(lambda: cluster.server.get("deployments.apps", f"{name}-serve", NS) is None, 60)
-    cluster.server.wait_for(lambda: not any(r.pod.startswith(f"{name}-serve") and r.exit_code is None
-                                            and _running(cluster, r) for r in cluster.agent.records), 60)
-
-
-def _running(cluster: Cluster, rec: Any) -> bool:
-    return any(p.log_path == rec.log_path and p.running() for ps in cluster.agent._procs.values() for p in ps)
+    for proc in cluster.agent.processes(deployment["metadata"]["uid"]):
+        proc.popen.wait(60)
 
 
 def test_job_backend_end_to_end(cluster: Cluster) -> None:
@@ -274,7 +194,7 @@ def test_job_backend_end_to_end(cluster: Cluster) -> None:
     for proc in procs:
         proc.popen.wait(60)
     # What the killed container left: the retry must resume from the newest complete checkpoint.
-    out = cluster.agent.kubelet.claim_dir(NS, "demo-outputs") / name / "sft"
+    out = cluster.claim("demo-outputs") / name / "sft"
     complete = [step for step, path in checkpoints(out) if is_complete_checkpoint(path)]
     assert complete, "no complete checkpoint before the kill"
     # The Job fails (exit 137, backoffLimit 0), the operator retries the stage, the worker resumes.
@@ -288,5 +208,44 @@ def test_job_backend_end_to_end(cluster: Cluster) -> None:
     assert resumed, sft_logs[1].log_path.read_text()[-3000:]
     assert int(resumed.group(1)) == max(complete), (resumed.group(0), complete)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    assert_common(cluster, name, "tiny-chat")
+    stop_serving(cluster, name)
+
+
+def test_pytorchjob_backend_end_to_end(cluster: Cluster) -> None:
+    """Two nodes (Master + Worker) for both stages, with the training-operator's environment."""
+    name = "e2e-ptj"
+    doc = spec(name, "pytorchjob", nodes=2)
+    spec_for[name] = doc
+    apply(cluster, doc)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    for stage in ("sft", "dpo"):
+        pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
+        assert pods == {f"{name}-{stage}-master-0", f"{name}-{stage}-worker-0"}, pods
+    marker = json.loads((cluster.claim("demo-outputs") / name / "sft" /
+                         ".finetune-complete.json").read_text())
+    assert marker["writer"]["nnodes"] == 2 and marker["writer"]["backend"] == "pytorchjob"
+    assert_common(cluster, name, "tiny-chat")
+    stop_serving(cluster, name)
+
+
+def test_deepspeedjob_backend_end_to_end(cluster: Cluster) -> None:
+    """Two workers with sshd, DeepSpeed's launcher over SSH (pdsh), ZeRO-2, as T9k's controller runs it."""
+    name = "e2e-dsj"
+    doc = spec(name, "deepspeedjob", nodes=2)
+    for stage in doc["spec"]["stages"]:
+        stage["deepspeed"] = {"zeroStage": 2}
+    spec_for[name] = doc
+    apply(cluster, doc)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    for stage in ("sft", "dpo"):
+        pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
+        assert pods == {f"{name}-{stage}-worker-0", f"{name}-{stage}-worker-1", f"{name}-{stage}-launcher"}, pods
+    out = cluster.claim("demo-outputs") / name / "sft"
+    marker = json.loads((out / ".finetune-complete.json").read_text())
+    assert marker["writer"]["backend"] == "deepspeedjob"
+    launcher = next(r for r in cluster.agent.records if r.pod == f"{name}-sft-launcher")
+    log = launcher.log_path.read_text(errors="replace")
+    assert f"{name}-sft-worker-1" in log and launcher.exit_code == 0  # the runner reached both hosts
     assert_common(cluster, name, "tiny-chat")
     stop_serving(cluster, name)

@@ -14,8 +14,14 @@ from typing import Any
 
 from tests.emulator import EmulatorServer
 from tests.node_agent.buildah import Containers, Process
-from tests.node_agent.controllers import CONTROLLERS, Controller
+from tests.node_agent.controllers import Controller, DeploymentController, JobController, PyTorchJobController
+from tests.node_agent.deepspeed import DeepSpeedJobController
 from tests.node_agent.pods import ContainerRecord, Kubelet
+
+#: Workload resource -> its controller.
+CONTROLLERS: dict[str, type[Controller]] = {
+    c.resource: c for c in (JobController, PyTorchJobController, DeepSpeedJobController, DeploymentController)
+}
 
 
 class NodeAgent:

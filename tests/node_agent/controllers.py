@@ -18,7 +18,7 @@ operator reads (finetune_operator.controller.children):
     1-127) or retryable failures exceed ``runPolicy.backoffLimit``.
 ``DeepSpeedJob`` (batch.tensorstack.dev/v1beta1)
     What T9k's controller does: worker pods start sshd; a launcher runs DeepSpeed's multi-node launcher with
-    a hostfile over SSH into them (:mod:`tests.node_agent.deepspeed`); ``status.phase``.
+    a hostfile over SSH into them; ``status.phase`` (:mod:`tests.node_agent.deepspeed`).
 ``Deployment`` (apps/v1)
     ``spec.replicas`` pods (restarted when they exit, ``restartPolicy: Always``); ``availableReplicas`` counts
     the pods whose rendered readiness probe (``httpGet`` on the named port) answers 2xx; a new generation rolls
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import subprocess
 import string
+import subprocess
 import threading
 import time
 import urllib.error
@@ -356,7 +356,3 @@ class DeploymentController(Controller):
         with contextlib.suppress(TimeoutError):
             self.wait(lambda o: int(o["metadata"].get("generation") or 1) != generation, timeout)
 
-
-CONTROLLERS: dict[str, type[Controller]] = {
-    c.resource: c for c in (JobController, PyTorchJobController, DeploymentController)
-}

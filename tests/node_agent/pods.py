@@ -130,6 +130,8 @@ class Kubelet:
                 for p in [folder, *folder.iterdir()]:
                     os.chmod(p, 0o755 if p.is_dir() else 0o644)
                 out[name] = (folder, False)
+            elif "hostPath" in vol:  # only the agent's own (T9k's SSH keys); rendered pods have none
+                out[name] = (Path(vol["hostPath"]["path"]), False)
             elif "emptyDir" in vol:
                 folder = pod_dir / "emptydir" / name
                 folder.mkdir(parents=True, exist_ok=True)
