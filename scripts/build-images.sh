@@ -158,8 +158,10 @@ build_torch() {
 
 # ---- product images -------------------------------------------------------------------------------------
 
+# --layers: every Dockerfile step is cached as an image of its own, so a code change rebuilds only the small
+# layer that installs our wheel, not the worker's gigabytes of dependencies (vfs stores each layer in full).
 build_target() {  # TARGET IMAGE HASH
-  buildah bud --quiet --layers=false -f images/Dockerfile --target "$1" \
+  buildah bud --quiet --layers -f images/Dockerfile --target "$1" \
     --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_IMAGE="$TORCH_IMAGE" \
     --build-arg REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     "${pip_mount_args[@]}" --label "$LABEL_KEY=$3" -t "$2" . >/dev/null
