@@ -113,8 +113,6 @@ class Controller:
             if record.exit_code != 0 and code == 0:
                 code = record.exit_code
                 message = f"pod {pod.name} container {record.container} exited with code {code}"
-                if record.termination_message():
-                    message += f": {record.termination_message()}"
         return code, message
 
     def run(self) -> None:

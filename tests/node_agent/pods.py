@@ -61,13 +61,7 @@ class ContainerRecord:
     user: str | None
     argv: list[str]
     log_path: Path
-    termination_path: Path | None = None
     exit_code: int | None = None
-
-    def termination_message(self) -> str:
-        if self.termination_path is None or not self.termination_path.exists():
-            return ""
-        return self.termination_path.read_text(errors="replace").strip()
 
 
 class Kubelet:
@@ -264,13 +258,7 @@ class Kubelet:
                 argv = entry + list(rest)
             if not argv:
                 raise PodError(f"container {container['name']}: no command")
-            # The termination message file (terminationMessagePath): what the container writes there becomes the
-            # failure message, as the kubelet reports it in the container status.
-            term = pod_dir / f"termination-{container['name']}"
-            term.write_text("")
-            os.chmod(term, 0o666)
-            term_path = container.get("terminationMessagePath", "/dev/termination-log")
-            mounts = [Mount(str(hosts), "/etc/hosts", read_only=True), Mount(str(term), term_path), *sa_mount]
+            mounts = [Mount(str(hosts), "/etc/hosts", read_only=True), *sa_mount]
             for vm in container.get("volumeMounts") or []:
                 if vm["name"] not in volumes:
                     raise PodError(f"volumeMount {vm['name']}: no such volume")
@@ -282,7 +270,7 @@ class Kubelet:
                 mounts.append(Mount(str(host), vm["mountPath"], read_only=bool(vm.get("readOnly"))))
             env = self._env(pod, container)
             record = ContainerRecord(pod.namespace, pod.name, container["name"], image, user, argv,
-                                     logs / f"{pod.namespace}_{pod.name}_{container['name']}.log", term)
+                                     logs / f"{pod.namespace}_{pod.name}_{container['name']}.log")
             proc = self.containers.run(
                 image, argv, user=user, workdir=container.get("workingDir") or cfg.get("WorkingDir") or None,
                 env=env, mounts=mounts, hostname=pod.hostname, log_path=record.log_path,
