@@ -99,6 +99,16 @@ pip_mounts() {
 pip_mount_args=()
 while IFS= read -r line; do pip_mount_args+=("$line"); done < <(pip_mounts)
 
+# pip's download cache of this machine, shared with the vLLM image's `buildah run` step: what
+# scripts/setup.sh and scripts/install-vllm.sh already downloaded is not fetched again, and nothing of the
+# cache lands in an image (it is a mount). The Dockerfile's own steps use --no-cache-dir, as a cluster build does.
+pip_cache_args=()
+host_cache="$(python3 -m pip cache dir 2>/dev/null || true)"
+if [[ -n "$host_cache" ]]; then
+  mkdir -p "$host_cache"
+  pip_cache_args=(-v "$host_cache:/root/.cache/pip")
+fi
+
 # The pip settings of this machine as environment (PIP_* variables), for `buildah run`.
 pip_env_args=()
 while IFS='=' read -r k v; do pip_env_args+=(--env "$k=$v"); done < <(env | grep -E '^PIP_(CERT|FIND_LINKS|CONSTRAINT|EXTRA_INDEX_URL|INDEX_URL|DEFAULT_TIMEOUT)=' || true)
@@ -160,8 +170,9 @@ build_torch() {
 
 # --layers: every Dockerfile step is cached as an image of its own, so a code change rebuilds only the small
 # layer that installs our wheel, not the worker's gigabytes of dependencies (vfs stores each layer in full).
+# --format docker: the Dockerfile's SHELL (bash with pipefail) is honoured, as `docker build` does.
 build_target() {  # TARGET IMAGE HASH
-  buildah bud --quiet --layers -f images/Dockerfile --target "$1" \
+  buildah bud --quiet --layers --format docker -f images/Dockerfile --target "$1" \
     --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_IMAGE="$TORCH_IMAGE" \
     --build-arg REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     "${pip_mount_args[@]}" --label "$LABEL_KEY=$3" -t "$2" . >/dev/null
@@ -170,7 +181,7 @@ build_target() {  # TARGET IMAGE HASH
 build_vllm() {
   local ctr
   new_container "$PYTHON_IMAGE"
-  buildah run "${pip_mount_args[@]}" "${pip_env_args[@]}" --env PIP_NO_CACHE_DIR=1 \
+  buildah run "${pip_mount_args[@]}" "${pip_cache_args[@]}" "${pip_env_args[@]}" \
     -v "$PWD/scripts/install-vllm.sh:/usr/local/share/install-vllm.sh:ro" "$ctr" -- \
     sh -c 'PYTHON=/usr/bin/python3 bash /usr/local/share/install-vllm.sh /opt/vllm >/dev/null'
   buildah config --env PATH=/opt/vllm/bin:/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
