@@ -91,30 +91,54 @@ class Process:
     argv: list[str] = field(default_factory=list)
 
     def wait(self, timeout: float | None = None) -> int:
+        # Like a kubelet tearing the container down: whatever the main process left running dies with it
+        # (collected first: once buildah exits, orphans are re-parented and lost from view).
+        descendants = self._descendants()
         rc = self.popen.wait(timeout)
-        # Like a kubelet tearing the container down: whatever the main process left running dies with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._kill_all(descendants + self._descendants(), signal.SIGKILL)
         tail = self.log_path.read_bytes()[-4000:].decode(errors="replace")
         return exit_code(rc, tail)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of the container (also those in sessions of their own, as a cgroup would)."""
+        self._kill_all(self._descendants(), sig)
+
+    def _kill_all(self, pids: list[int], sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    def _descendants(self) -> list[int]:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+        children: dict[int, list[int]] = {}
+        for line in out.splitlines():
+            pid, ppid = (int(x) for x in line.split())
+            children.setdefault(ppid, []).append(pid)
+        found, todo = [], [self.popen.pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                found.append(child)
+                todo.append(child)
+        return found
+
     def inner_pids(self) -> list[int]:
         """PIDs of the container's processes (below buildah's chroot helpers), oldest first."""
-        out = subprocess.run(["ps", "-o", "pid=,cmd=", "-g", str(self.popen.pid)], capture_output=True, text=True)
-        pids = []
-        for line in out.stdout.splitlines():
+        pids = self._descendants()
+        if not pids:
+            return []
+        out = subprocess.run(["ps", "-o", "pid=,cmd=", "-p", ",".join(map(str, pids))], capture_output=True,
+                             text=True).stdout
+        inner = []
+        for line in out.splitlines():
             pid, _, cmd = line.strip().partition(" ")
-            if cmd.startswith(("buildah", "buildah-chroot")):
-                continue
-            pids.append(int(pid))
-        return sorted(pids)
+            if not cmd.startswith("buildah"):
+                inner.append(int(pid))
+        return sorted(inner)
 
 
 class Containers:
