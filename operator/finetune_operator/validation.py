@@ -970,6 +970,34 @@ SFT_ONLY_ARGS = frozenset({"predict_with_generate", "neat_packing", "train_on_pr
 
 
 @_rule
+def backend_fields_fit(ctx: _Context) -> Iterator[FieldError]:
+    """What a backend's workload API cannot express is refused here, not by the API server mid-pipeline.
+
+    ``trainjob``: Trainer v2 requires RFC 1035 TrainJob names (starting with a letter; the TrainJob is named
+    after the FineTuneJob), and its runtime patches cannot set ``priorityClassName`` or ``schedulerName`` (the
+    runtime owns them). ``trainingRuntime`` only means something to ``trainjob``.
+    """
+    backend = ctx.spec.get("backend")
+    if backend == "trainjob":
+        meta = ctx.obj.get("metadata")
+        name = meta.get("name") if isinstance(meta, Mapping) else None
+        if isinstance(name, str) and name and not name[0].isalpha():
+            yield FieldError(
+                "metadata.name", "must start with a letter with backend trainjob (Trainer v2 needs RFC 1035 names)"
+            )
+        sched = ctx.section("scheduling")
+        for key in ("priorityClassName", "schedulerName"):
+            if sched.get(key):
+                yield FieldError(
+                    f"spec.scheduling.{key}",
+                    "cannot be set with backend trainjob: the TrainJob's runtime decides it (set it in the "
+                    "ClusterTrainingRuntime, or use Kueue's priority classes)",
+                )
+    elif ctx.spec.get("trainingRuntime") is not None:
+        yield FieldError("spec.trainingRuntime", f"is only used by backend trainjob, not {backend or 'the default'}")
+
+
+@_rule
 def args_keys_allowed(ctx: _Context) -> Iterator[FieldError]:
     for i, stage in ctx.stages():
         method = ctx.method(stage)
