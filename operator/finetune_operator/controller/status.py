@@ -77,7 +77,7 @@ def set_condition(
 
 # ------------------------------------------------------------------------------------------------ progress
 
-_PROGRESS_KEYS = ("step", "totalSteps", "percent", "loss", "epoch", "eta", "updateTime")
+_PROGRESS_KEYS = ("step", "totalSteps", "percent", "loss", "epoch", "eta", "learningRate", "updateTime")
 
 
 def fold_progress(reported: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -154,7 +154,7 @@ PROGRESS_FIELDS = ("progress", "loss")
 def strip_progress(status: Mapping[str, Any]) -> dict[str, Any]:
     """``status`` without progress-only fields: two statuses equal after this differ only in progress."""
     out = {k: v for k, v in status.items() if k not in PROGRESS_FIELDS and k != "reported"}
-    out["stages"] = [{k: v for k, v in s.items() if k != "progress"} for s in status.get("stages") or []]
+    out["stages"] = [{k: v for k, v in s.items() if k not in ("progress", "history")} for s in status.get("stages") or []]
     return out
 
 
