@@ -181,7 +181,8 @@ PROGRESS_FIELDS = ("progress", "loss")
 def strip_progress(status: Mapping[str, Any]) -> dict[str, Any]:
     """``status`` without progress-only fields: two statuses equal after this differ only in progress."""
     out = {k: v for k, v in status.items() if k not in PROGRESS_FIELDS and k != "reported"}
-    out["stages"] = [{k: v for k, v in s.items() if k not in ("progress", "history")} for s in status.get("stages") or []]
+    stages = status.get("stages") or []
+    out["stages"] = [{k: v for k, v in s.items() if k not in ("progress", "history")} for s in stages]
     return out
 
 
