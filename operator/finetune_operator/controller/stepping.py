@@ -104,7 +104,7 @@ class Stepping(Accepting):
             progress = st.typed_progress(report)
             if progress is not None:
                 sst.progress = progress
-            if step.kind == "train" and (point := point_from_report(report)) is not None:
+            if step.kind == "train" and (point := point_from_report(st.bounded_report(report))) is not None:
                 # The loss curve in status: each new reported step becomes a point, merged down to a bound.
                 sst.history = add_point(sst.history or [], point)
             out.append(sst)
