@@ -403,8 +403,25 @@ class StageProgress(_Model):
     """Current (fractional) epoch."""
     eta: str | None = None
     """Estimated time remaining (e.g. ``0:12:34``)."""
+    learning_rate: float | None = None
+    """Learning rate at the reported step."""
     update_time: str | None = None
     """When the worker reported (RFC 3339)."""
+
+
+class LossPoint(_Model):
+    """One point of a stage's loss history; a merged point stands for ``samples`` reports (their mean)."""
+
+    step: int = Field(ge=0)
+    """Optimizer step (the last step of the reports this point merges)."""
+    loss: float | None = None
+    """Training loss (mean over the merged reports)."""
+    learning_rate: float | None = None
+    """Learning rate (mean over the merged reports)."""
+    epoch: float | None = None
+    """Fractional epoch at ``step``."""
+    samples: int = Field(default=1, ge=1)
+    """How many worker reports this point merges."""
 
 
 class StageStatus(_Model):
@@ -430,6 +447,8 @@ class StageStatus(_Model):
     """Last message (the child's failure reason, ...)."""
     progress: StageProgress | None = None
     """Training progress."""
+    history: list[LossPoint] | None = Field(default=None, max_length=200)
+    """Loss history of a training stage: at most 200 points, older points merged so the curve keeps its shape."""
 
 
 class Outputs(_Model):
