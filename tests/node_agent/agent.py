@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.emulator import EmulatorServer
+from tests.emulator.players import RESOURCE
 from tests.node_agent.buildah import Containers, Process
 from tests.node_agent.controllers import Controller, DeploymentController, JobController, PyTorchJobController
 from tests.node_agent.deepspeed import DeepSpeedJobController
 from tests.node_agent.pods import ContainerRecord, Kubelet
 
-#: Workload resource -> its controller.
+#: Workload kind -> its controller. The training kinds are the backend registry's (finetune_operator.backends);
+#: a backend without a controller here (Kubeflow Trainer v2's TrainJob) is not run by the agent.
 CONTROLLERS: dict[str, type[Controller]] = {
-    c.resource: c for c in (JobController, PyTorchJobController, DeepSpeedJobController, DeploymentController)
+    c.kind: c for c in (JobController, PyTorchJobController, DeepSpeedJobController, DeploymentController)
 }
 
 
@@ -73,12 +75,13 @@ class NodeAgent:
 
     # ---- loop
     def _scan(self) -> list[tuple[str, dict[str, Any]]]:
-        """New workloads (by uid) and uids of workloads that vanished."""
+        """(kind, object) of every stored workload the agent runs."""
         found = []
-        for resource in CONTROLLERS:
+        for kind in CONTROLLERS:
+            resource = RESOURCE[kind]
             group, _version, plural = self.server.emulator.resolve(resource)
             for obj in self.server.emulator.objects_of(group, plural):
-                found.append((resource, obj))
+                found.append((kind, obj))
         return found
 
     def _loop(self) -> None:
@@ -92,13 +95,13 @@ class NodeAgent:
                 continue
             seen[0] = self.server.emulator.resource_version
             live: set[str] = set()
-            for resource, obj in self._scan():
+            for kind, obj in self._scan():
                 uid = obj["metadata"]["uid"]
                 if obj["metadata"].get("deletionTimestamp"):
                     continue
                 live.add(uid)
                 if uid not in self._controllers:
-                    ctrl = CONTROLLERS[resource](self, obj)
+                    ctrl = CONTROLLERS[kind](self, obj)
                     thread = threading.Thread(target=self._guard, args=(ctrl,), daemon=True,
                                               name=f"node-agent {ctrl.kind} {ctrl.namespace}/{ctrl.name}")
                     self._controllers[uid] = (ctrl, thread)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tests.emulator.players import RESOURCE
 from tests.node_agent.pods import ContainerRecord, Pod, PodError
 
 if TYPE_CHECKING:
@@ -65,7 +66,11 @@ class Controller:
     """Base: one thread per workload object."""
 
     kind = ""
-    resource = ""
+
+    @property
+    def resource(self) -> str:
+        """Where the emulator keeps this kind (from the backend registry, via the players' table)."""
+        return RESOURCE[self.kind]
 
     def __init__(self, agent: NodeAgent, obj: dict[str, Any]) -> None:
         self.agent = agent
@@ -123,7 +128,7 @@ class Controller:
 
 
 class JobController(Controller):
-    kind, resource = "Job", "jobs.batch"
+    kind = "Job"
 
     def _fail_job_codes(self, spec: dict[str, Any]) -> set[int]:
         codes: set[int] = set()
@@ -209,7 +214,7 @@ class JobController(Controller):
 
 
 class PyTorchJobController(Controller):
-    kind, resource = "PyTorchJob", "pytorchjobs.kubeflow.org"
+    kind = "PyTorchJob"
     #: The training-operator's default rendezvous port (a container port named pytorchjob-port overrides it).
     DEFAULT_PORT = 23456
 
@@ -281,7 +286,7 @@ class PyTorchJobController(Controller):
 
 
 class DeploymentController(Controller):
-    kind, resource = "Deployment", "deployments.apps"
+    kind = "Deployment"
 
     def _probe_ok(self, template: dict[str, Any]) -> bool:
         container = template["spec"]["containers"][0]

@@ -71,7 +71,7 @@ def _wait_port(port: int, alive: Any, timeout: float = 120) -> bool:
 
 
 class DeepSpeedJobController(Controller):
-    kind, resource = "DeepSpeedJob", "deepspeedjobs.batch.tensorstack.dev"
+    kind = "DeepSpeedJob"
 
     def _keys(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
