@@ -37,7 +37,8 @@ from tests.install_tools import ROOT
 from tests.node_agent import available
 from tests.test_local_run import shared_tiny_model
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+#: Each test drives a whole pipeline in containers (minutes on 2 loaded cores); the images are built before.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CANARY = "hf_E2E-CANARY-4b1d9e7a-never-print-me"
 VLLM_PORT = 8000

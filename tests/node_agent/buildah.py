@@ -75,6 +75,12 @@ def exit_code(returncode: int, stderr_tail: str) -> int:
     return returncode
 
 
+def _in_rootfs(path: str) -> str:
+    """A mount target with Debian's ``/var/run -> /run`` link resolved (a kubelet resolves links inside the
+    container's root; buildah's chroot mounts a fresh /run over a target reached through the link)."""
+    return "/run/" + path[len("/var/run/") :] if path.startswith("/var/run/") else path
+
+
 @dataclass
 class Mount:
     host: str
@@ -183,7 +189,7 @@ class Containers:
         for k, v in env.items():
             args += ["--env", f"{k}={v}"]
         for m in mounts:
-            args += ["-v", f"{m.host}:{m.container}:{'ro' if m.read_only else 'rw'}"]
+            args += ["-v", f"{m.host}:{_in_rootfs(m.container)}:{'ro' if m.read_only else 'rw'}"]
         args += [ctr, "--", *argv]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
