@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import pathlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from finetune_operator.controller.runtime import OperatorConfig
 
 from .emulator import EmulatorServer
 from .emulator.players import PLAYERS, RESOURCE, player
+from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
@@ -271,10 +273,27 @@ class OperatorThread:
 
 
 @pytest.fixture()
-def cluster(emulator_server: EmulatorServer, use_kubeconfig: pathlib.Path) -> EmulatorServer:
-    """The emulator with our CRD applied and KUBECONFIG pointing at it."""
+def cluster(
+    emulator_server: EmulatorServer,
+    use_kubeconfig: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> EmulatorServer:
+    """The emulator with our CRD applied, the chart's RBAC enforced for the operator's ServiceAccount, and this
+    process's KUBECONFIG (what the in-process operator uses) carrying that ServiceAccount's token.
+
+    Every request the operator makes is checked against what the installed chart (default values: the
+    cluster-wide install) grants it, and refused with 403 otherwise; the test's own requests are unrestricted.
+    """
     emulator_server.apply_crd(CRDS)
     emulator_server.ensure_namespace("ml")
+    emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
+    operator_config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
+    monkeypatch.setenv("KUBECONFIG", str(operator_config))
+    for module_name in ("kubernetes.config.kube_config", "kubernetes_asyncio.config.kube_config"):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            monkeypatch.setattr(module, "KUBE_CONFIG_DEFAULT_LOCATION", str(operator_config))
     return emulator_server
 
 
