@@ -160,10 +160,10 @@ def wait_event(
 
 
 def fast_config(**overrides: Any) -> OperatorConfig:
-    """Small intervals so tests wait for events, not for timers."""
+    """The operator's default (long) resync and drift intervals, so that every reaction a test waits for comes
+    from a watch event (a broken watch fails the tests instead of being covered by a resync); where a test wants
+    "another look" it asks for one (:meth:`OperatorThread.wait_reconciled`). Short progress interval only."""
     kw: dict[str, Any] = {
-        "resync_interval": 0.5,
-        "drift_interval": 0.5,
         "progress_interval": 0.3,
         "workers": 4,
         "watch_timeout": 30,
@@ -255,12 +255,33 @@ class OperatorThread:
         with self._reconciled:
             return self._reconciles.get((namespace, name), 0)
 
-    def wait_reconciled(self, name: str, times: int = 2, namespace: str = "default", timeout: float = 30) -> None:
-        """Wait until FineTuneJob ``name`` has been reconciled ``times`` more times (e.g. by the resync)."""
-        with self._reconciled:
-            target = self._reconciles.get((namespace, name), 0) + times
-            ok = self._reconciled.wait_for(lambda: self._reconciles.get((namespace, name), 0) >= target, timeout)
-        assert ok, f"{namespace}/{name} was not reconciled {times} more times within {timeout} s"
+    def wait_reconciled(
+        self, name: str, times: int = 2, namespace: str = "default", timeout: float = 30, *, deep: bool = True
+    ) -> None:
+        """Make the operator look at FineTuneJob ``name`` ``times`` more times, one after the other, as resync
+        ticks would (``deep``: with the drift check's fresh reads), and wait for each look to finish."""
+        for _ in range(times):
+            with self._reconciled:
+                target = self._reconciles.get((namespace, name), 0) + 1
+            self.resync(name, namespace, deep=deep)
+            with self._reconciled:
+                ok = self._reconciled.wait_for(
+                    lambda t=target: self._reconciles.get((namespace, name), 0) >= t, timeout  # type: ignore[misc]
+                )
+            assert ok, f"{namespace}/{name} was not reconciled again within {timeout} s"
+
+    def resync(self, name: str, namespace: str = "default", *, deep: bool = True) -> None:
+        """What one resync tick does for one job (the timer itself is left at its long default)."""
+        assert self._loop is not None
+        controller = self.controller
+        key = (namespace, name)
+
+        def tick() -> None:
+            if deep:
+                controller._deep.add(key)
+            controller.queue.add_after(key, 0.0)
+
+        self._loop.call_soon_threadsafe(tick)
 
     def stop(self, timeout: float = 20) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
