@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from finetune_operator.api.checkpointing import DEFAULT_GRACE_SECONDS
 from finetune_operator.api.naming import child_name, config_map_name, is_dns_label, short_hash
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.render.meta import labels, run_scope
@@ -194,6 +195,7 @@ class PodOptions:
     mount_config: bool = True
     extra_labels: Mapping[str, str] | None = None
     hostname_subdomain: str | None = None
+    termination_grace_seconds: int = DEFAULT_GRACE_SECONDS
 
 
 def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | None = None) -> dict[str, Any]:
@@ -238,7 +240,7 @@ def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | No
         "volumes": volumes,
         "restartPolicy": opts.restart_policy,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": opts.termination_grace_seconds,
     }
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
