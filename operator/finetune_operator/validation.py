@@ -44,7 +44,7 @@ from typing import Any, Union, get_args, get_origin
 import pydantic
 import yaml
 
-from finetune_operator.api import naming
+from finetune_operator.api import graph, naming
 from finetune_operator.api.types import ADAPTER_METHODS, PREFERENCE_STAGES, FineTuneJob, FineTuneJobStatus
 from finetune_operator.errors import FieldError, SpecError
 from finetune_operator.lfargs import LfTable
@@ -709,45 +709,113 @@ def _continues_adapter(ctx: _Context, stage: Mapping[str, Any]) -> bool:
     return ctx.method(stage) == "qlora" or ctx.zero_stage(stage) == 3
 
 
-def _adapter_chain(ctx: _Context) -> tuple[list[FieldError], list[tuple[int, int]]]:
-    """Walk the stages like the renderer: errors for impossible starts, and the final adapters (index, rank)."""
-    errors: list[FieldError] = []
-    adapters: list[tuple[int, int]] = []
+def _graph(ctx: _Context) -> graph.Graph:
+    """The stage graph of the raw object (:mod:`finetune_operator.api.graph`), walked like the renderer does."""
+    nodes = []
     for i, stage in ctx.stages():
         method = ctx.method(stage)
         lora = stage.get("lora")
         rank = lora.get("rank", 8) if isinstance(lora, Mapping) else 8
-        rank = rank if isinstance(rank, int) else 8
-        if method not in ADAPTER_METHODS:
-            if adapters:
-                errors.append(
-                    FieldError(
-                        f"spec.stages[{i}].method",
-                        f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory loads "
-                        "adapters only for LoRA training): use method lora, or put full/freeze stages first",
-                    )
-                )
-            adapters = []
-        elif adapters and _continues_adapter(ctx, stage):
-            if len(adapters) != 1:
-                why = "qlora (4-bit base)" if method == "qlora" else "ZeRO-3"
-                errors.append(
-                    FieldError(
-                        f"spec.stages[{i}].method",
-                        f"a {why} stage can only continue a single earlier adapter (LLaMA-Factory cannot create a new "
-                        f"adapter upon a quantized or partitioned model), but {len(adapters)} are stacked before it",
-                    )
-                )
-            adapters = [(i, max(rank, *(r for _, r in adapters)))]
-        else:
-            adapters.append((i, rank))
-    return errors, adapters
+        name, stype, start = stage.get("name"), stage.get("type"), stage.get("startFrom")
+        nodes.append(
+            graph.Node(
+                index=i,
+                name=name if isinstance(name, str) else f"#{i}",
+                type=stype if isinstance(stype, str) else "",
+                method=method,
+                continues=_continues_adapter(ctx, stage),
+                rank=rank if isinstance(rank, int) else 8,
+                start_from=start if isinstance(start, str) else None,
+            )
+        )
+    return graph.walk(nodes)
+
+
+def _adapter_chain(ctx: _Context) -> tuple[list[FieldError], list[tuple[int, int]]]:
+    """Errors for impossible starts, and the final adapters (index, rank) that merge/serve use."""
+    g = _graph(ctx)
+    errors = [FieldError(f"spec.stages[{e.index}].{e.field}", e.message) for e in g.errors]
+    merge_stage = ctx.section("merge").get("stage")
+    final = g.final(merge_stage if isinstance(merge_stage, str) else None)
+    return errors, list(zip(final.adapters, final.ranks, strict=True))
 
 
 @_rule
 def stage_chain_is_loadable(ctx: _Context) -> Iterator[FieldError]:
-    """What LLaMA-Factory can start each stage from, given the stages before it."""
+    """What LLaMA-Factory can start each stage from: references to earlier stages only (no cycles), and
+    starts LLaMA-Factory can load."""
     yield from _adapter_chain(ctx)[0]
+
+
+@_rule
+def stage_model_refs(ctx: _Context) -> Iterator[FieldError]:
+    """rewardModel (ppo only, required there, an earlier rm stage or a volume) and reference (ppo/dpo/kto)."""
+    g = _graph(ctx)
+    position = {node.index: pos for pos, node in enumerate(g.nodes)}
+    for i, stage in ctx.stages():
+        stype = stage.get("type")
+        for key, allowed in (("rewardModel", ("ppo",)), ("reference", ("ppo", "dpo", "kto"))):
+            ref = stage.get(key)
+            path = f"spec.stages[{i}].{key}"
+            if ref is None:
+                if key == "rewardModel" and stype == "ppo":
+                    yield FieldError(
+                        path, "a ppo stage needs a reward model: an earlier rm stage ({stage: rm}) or a volume"
+                    )
+                continue
+            if not isinstance(ref, Mapping):
+                continue
+            if isinstance(stype, str) and stype not in allowed:
+                yield FieldError(path, f"applies to {' and '.join(allowed)} stages only, not {stype}")
+                continue
+            has_stage, has_volume = ref.get("stage") is not None, ref.get("volume") is not None
+            if has_stage == has_volume:
+                yield FieldError(path, "set exactly one of stage and volume")
+                continue
+            if not has_stage or not isinstance(ref.get("stage"), str) or i not in position:
+                continue
+            idx, problem = graph.resolve_earlier(g.nodes, position[i], ref["stage"], f"{key}.stage")
+            if problem is not None or idx is None:
+                yield FieldError(f"{path}.stage", problem or "unknown stage")
+            elif key == "rewardModel" and g.nodes[position[idx]].type != "rm":
+                yield FieldError(
+                    f"{path}.stage", f"stage {ref['stage']!r} is not an rm stage: a reward model comes from an rm stage"
+                )
+            if key == "reference" and stype == "dpo":
+                loss = ctx.args(stage).get("pref_loss")
+                if loss in ("orpo", "simpo"):
+                    yield FieldError(path, f"pref_loss {loss} is reference-free: remove the reference")
+
+
+@_rule
+def ppo_args_supported(ctx: _Context) -> Iterator[FieldError]:
+    """What LLaMA-Factory's PPO trainer refuses: evaluation, best-model reloading (rm refuses the latter too)."""
+    for i, stage in ctx.stages():
+        if stage.get("type") not in ("ppo", "rm"):
+            continue
+        args = ctx.args(stage)
+        for key, why in (
+            ("val_size", "PPO does not support an evaluation dataset"),
+            ("eval_dataset", "PPO does not support an evaluation dataset"),
+            ("do_eval", "PPO training does not support evaluation: evaluate in an sft stage"),
+            ("load_best_model_at_end", "rm and ppo stages do not support load_best_model_at_end"),
+        ):
+            if stage.get("type") == "rm" and key != "load_best_model_at_end":
+                continue
+            if key in args and args[key] not in (None, False, 0, 0.0):
+                yield FieldError(f"spec.stages[{i}].args.{key}", why)
+
+
+@_rule
+def merge_stage_known(ctx: _Context) -> Iterator[FieldError]:
+    """merge.stage names a stage of the job."""
+    name = ctx.section("merge").get("stage")
+    if not isinstance(name, str):
+        return
+    names = [s.get("name") for _, s in ctx.stages()]
+    if name not in names:
+        hint = _hint(name, [str(n) for n in names])
+        yield FieldError("spec.merge.stage", f"{name!r} is not a stage of this job{hint}")
 
 
 # --- resources ----------------------------------------------------------------------------------------------

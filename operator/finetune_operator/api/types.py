@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from finetune_operator.api.checkpointing import DURATION_PATTERN, MIN_GRACE_SECONDS, parse_duration
 
 Backend = Literal["job", "pytorchjob", "deepspeedjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
-StageType = Literal["pt", "sft", "rm", "dpo", "kto"]
+StageType = Literal["pt", "sft", "rm", "ppo", "dpo", "kto"]
 Method = Literal["full", "freeze", "lora", "qlora"]
 
 #: Stages trained on preference pairs (``ranking: true`` datasets); the others need plain data.
@@ -185,13 +187,55 @@ class ResourcesSpec(_Model):
     """Memory request and limit of each pod (a Kubernetes quantity)."""
 
 
+class CheckpointSpec(_Model):
+    """Checkpoints beyond LLaMA-Factory's ``save_steps``: on preemption, and on a clock."""
+
+    every: str | None = Field(default=None, max_length=16, pattern=DURATION_PATTERN)
+    """Also save a checkpoint whenever this much time has passed since the last one (``30m``, ``1h``,
+    ``90s``): an alternative to ``args.save_steps`` whose time per step is hard to guess."""
+    on_preemption: bool = True
+    """On SIGTERM (preemption, eviction, a drained node) the trainer saves a checkpoint at the next step
+    boundary and exits, so that the retry resumes from it; false stops at once (the last ``save_steps``
+    checkpoint is resumed)."""
+    termination_grace_period_seconds: int | None = Field(default=None, ge=MIN_GRACE_SECONDS, le=86400)
+    """The training pods' ``terminationGracePeriodSeconds`` (60 when omitted): time to finish the step in
+    flight and write the checkpoint. Size it to one step plus one checkpoint of your model."""
+
+    @field_validator("every")
+    @classmethod
+    def _every_is_positive(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
+class ModelRef(_Model):
+    """A model a stage uses besides the one it trains: the result of an earlier stage, or a model on a volume.
+    Exactly one of ``stage`` and ``volume``."""
+
+    stage: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """Name of an earlier stage whose result is used (for ``rewardModel``: an ``rm`` stage)."""
+    volume: VolumeRef | None = None
+    """A full model folder on a volume (for ``rewardModel``: a model with a value head, as an ``rm`` stage
+    with method full writes)."""
+
+
 class StageSpec(_Model):
     """One training stage, run by ``llamafactory-cli train``."""
 
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
     """Stage name (DNS label): used in child object names and output paths."""
     type: StageType
-    """LLaMA-Factory stage: pt, sft, rm, dpo or kto (ORPO/SimPO: type dpo with ``args.pref_loss``)."""
+    """LLaMA-Factory stage: pt, sft, rm, ppo, dpo or kto (ORPO/SimPO: type dpo with ``args.pref_loss``)."""
+    start_from: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """What the stage starts from: ``base`` (the base model) or the name of an earlier stage (its result:
+    model plus adapters). Default: the nearest earlier stage that is not ``rm``, else the base model; an
+    ``rm`` stage's reward model is never stacked into a later stage unless named here."""
+    reward_model: ModelRef | None = None
+    """ppo only (required there): the reward model, an earlier ``rm`` stage or a full model on a volume."""
+    reference: ModelRef | None = None
+    """ppo and dpo/kto: the frozen reference model. Default (LLaMA-Factory's): the model the stage starts
+    from (for LoRA, the policy with its adapter disabled)."""
     datasets: list[str] = Field(min_length=1, max_length=32)
     """Names of entries of ``spec.datasets`` to train on."""
     method: Method = "lora"
@@ -202,6 +246,8 @@ class StageSpec(_Model):
     """Generate a DeepSpeed ZeRO config for this stage."""
     resources: ResourcesSpec | None = None
     """Nodes, GPUs, CPU and memory; one node with one GPU when omitted."""
+    checkpoint: CheckpointSpec | None = None
+    """Checkpoint on preemption (on by default) and every N minutes; the pods' grace period."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Any other LLaMA-Factory training argument (``learning_rate``, ``num_train_epochs``, ...). Arguments the
     operator owns (paths, model, dataset, stage, method, template, deepspeed) are rejected here."""
@@ -212,6 +258,8 @@ class MergeSpec(_Model):
 
     enabled: bool = False
     """Run the merge stage after training."""
+    stage: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """The stage whose result is merged (and served): the last stage that is not ``rm`` when omitted."""
     export_size: int = Field(default=5, ge=1, le=100)
     """Shard size of the exported model in GB."""
     export_device: Literal["cpu", "auto"] = "cpu"

@@ -4,7 +4,8 @@ These builders take a :class:`~finetune_operator.render.plan.PathResolver` and r
 operator (paths under ``/mnt/volumes`` and ``/etc/finetune``) and ``ftctl run --local`` (local folders) run
 byte-for-byte the same configuration; only the paths differ.
 
-Stage chaining (each stage starts from the result of the one before):
+Stage chaining: each stage starts from the result of the stage it names (``startFrom``) or, by default, of the
+nearest earlier stage that is not ``rm`` (the graph is walked by :mod:`finetune_operator.api.graph`):
 
 * LoRA after LoRA stacks adapters: ``adapter_name_or_path`` = the earlier adapters (in order) and
   ``create_new_adapter: true``. LLaMA-Factory merges the earlier adapters into the weights in memory and trains
@@ -23,10 +24,12 @@ Stage chaining (each stage starts from the result of the one before):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, StageSpec
+from finetune_operator.api import graph
+from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, ModelRef, StageSpec
 from finetune_operator.errors import RenderError
 from finetune_operator.render import paths
 from finetune_operator.render.plan import PathResolver
@@ -61,6 +64,11 @@ OWNED_TRAIN_KEYS: frozenset[str] = frozenset(
         "lora_dropout",
         "lora_target",
         "export_dir",
+        "reward_model",
+        "reward_model_type",
+        "reward_model_adapters",
+        "ref_model",
+        "ref_model_adapters",
     }
 )
 
@@ -103,46 +111,58 @@ class Chain:
     """Adapters to apply to ``model``, in order (empty when the last stage was full/freeze)."""
     lora_ranks: tuple[int, ...]
     """LoRA rank of each of ``adapters`` (for vLLM's ``--max-lora-rank``)."""
+    results: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
+    """Each stage's result: (model, adapters), for the models a stage names (reward model, reference)."""
+
+
+def nodes(job: FineTuneJob) -> list[graph.Node]:
+    """The stages as graph nodes (:mod:`finetune_operator.api.graph`)."""
+    return [
+        graph.Node(
+            index=i,
+            name=s.name,
+            type=s.type,
+            method=s.method,
+            continues=_continues_adapter(s),
+            rank=(s.lora.rank if s.lora else 8) if s.method in ADAPTER_METHODS else 0,
+            start_from=s.start_from,
+        )
+        for i, s in enumerate(job.spec.stages)
+    ]
 
 
 def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
-    """Walk ``spec.stages`` and compute what each stage starts from (see the module docstring)."""
-    model = paths.model_dir(job, resolver)
-    adapters: list[str] = []
-    ranks: list[int] = []
-    inputs: dict[str, StageInput] = {}
-    for stage in job.spec.stages:
-        out = paths.stage_output_dir(job, stage.name, resolver)
-        rank = (stage.lora.rank if stage.lora else 8) if stage.method in ADAPTER_METHODS else 0
-        if stage.method not in ADAPTER_METHODS:
-            if adapters:
-                raise RenderError(
-                    f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
-                    "start from adapters; make it the first stage or use a LoRA method"
-                )
-            inputs[stage.name] = StageInput(model=model, adapters=(), create_new_adapter=False, output_dir=out)
-            model = out
-            continue
-        if adapters and _continues_adapter(stage):
-            if len(adapters) != 1:
-                raise RenderError(
-                    f"stage {stage.name!r} ({stage.method}"
-                    f"{', ZeRO-3' if stage.method != 'qlora' else ''}) can only continue a single earlier "
-                    f"adapter, but {len(adapters)} are stacked before it; enable merge between them or use "
-                    "lora without ZeRO-3"
-                )
-            inputs[stage.name] = StageInput(
-                model=model, adapters=tuple(adapters), create_new_adapter=False, output_dir=out
-            )
-            adapters = [out]
-            ranks = [max(ranks[-1], rank)]
-            continue
-        inputs[stage.name] = StageInput(
-            model=model, adapters=tuple(adapters), create_new_adapter=bool(adapters), output_dir=out
+    """Walk the stage graph and compute what each stage starts from (see the module docstring)."""
+    g = graph.walk(nodes(job))
+    if g.errors:
+        err = g.errors[0]
+        raise RenderError(f"stage {job.spec.stages[err.index].name!r}: {err.message}")
+    base = paths.model_dir(job, resolver)
+    outs = [paths.stage_output_dir(job, s.name, resolver) for s in job.spec.stages]
+
+    def model(res: graph.Result) -> str:
+        return base if res.model is None else outs[res.model]
+
+    inputs = {
+        job.spec.stages[i].name: StageInput(
+            model=model(start.loads),
+            adapters=tuple(outs[a] for a in start.loads.adapters),
+            create_new_adapter=start.create_new_adapter,
+            output_dir=outs[i],
         )
-        adapters.append(out)
-        ranks.append(rank)
-    return Chain(stages=inputs, model=model, adapters=tuple(adapters), lora_ranks=tuple(ranks))
+        for i, start in g.starts.items()
+    }
+    final = g.final(job.spec.merge.stage)
+    results = {
+        job.spec.stages[i].name: (model(res), tuple(outs[a] for a in res.adapters)) for i, res in g.results.items()
+    }
+    return Chain(
+        stages=inputs,
+        model=model(final),
+        adapters=tuple(outs[a] for a in final.adapters),
+        lora_ranks=final.ranks,
+        results=results,
+    )
 
 
 #: LLaMA-Factory's own column/tag defaults (``llamafactory.data.parser.DatasetAttr``). LF applies them only
@@ -204,7 +224,8 @@ def train_config(
 ) -> dict[str, Any]:
     """The ``llamafactory-cli train`` config of one stage (``<stage>.yaml``)."""
     stage = _stage(job, stage_name)
-    inp = (stage_chain or chain(job, resolver)).stages[stage.name]
+    ch = stage_chain or chain(job, resolver)
+    inp = ch.stages[stage.name]
     cfg: dict[str, Any] = dict(DEFAULT_TRAIN_ARGS)
     cfg.update({k: v for k, v in stage.args.items() if k not in OWNED_TRAIN_KEYS})
     cfg.update(
@@ -238,7 +259,46 @@ def train_config(
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:
         cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
+    if stage.reward_model is not None:
+        cfg.update(_reward_model(job, stage, inp, ch, resolver))
+    if stage.reference is not None:
+        model, adapters = _model_ref(stage.reference, ch, resolver)
+        cfg["ref_model"] = model
+        if adapters:
+            cfg["ref_model_adapters"] = ",".join(adapters)
     return cfg
+
+
+def _model_ref(ref: ModelRef, ch: Chain, resolver: PathResolver) -> tuple[str, tuple[str, ...]]:
+    """(model, adapters) of a model a stage names: an earlier stage's result, or a folder on a volume."""
+    if ref.volume is not None:
+        return resolver.path(ref.volume), ()
+    if ref.stage is None or ref.stage not in ch.results:
+        raise RenderError(f"unknown stage {ref.stage!r} in a model reference")
+    return ch.results[ref.stage]
+
+
+def _reward_model(
+    job: FineTuneJob, stage: StageSpec, inp: StageInput, ch: Chain, resolver: PathResolver
+) -> dict[str, Any]:
+    """PPO's reward model. A LoRA ``rm`` stage trained from exactly what this LoRA policy starts from is loaded
+    as a second adapter on the policy's own weights (``reward_model_type: lora``: no second model in memory);
+    anything else is loaded as a separate model (``full``) with its adapters (``reward_model_adapters``)."""
+    ref = stage.reward_model
+    assert ref is not None
+    model, adapters = _model_ref(ref, ch, resolver)
+    if (
+        ref.stage is not None
+        and stage.method in ADAPTER_METHODS
+        and (inp.create_new_adapter or not inp.adapters)
+        and adapters
+        and (model, adapters[:-1]) == (inp.model, inp.adapters)
+    ):
+        return {"reward_model": adapters[-1], "reward_model_type": "lora"}
+    out: dict[str, Any] = {"reward_model": model, "reward_model_type": "full"}
+    if adapters:
+        out["reward_model_adapters"] = ",".join(adapters)
+    return out
 
 
 def export_config(job: FineTuneJob, resolver: PathResolver, *, stage_chain: Chain | None = None) -> dict[str, Any]:
