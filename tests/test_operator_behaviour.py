@@ -277,6 +277,33 @@ def test_worker_progress_is_folded_into_the_printer_columns(cluster: EmulatorSer
     cluster.wait_for(lambda: ftj_status(cluster, "prog").get("progress") == "50/100 (50%)")
 
 
+def test_reported_steps_become_the_stages_loss_history(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    """Each new step a worker reports becomes a point of ``status.stages[].history`` (what ``ftctl plot --job``
+    and the console draw); a report without a usable loss adds nothing."""
+
+    def sft() -> dict[str, Any]:
+        return next(iter(ftj_status(cluster, "hist").get("stages") or []), {})
+
+    cluster.create(minimal("hist"))
+    wait_child(cluster, "Job", "hist-sft")
+    reports = [
+        {"step": 5, "totalSteps": 20, "loss": 2.0, "learningRate": 1e-4, "epoch": 0.25},
+        {"step": 10, "totalSteps": 20, "loss": 1.5, "learningRate": 8e-5, "epoch": 0.5},
+        {"step": 11, "totalSteps": 20, "loss": "NaN", "learningRate": None, "epoch": None},  # untrusted: no point
+        {"step": 15, "totalSteps": 20, "loss": 1.2, "learningRate": 6e-5, "epoch": 0.75},
+    ]
+    for report in reports:
+        cluster.patch_status(FTJ, "hist", {"reported": {"sft": report}})
+        cluster.wait_for(lambda s=report["step"]: (sft().get("progress") or {}).get("step") == s)
+    history = cluster.wait_for(lambda: (h := sft().get("history")) and len(h) == 3 and h)
+    assert [(p["step"], p["loss"], p["learningRate"]) for p in history] == [
+        (5, 2.0, 1e-4),
+        (10, 1.5, 8e-5),
+        (15, 1.2, 6e-5),
+    ]
+    assert sft()["progress"]["learningRate"] == 6e-5
+
+
 # ------------------------------------------------------------------------------------------------ RBAC
 
 

@@ -203,3 +203,75 @@ def test_bad_graphs_name_the_field(stages: list[dict[str, Any]], merge: dict[str
     found = errors(doc)
     assert path in found, found
     assert word in found[path], found[path]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# per-step scheduling
+# ------------------------------------------------------------------------------------------------------------
+
+
+def pod_specs(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for obj in render(validate(doc)).objects():
+        if obj["kind"] in ("Job", "Deployment"):
+            out[obj["metadata"]["name"].rsplit("-", 1)[-1]] = obj["spec"]["template"]["spec"]
+    return out
+
+
+def test_per_step_scheduling_example() -> None:
+    specs = pod_specs(example("22"))
+    # download and merge: no GPU label, no GPU toleration; their own selectors over the job's other labels.
+    assert specs["download"]["nodeSelector"] == {"kubernetes.io/arch": "amd64", "network.example.com/egress": "fast"}
+    assert specs["merge"]["nodeSelector"] == {"kubernetes.io/arch": "amd64", "node.example.com/pool": "highmem"}
+    assert "tolerations" not in specs["download"] and "tolerations" not in specs["merge"]
+    assert specs["download"]["priorityClassName"] == "batch"
+    # training: the job's GPU placement, plus its own affinity and priority class.
+    sft = specs["sft"]
+    assert sft["nodeSelector"] == {"nvidia.com/gpu.present": "true", "kubernetes.io/arch": "amd64"}
+    assert sft["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert sft["priorityClassName"] == "training-high"
+    terms = sft["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"]
+    assert sft["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 50
+    serve = specs["serve"]
+    assert serve["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+    assert serve["priorityClassName"] == "serving"
+
+
+def test_cpu_training_stage_does_not_inherit_gpu_placement() -> None:
+    doc = base()
+    doc["spec"]["scheduling"] = {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "ml"}}
+    doc["spec"]["stages"][0]["resources"]["gpusPerNode"] = 0
+    specs = pod_specs(doc)
+    assert specs["sft"]["nodeSelector"] == {"pool": "ml"}
+    assert specs["dpo"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "ml"}
+
+
+@pytest.mark.parametrize(
+    ("where", "block", "path", "word"),
+    [
+        ("spec.stages[0].scheduling", {"nodeSelector": {"bad key!": "x"}},
+         'spec.stages[0].scheduling.nodeSelector["bad key!"]', "invalid label key"),
+        ("spec.merge.scheduling", {"priorityClassName": "Not_Valid"}, "spec.merge.scheduling.priorityClassName",
+         "DNS-1123"),
+        ("spec.serve.scheduling", {"tolerations": [{"operator": "Exists", "value": "x"}]},
+         "spec.serve.scheduling.tolerations[0].value", "must be empty"),
+        ("spec.model.downloadScheduling", {"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}},
+         "spec.model.downloadScheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+         ".nodeSelectorTerms[0].matchExpressions[0].values", "must not be empty"),
+        ("spec.scheduling", {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [{"key": "n", "operator": "Gt", "values": ["a"]}]}}]}}},
+         "spec.scheduling.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+         ".matchExpressions[0].values", "single integer"),
+        ("spec.stages[0].scheduling", {"nodeSelectr": {}}, "spec.stages[0].scheduling.nodeSelectr", "did you mean"),
+    ],
+)
+def test_bad_scheduling_names_the_field(where: str, block: dict[str, Any], path: str, word: str) -> None:
+    doc = base()
+    doc["spec"]["serve"] = {"enabled": True}
+    put(where, block)(doc)
+    found = errors(doc)
+    assert path in found, found
+    assert word in found[path], found[path]

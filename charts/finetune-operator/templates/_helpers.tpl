@@ -130,3 +130,20 @@ chart's arguments) and fails on a request these rules deny and on a permission n
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end -}}
+
+{{/* The web console's labels (component=console: never selected by the operator's Service). */}}
+{{- define "finetune-operator.consoleSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: console
+{{- end -}}
+{{- define "finetune-operator.consoleLabels" -}}
+{{ include "finetune-operator.consoleSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+app.kubernetes.io/part-of: finetune-operator
+helm.sh/chart: {{ include "finetune-operator.chart" . | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

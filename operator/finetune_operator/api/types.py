@@ -11,12 +11,18 @@ checks) live in :mod:`finetune_operator.validation`, which reports every problem
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_operator.api.checkpointing import DURATION_PATTERN, MIN_GRACE_SECONDS, parse_duration
+
+# Re-exported: older imports read the patterns from here; api.patterns is their one home.
+from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
+from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTERN
+from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
+from finetune_operator.api.patterns import ENV_NAME_PATTERN
 
 Backend = Literal["job", "pytorchjob", "deepspeedjob"]
 Hub = Literal["huggingface", "modelscope"]
@@ -28,11 +34,6 @@ Method = Literal["full", "freeze", "lora", "qlora"]
 #: kto is special-cased in validation: it takes plain data with a ``ktoTag`` column.
 PREFERENCE_STAGES: frozenset[str] = frozenset({"rm", "dpo"})
 ADAPTER_METHODS: frozenset[str] = frozenset({"lora", "qlora"})
-
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-#: Dataset names become keys of dataset_info.json and LF's ``dataset`` list: no commas, no path separators.
-DATASET_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 class _Model(BaseModel):
@@ -65,6 +66,87 @@ class SecretKeyRef(_Model):
     """Key inside the Secret."""
 
 
+class Toleration(_Model):
+    """A pod toleration (as in the Pod API)."""
+
+    key: str | None = Field(default=None, max_length=317)
+    """Taint key."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value (with Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect; all effects when omitted."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class NodeSelectorRequirement(_Model):
+    """A node label requirement (as in the Pod API)."""
+
+    key: str = Field(min_length=1, max_length=317)
+    """Node label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    """How the label is compared with ``values``."""
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
+    """Values (none with Exists/DoesNotExist, one integer with Gt/Lt)."""
+
+
+class NodeSelectorTerm(_Model):
+    """Requirements that must all hold (as in the Pod API)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(min_length=1, max_length=32)
+    """Node label requirements."""
+
+
+class NodeSelector(_Model):
+    """Terms of which at least one must hold."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16)
+    """Alternatives."""
+
+
+class PreferredSchedulingTerm(_Model):
+    """A weighted preference for nodes."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight 1-100."""
+    preference: NodeSelectorTerm
+    """The preferred nodes."""
+
+
+class NodeAffinity(_Model):
+    """Node affinity (as in the Pod API)."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    """Nodes the pod may run on."""
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16
+    )
+    """Nodes the pod prefers."""
+
+
+class Affinity(_Model):
+    """Pod affinity rules; node affinity is what placing training, merge and serving needs."""
+
+    node_affinity: NodeAffinity | None = None
+    """Node affinity."""
+
+
+class StepScheduling(_Model):
+    """Scheduling of one step's pods, merged over ``spec.scheduling``: ``nodeSelector`` keys override the job's,
+    ``tolerations`` are added to the job's, ``affinity`` and ``priorityClassName`` replace the job's."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels this step's pods require (over the job's)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations added to the job's."""
+    affinity: Affinity | None = None
+    """Affinity of this step's pods (replaces the job's)."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of this step's pods (replaces the job's)."""
+
+
 class ModelSpec(_Model):
     """The base model."""
 
@@ -81,6 +163,8 @@ class ModelSpec(_Model):
     """LLaMA-Factory chat template (``qwen``, ``llama3``, ...)."""
     token_secret_ref: SecretKeyRef | None = None
     """Hub token for gated models, passed to the download pod as an environment variable only."""
+    download_scheduling: StepScheduling | None = None
+    """Scheduling of the download pod, over ``spec.scheduling``."""
 
 
 class DatasetColumns(_Model):
@@ -246,6 +330,8 @@ class StageSpec(_Model):
     """Generate a DeepSpeed ZeRO config for this stage."""
     resources: ResourcesSpec | None = None
     """Nodes, GPUs, CPU and memory; one node with one GPU when omitted."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of this stage's pods, over ``spec.scheduling``."""
     checkpoint: CheckpointSpec | None = None
     """Checkpoint on preemption (on by default) and every N minutes; the pods' grace period."""
     args: dict[str, Any] = Field(default_factory=dict)
@@ -266,12 +352,14 @@ class MergeSpec(_Model):
     """Device used for merging."""
     resources: ResourcesSpec | None = None
     """CPU/memory of the merge pod (GPUs are not needed with exportDevice cpu)."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of the merge pod, over ``spec.scheduling``."""
 
 
 class EnvVar(_Model):
     """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
     """Variable name."""
     value: str = Field(default="", max_length=4096)
     """Variable value."""
@@ -311,32 +399,22 @@ class ServeSpec(_Model):
     """Extra vLLM command-line arguments."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     """Extra environment variables of the vLLM container."""
-
-
-class Toleration(_Model):
-    """A pod toleration (as in the Pod API)."""
-
-    key: str | None = Field(default=None, max_length=317)
-    """Taint key."""
-    operator: Literal["Exists", "Equal"] | None = None
-    """Exists or Equal."""
-    value: str | None = Field(default=None, max_length=63)
-    """Taint value (with Equal)."""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect; all effects when omitted."""
-    toleration_seconds: int | None = None
-    """How long a NoExecute taint is tolerated."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of the vLLM pods, over ``spec.scheduling``."""
 
 
 class SchedulingSpec(_Model):
     """Where and how the workloads are scheduled."""
 
     node_selector: dict[str, str] = Field(default_factory=dict)
-    """Node labels every pod requires."""
+    """Node labels every pod requires, except that GPU labels (keys with ``nvidia.com/``, ``amd.com/``, ``gpu``
+    or ``accelerator``) apply only to pods that request GPUs: download and merge pods stay off GPU nodes."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    """Tolerations of every pod."""
+    """Tolerations of every pod (those of GPU taints only for pods that request GPUs)."""
     priority_class_name: str | None = Field(default=None, max_length=253)
     """PriorityClass of every pod."""
+    affinity: Affinity | None = None
+    """Affinity of every pod (a step's own ``scheduling.affinity`` replaces it)."""
     queue_name: str | None = Field(default=None, max_length=63)
     """Kueue LocalQueue: workloads get ``kueue.x-k8s.io/queue-name`` and are created suspended."""
     scheduler_name: str | None = Field(default=None, max_length=253)
@@ -436,8 +514,25 @@ class StageProgress(_Model):
     """Current (fractional) epoch."""
     eta: str | None = None
     """Estimated time remaining (e.g. ``0:12:34``)."""
+    learning_rate: float | None = None
+    """Learning rate at the reported step."""
     update_time: str | None = None
     """When the worker reported (RFC 3339)."""
+
+
+class LossPoint(_Model):
+    """One point of a stage's loss history; a merged point stands for ``samples`` reports (their mean)."""
+
+    step: int = Field(ge=0)
+    """Optimizer step (the last step of the reports this point merges)."""
+    loss: float | None = None
+    """Training loss (mean over the merged reports)."""
+    learning_rate: float | None = None
+    """Learning rate (mean over the merged reports)."""
+    epoch: float | None = None
+    """Fractional epoch at ``step``."""
+    samples: int = Field(default=1, ge=1)
+    """How many worker reports this point merges."""
 
 
 class StageStatus(_Model):
@@ -463,6 +558,8 @@ class StageStatus(_Model):
     """Last message (the child's failure reason, ...)."""
     progress: StageProgress | None = None
     """Training progress."""
+    history: list[LossPoint] | None = Field(default=None, max_length=200)
+    """Loss history of a training stage: at most 200 points, older points merged so the curve keeps its shape."""
 
 
 class Outputs(_Model):

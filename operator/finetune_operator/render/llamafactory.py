@@ -5,7 +5,8 @@ operator (paths under ``/mnt/volumes`` and ``/etc/finetune``) and ``ftctl run --
 byte-for-byte the same configuration; only the paths differ.
 
 Stage chaining: each stage starts from the result of the stage it names (``startFrom``) or, by default, of the
-nearest earlier stage that is not ``rm`` (the graph is walked by :mod:`finetune_operator.api.graph`):
+nearest earlier stage that is not ``rm``; the walk itself is :func:`finetune_operator.render.chain.walk`, which
+validation uses too:
 
 * LoRA after LoRA stacks adapters: ``adapter_name_or_path`` = the earlier adapters (in order) and
   ``create_new_adapter: true``. LLaMA-Factory merges the earlier adapters into the weights in memory and trains
@@ -28,9 +29,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api import graph
 from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, ModelRef, StageSpec
 from finetune_operator.errors import RenderError
+from finetune_operator.render import chain as walker
 from finetune_operator.render import paths
 from finetune_operator.render.plan import PathResolver
 
@@ -80,12 +81,6 @@ def _lf_method(stage: StageSpec) -> str:
     return "lora" if stage.method in ADAPTER_METHODS else stage.method
 
 
-def _continues_adapter(stage: StageSpec) -> bool:
-    """True when LLaMA-Factory cannot stack a new adapter for this stage (quantized or ZeRO-3 weights)."""
-    zero3 = stage.deepspeed is not None and stage.deepspeed.zero_stage == 3
-    return stage.method == "qlora" or zero3
-
-
 @dataclass(frozen=True)
 class StageInput:
     """What one training stage starts from, and where it writes."""
@@ -115,53 +110,52 @@ class Chain:
     """Each stage's result: (model, adapters), for the models a stage names (reward model, reference)."""
 
 
-def nodes(job: FineTuneJob) -> list[graph.Node]:
-    """The stages as graph nodes (:mod:`finetune_operator.api.graph`)."""
-    return [
-        graph.Node(
-            index=i,
-            name=s.name,
-            type=s.type,
-            method=s.method,
-            continues=_continues_adapter(s),
-            rank=(s.lora.rank if s.lora else 8) if s.method in ADAPTER_METHODS else 0,
-            start_from=s.start_from,
-        )
-        for i, s in enumerate(job.spec.stages)
-    ]
-
-
 def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
-    """Walk the stage graph and compute what each stage starts from (see the module docstring)."""
-    g = graph.walk(nodes(job))
-    if g.errors:
-        err = g.errors[0]
-        raise RenderError(f"stage {job.spec.stages[err.index].name!r}: {err.message}")
+    """Walk ``spec.stages`` (:func:`finetune_operator.render.chain.walk`) and give each stage its paths."""
+    stages = job.spec.stages
+    walked = walker.walk(stages, job.spec.merge.stage)
+    if walked.problems:
+        raise RenderError(_problem_text(stages, walked.problems[0]))
     base = paths.model_dir(job, resolver)
-    outs = [paths.stage_output_dir(job, s.name, resolver) for s in job.spec.stages]
+    out = [paths.stage_output_dir(job, stage.name, resolver) for stage in stages]
 
-    def model(res: graph.Result) -> str:
-        return base if res.model is None else outs[res.model]
+    def model(index: int | None) -> str:
+        return base if index is None else out[index]
 
     inputs = {
-        job.spec.stages[i].name: StageInput(
-            model=model(start.loads),
-            adapters=tuple(outs[a] for a in start.loads.adapters),
-            create_new_adapter=start.create_new_adapter,
-            output_dir=outs[i],
+        stages[link.index].name: StageInput(
+            model=model(link.base),
+            adapters=tuple(out[a] for a in link.adapters),
+            create_new_adapter=link.create_new_adapter,
+            output_dir=out[link.index],
         )
-        for i, start in g.starts.items()
-    }
-    final = g.final(job.spec.merge.stage)
-    results = {
-        job.spec.stages[i].name: (model(res), tuple(outs[a] for a in res.adapters)) for i, res in g.results.items()
+        for link in walked.links
     }
     return Chain(
         stages=inputs,
-        model=model(final),
-        adapters=tuple(outs[a] for a in final.adapters),
-        lora_ranks=final.ranks,
-        results=results,
+        model=model(walked.base),
+        adapters=tuple(out[a] for a in walked.adapters),
+        lora_ranks=walked.ranks,
+        results={
+            stages[i].name: (model(r.base), tuple(out[a] for a in r.adapters)) for i, r in enumerate(walked.results)
+        },
+    )
+
+
+def _problem_text(stages: list[StageSpec], problem: walker.ChainProblem) -> str:
+    stage = stages[problem.index]
+    if problem.problem is walker.Problem.BAD_REFERENCE:
+        return f"stage {stage.name!r}: {problem.message}"
+    if problem.problem is walker.Problem.FULL_AFTER_LORA:
+        return (
+            f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
+            "start from adapters; make it the first stage or use a LoRA method"
+        )
+    return (
+        f"stage {stage.name!r} ({stage.method}"
+        f"{', ZeRO-3' if stage.method != 'qlora' else ''}) can only continue a single earlier "
+        f"adapter, but {problem.stacked} are stacked before it; enable merge between them or use "
+        "lora without ZeRO-3"
     )
 
 
@@ -246,7 +240,7 @@ def train_config(
             cfg["create_new_adapter"] = True
     if stage.method in ADAPTER_METHODS:
         lora = stage.lora
-        cfg["lora_rank"] = lora.rank if lora else 8
+        cfg["lora_rank"] = walker.lora_of(stage).rank
         if lora is not None:
             if lora.alpha is not None:
                 cfg["lora_alpha"] = lora.alpha
@@ -254,13 +248,13 @@ def train_config(
             target = lora.target
             cfg["lora_target"] = ",".join(target) if isinstance(target, list) else target
         else:
-            cfg["lora_target"] = "all"
+            cfg["lora_target"] = walker.lora_of(stage).target
     if stage.method == "qlora":
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:
         cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
     if stage.reward_model is not None:
-        cfg.update(_reward_model(job, stage, inp, ch, resolver))
+        cfg.update(_reward_model(stage, inp, ch, resolver))
     if stage.reference is not None:
         model, adapters = _model_ref(stage.reference, ch, resolver)
         cfg["ref_model"] = model
@@ -278,14 +272,13 @@ def _model_ref(ref: ModelRef, ch: Chain, resolver: PathResolver) -> tuple[str, t
     return ch.results[ref.stage]
 
 
-def _reward_model(
-    job: FineTuneJob, stage: StageSpec, inp: StageInput, ch: Chain, resolver: PathResolver
-) -> dict[str, Any]:
+def _reward_model(stage: StageSpec, inp: StageInput, ch: Chain, resolver: PathResolver) -> dict[str, Any]:
     """PPO's reward model. A LoRA ``rm`` stage trained from exactly what this LoRA policy starts from is loaded
     as a second adapter on the policy's own weights (``reward_model_type: lora``: no second model in memory);
     anything else is loaded as a separate model (``full``) with its adapters (``reward_model_adapters``)."""
     ref = stage.reward_model
-    assert ref is not None
+    if ref is None:
+        return {}
     model, adapters = _model_ref(ref, ch, resolver)
     if (
         ref.stage is not None
