@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 
@@ -31,7 +32,7 @@ from .test_operator_harness import (
 cluster = harness.cluster
 operator = harness.operator
 
-WORKLOAD = {"job": "Job", "pytorchjob": "PyTorchJob", "deepspeedjob": "DeepSpeedJob"}
+WORKLOAD = {name: b.kind for name, b in backends.REGISTRY.items()}
 
 
 def requests(server: EmulatorServer, verb: str, resource: str, subresource: str | None = None) -> int:
@@ -45,7 +46,7 @@ def requests(server: EmulatorServer, verb: str, resource: str, subresource: str 
 # ------------------------------------------------------------------------------------------------ retries
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "deepspeedjob"])
+@pytest.mark.parametrize("backend", backends.names())
 def test_failed_stage_is_retried_then_fails_with_the_childs_reason(
     cluster: EmulatorServer, operator: OperatorThread, backend: str
 ) -> None:
@@ -124,7 +125,7 @@ def test_invalid_spec_fails_once_with_every_error_and_creates_nothing(
 # ------------------------------------------------------------------------------------------------ suspend
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "deepspeedjob"])
+@pytest.mark.parametrize("backend", backends.names())
 def test_suspend_and_resume_the_running_workload(
     cluster: EmulatorServer, operator: OperatorThread, backend: str
 ) -> None:

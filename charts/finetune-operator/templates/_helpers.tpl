@@ -97,7 +97,7 @@ chart's arguments) and fails on a request these rules deny and on a permission n
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# Training workloads of the three backends. Watched (label-selected) to follow them; patched to suspend and
+# Training workloads of the four backends. Watched (label-selected) to follow them; patched to suspend and
 # resume; deleted and re-created to retry a failed stage.
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -107,6 +107,9 @@ chart's arguments) and fails on a request these rules deny and on a permission n
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["batch.tensorstack.dev"]
   resources: ["deepspeedjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The vLLM Deployment: watched for availability, patched to scale to spec.serve.replicas.
 - apiGroups: ["apps"]

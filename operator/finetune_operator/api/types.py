@@ -24,7 +24,8 @@ from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTER
 from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
 from finetune_operator.api.patterns import ENV_NAME_PATTERN
 
-Backend = Literal["job", "pytorchjob", "deepspeedjob"]
+#: The training backends: exactly the names of finetune_operator.backends.REGISTRY (checked when that loads).
+Backend = Literal["job", "pytorchjob", "deepspeedjob", "trainjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
 StageType = Literal["pt", "sft", "rm", "ppo", "dpo", "kto"]
@@ -421,12 +422,25 @@ class SchedulingSpec(_Model):
     """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
 
 
+class TrainingRuntimeRef(_Model):
+    """The Kubeflow Trainer v2 runtime a TrainJob uses (``backend: trainjob``)."""
+
+    name: str = Field(default="torch-distributed", min_length=1, max_length=253)
+    """Runtime name; ``torch-distributed`` is the PyTorch runtime Trainer v2 installs."""
+    kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    """``ClusterTrainingRuntime`` (cluster-wide) or ``TrainingRuntime`` (in the FineTuneJob's namespace)."""
+
+
 class FineTuneJobSpec(_Model):
     """Desired state: a base model, datasets and stages; optionally merge and serve."""
 
     backend: Backend | None = None
-    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow) or ``deepspeedjob`` (T9k).
-    Default: job when every stage has one node, else pytorchjob."""
+    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow training-operator v1),
+    ``deepspeedjob`` (T9k) or ``trainjob`` (Kubeflow Trainer v2). Default: job when every stage has one node,
+    else pytorchjob."""
+    training_runtime: TrainingRuntimeRef | None = None
+    """Trainer v2 runtime of ``backend: trainjob`` (default: the ``torch-distributed``
+    ClusterTrainingRuntime); only valid with that backend."""
     image: str | None = Field(default=None, max_length=512)
     """Worker image (LLaMA-Factory); the operator's default when omitted."""
     model: ModelSpec
