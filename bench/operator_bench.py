@@ -146,11 +146,14 @@ class Player:
         self._thread.join(10)
 
 
-def start_operator(kubeconfig: pathlib.Path, env_extra: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
+def start_operator(
+    kubeconfig: pathlib.Path, env_extra: dict[str, str], log: pathlib.Path, phase: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, KUBECONFIG=str(kubeconfig), **env_extra)
     code = "from finetune_operator.cli import run; run()"
-    profile = os.environ.get("FT_BENCH_PROFILE")  # write a cProfile of the operator process here
+    profile = os.environ.get("FT_BENCH_PROFILE")  # write a cProfile of the operator process: FILE.<phase>
     if profile:
+        profile = f"{profile}.{phase}"
         code = (
             "import atexit, cProfile; from finetune_operator.cli import run; p = cProfile.Profile(); "
             f"atexit.register(lambda: (p.disable(), p.dump_stats({profile!r}))); p.enable(); run()"
@@ -189,7 +192,7 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
     ns = "bench"
     server.ensure_namespace(ns)
     player = Player(server, play=True)
-    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": "60"}, tmp / "operator-pipelines.log")
+    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": "60"}, tmp / "operator-pipelines.log", "pipelines")
     try:
         warm_up(server, ns)
         first_request = len(server.emulator.request_log)
@@ -241,7 +244,7 @@ def idle(n: int, tmp: pathlib.Path, resync: float) -> dict[str, Any]:
     ns = "idle"
     server.ensure_namespace(ns)
     player = Player(server, play=False)
-    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": str(resync)}, tmp / "operator-idle.log")
+    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": str(resync)}, tmp / "operator-idle.log", "idle")
     try:
         warm_up(server, ns)
         t0 = time.monotonic()

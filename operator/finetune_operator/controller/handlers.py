@@ -20,6 +20,12 @@ Settings chosen in :func:`configure`:
   handlers we do not have); the progress storage points at our own annotation prefix so that nothing
   ``kopf.zalando.org/*`` appears should a future handler need state.
 * ``execution.max_workers``: the handlers are async, no thread pool needed beyond kopf's default.
+
+Login: kopf's default registry would pick a login handler by probing for Kubernetes client libraries, and
+probing *imports* them (the sync ``kubernetes`` or ``kubernetes_asyncio`` package, 7 to 40 MB of resident
+memory for nothing). The handlers are therefore registered in a plain :class:`kopf.OperatorRegistry`, and the
+one login handler, :func:`login`, is the same :func:`~finetune_operator.controller.kube.login` the operator's
+own client uses: kopf's watches and the reconciler's requests run with the same credentials.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ import kopf
 
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
+from finetune_operator.controller import kube
 from finetune_operator.controller.runtime import Controller, OperatorConfig
 
 log = logging.getLogger(__name__)
+
+# Before any decorator below: no client-library probing (see the module docstring).
+kopf.set_default_registry(kopf.OperatorRegistry())
 
 #: Key of the :class:`OperatorConfig` in kopf's memo (``ftctl operator`` and tests put one there).
 MEMO_CONFIG = "finetune_config"
@@ -77,13 +87,22 @@ def _controller(memo: Any) -> Controller | None:
     return ctl if isinstance(ctl, Controller) else None
 
 
+def _config(memo: Any) -> OperatorConfig:
+    config = memo.get(MEMO_CONFIG) if hasattr(memo, "get") else None
+    return config if isinstance(config, OperatorConfig) else OperatorConfig.from_env()
+
+
+@kopf.on.login()
+async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials: the same as the operator client's (:func:`~finetune_operator.controller.kube.login`)."""
+    return await kube.login(settings=settings, logger=logger, in_cluster=_config(memo).kubeconfig is None)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config = memo.get(MEMO_CONFIG)
-    if not isinstance(config, OperatorConfig):
-        config = OperatorConfig.from_env()
+    config = _config(memo)
     configure(settings, config)
-    controller = await Controller.create(config)
+    controller = await Controller.create(config, settings=settings)
     controller.start()
     memo[MEMO_CONTROLLER] = controller
     log.info("finetune-operator started (worker image %s, vLLM image %s)", config.worker_image, config.vllm_image)

@@ -62,7 +62,8 @@ class OperatorConfig:
     workers: int = 16
     #: Port of the Prometheus ``/metrics`` endpoint; None: not served.
     metrics_port: int | None = None
-    #: kubeconfig file for the operator's own API calls (None: in-cluster, then ``$KUBECONFIG``/default).
+    #: kubeconfig file given with ``--kubeconfig`` (exported as ``$KUBECONFIG``, read by the login): the
+    #: in-cluster ServiceAccount is then not tried. None: in-cluster, then ``$KUBECONFIG``/``~/.kube/config``.
     kubeconfig: str | None = None
     #: Seconds a watch request stays open before kopf reconnects (kopf's ``server_timeout``).
     watch_timeout: float = 300.0
@@ -204,9 +205,10 @@ class Controller:
         self._metrics_server: Any = None
 
     @classmethod
-    async def create(cls, config: OperatorConfig) -> Controller:
-        """Connect to the API (kubeconfig or in-cluster) and build a controller; call :meth:`start` next."""
-        request, close = await connect(kubeconfig=config.kubeconfig)
+    async def create(cls, config: OperatorConfig, *, settings: Any = None) -> Controller:
+        """Connect to the API (in-cluster, or the kubeconfig) and build a controller; call :meth:`start` next.
+        ``settings`` are kopf's (its ``networking.trust_env`` applies to this client too)."""
+        request, close = await connect(settings=settings, in_cluster=config.kubeconfig is None)
         kube = RestKube(
             request,
             on_request=lambda verb, code: metrics.API_REQUESTS.labels(verb=verb, code=str(code)).inc(),
