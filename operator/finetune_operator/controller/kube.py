@@ -419,6 +419,14 @@ class CachingKube:
     def __len__(self) -> int:
         return len(self._objects)
 
+    def peek(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The cached object, without asking the server (None when not cached): what the watch last said."""
+        entry = self._objects.get(self._key(kind, namespace, name))
+        if entry is None:
+            return None
+        cached: dict[str, Any] = json.loads(entry[2])
+        return cached
+
     # ------------------------------------------------------------------ Kube
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
