@@ -232,6 +232,7 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
                 handoffs.append(max(0.0, created - done))
     handoffs.sort()
     verbs = Counter(r.verb for r in log)
+    detail = Counter(f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}" for r in log)
     return {
         "jobs": n,
         "handoffs": len(handoffs),
@@ -247,6 +248,7 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
         "load_average": os.getloadavg()[0],
         "api_requests_per_job": round(len(log) / n, 1),
         "api_requests_per_job_by_verb": {v: round(c / n, 2) for v, c in sorted(verbs.items())},
+        "api_requests_per_job_by_resource": {v: round(c / n, 2) for v, c in sorted(detail.items())},
     }
 
 

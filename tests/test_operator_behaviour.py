@@ -332,15 +332,15 @@ class SteppedClock:
         self.frozen_at = 0.0
 
     def freeze(self) -> None:
-        self.frozen_at = time.monotonic() + (self.offset or 0.0)
+        self.frozen_at = time.time() + (self.offset or 0.0)
         self.offset = None
 
     def advance(self, seconds: float) -> None:
         """Run on from where it was held, ``seconds`` later."""
-        self.offset = self.frozen_at + seconds - time.monotonic()
+        self.offset = self.frozen_at + seconds - time.time()
 
     def __call__(self) -> float:
-        return time.monotonic() + self.offset if self.offset is not None else self.frozen_at
+        return time.time() + self.offset if self.offset is not None else self.frozen_at
 
 
 def test_progress_writes_are_rate_limited(cluster: EmulatorServer) -> None:
