@@ -7,11 +7,14 @@ JSON over an aiohttp session (aiohttp is kopf's HTTP library) built from the pub
 :class:`kopf.ConnectionInfo` (``as_ssl_context()``, ``as_http_headers()``).
 
 Why not a generated Kubernetes client: the reconciler handles five kinds in three API groups generically
-(rendered dicts in, dicts out), so typed models would round-trip every object through generated classes; and
-importing ``kubernetes_asyncio`` costs the operator ~40 MB of resident memory (every generated model is loaded
-at import), a quarter of its budget with 1000 FineTuneJobs. Its only use left is optional: a kubeconfig whose
-user needs an exec or auth-provider plugin (cloud CLIs), which kopf's ``login_via_async_client`` handles when
-``kubernetes_asyncio`` is installed (the ``kubeconfig-plugins`` extra). In a cluster it is never imported.
+(rendered dicts in, dicts out), so typed models would round-trip every object through generated classes, and
+``kubernetes_asyncio``'s REST client sends every request through aiohttp with ``trust_env`` on (a proxy and a
+``~/.netrc`` lookup in a thread per request). Its kubeconfig loader is still what handles a kubeconfig whose
+user needs an exec or auth-provider plugin (cloud CLIs), through kopf's ``login_via_async_client``.
+
+Memory: kopf imports every Kubernetes client library it finds installed (~40 MB for ``kubernetes_asyncio``,
+whose generated models all load at import; 7 MB more for the sync client). The sync client is therefore no
+dependency any more; ``bench/README.md`` measures an operator environment without either.
 
 Errors (a small hierarchy, so callers branch on meaning rather than status codes)::
 
@@ -244,7 +247,8 @@ async def login(
 
     Both come from kopf's public login functions. A kubeconfig user with an exec or auth-provider plugin yields
     no credentials there; those are obtained through ``kubernetes_asyncio``'s loader (kopf's
-    ``login_via_async_client``) when that package is installed, and refused with a clear error otherwise.
+    ``login_via_async_client``) when that package is installed (it is a dependency; an environment without it
+    gets a warning instead).
     Called again on a 401 (projected ServiceAccount tokens rotate; plugin tokens expire). ``in_cluster=False``
     (``ftctl operator --kubeconfig``) skips the ServiceAccount.
     """
@@ -256,8 +260,8 @@ async def login(
         if info is not None and not _has_credentials(info):
             if importlib.util.find_spec("kubernetes_asyncio") is None:
                 log.warning(
-                    "the kubeconfig user has no token or certificate; exec/auth-provider plugins need the "
-                    "kubeconfig-plugins extra (kubernetes_asyncio): continuing without credentials"
+                    "the kubeconfig user has no token or certificate; exec/auth-provider plugins need "
+                    "kubernetes_asyncio installed: continuing without credentials"
                 )
             else:
                 info = await kopf.login_via_async_client(settings=settings, logger=logger) or info
