@@ -407,6 +407,8 @@ class CachingKube:
         meta = obj.get("metadata") or {}
         uid, rv = str(meta.get("uid") or ""), str(meta.get("resourceVersion") or "")
         current = self._objects.get(key)
+        if current is not None and current[0] == uid and rv and current[1] == rv:
+            return  # the watch's echo of our own write: the same object, already stored
         stale = current is not None and current[0] == uid and rv.isdigit() and current[1].isdigit()
         if stale and current is not None and int(rv) < int(current[1]):
             return  # a late watch event older than what our own write returned
