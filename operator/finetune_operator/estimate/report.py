@@ -23,21 +23,27 @@ def _count(n: int | float) -> str:
 
 
 def _g(value: float) -> str:
-    return f"{value / GIB:.2f}"
+    """GiB with two decimals; MiB for what would print as 0.00 (tiny models)."""
+    if 0 < value < 0.005 * GIB:
+        return f"{value / (1 << 20):.2f} MiB"
+    return f"{value / GIB:.2f} GiB"
 
 
 def stage_text(p: StagePlan) -> list[str]:
     s, b = p.settings, p.breakdown
     method = s.method + (f" r{s.lora_rank}" if s.method in ("lora", "qlora") else "")
-    where = f"{s.data_parallel} x {p.gpu.name}" if p.gpu else ("CPU" if s.gpus_per_node == 0 else "GPU ?")
+    if s.gpus_per_node == 0:
+        where = "CPU"
+    else:
+        where = f"{s.data_parallel} x {p.gpu.name}" if p.gpu else f"{s.data_parallel} x unknown GPU"
     zero = f", ZeRO-{s.zero_stage}{' offload' if s.offload else ''}" if s.zero_stage is not None else ""
     lines = [f"stage {p.name} ({s.stage_type}, {method}{zero}, {where})"]
     share = 100 * b.trainable_params / b.total_params if b.total_params else 0
     lines.append(
         f"  parameters  {_count(b.total_params)} total, {_count(b.trainable_params)} trainable ({share:.2f} %)"
     )
-    cap = f" of {p.gpu.memory_gib:.1f} GiB" if p.gpu else ""
-    lines.append(f"  memory      {p.gpu_memory_gib:.2f} GiB{cap} per GPU: {p.verdict} (peak at the {b.peak_at})")
+    cap = f" of {p.gpu.memory_gib:.1f} GiB" if p.gpu and s.gpus_per_node else ""
+    lines.append(f"  memory      {_g(b.total)}{cap} per {"GPU" if s.gpus_per_node else "process"}: {p.verdict} (peak at the {b.peak_at})")
     lines.append(
         f"    weights {_g(b.weights)} ({b.weights_dtype}), gradients {_g(b.gradients)}, optimizer {_g(b.optimizer)}, "
         f"activations {_g(b.activations)}, logits {_g(b.logits)}, reference model {_g(b.reference_model)}, "
@@ -45,8 +51,8 @@ def stage_text(p: StagePlan) -> list[str]:
     )
     lines.append(
         f"    activations + logits at {b.sequences_per_step} x {b.sequence_length} tokens: "
-        f"{_g(b.activations_with_checkpointing)} GiB with gradient checkpointing, "
-        f"{_g(b.activations_without_checkpointing)} GiB without"
+        f"{_g(b.activations_with_checkpointing)} with gradient checkpointing, "
+        f"{_g(b.activations_without_checkpointing)} without"
         f"{' (on)' if s.gradient_checkpointing else ' (off)'}"
     )
     if p.data is not None:
