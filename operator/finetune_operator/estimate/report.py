@@ -43,7 +43,8 @@ def stage_text(p: StagePlan) -> list[str]:
         f"  parameters  {_count(b.total_params)} total, {_count(b.trainable_params)} trainable ({share:.2f} %)"
     )
     cap = f" of {p.gpu.memory_gib:.1f} GiB" if p.gpu and s.gpus_per_node else ""
-    lines.append(f"  memory      {_g(b.total)}{cap} per {"GPU" if s.gpus_per_node else "process"}: {p.verdict} (peak at the {b.peak_at})")
+    unit = "GPU" if s.gpus_per_node else "process"
+    lines.append(f"  memory      {_g(b.total)}{cap} per {unit}: {p.verdict} (peak at the {b.peak_at})")
     lines.append(
         f"    weights {_g(b.weights)} ({b.weights_dtype}), gradients {_g(b.gradients)}, optimizer {_g(b.optimizer)}, "
         f"activations {_g(b.activations)}, logits {_g(b.logits)}, reference model {_g(b.reference_model)}, "
