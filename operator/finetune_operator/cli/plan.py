@@ -15,14 +15,32 @@ unusable data (what the operator's preflight step would refuse), 2 usage error, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from finetune_operator.api.constants import KIND
 from finetune_operator.errors import SpecError, WorkerError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """LLaMA-Factory, transformers and DeepSpeed log to stdout (some from C code): send file descriptor 1 to
+    stderr while they run, so that stdout carries the report only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     resolver = resolver_for(job, LocalOptions(workdir=Path(args.workdir or "finetune-workdir"), volumes=volumes))
     try:
-        result = run_preflight(job, resolver, gpu=args.gpu, model_config=args.model_config, data=not args.no_data)
+        with _stdout_to_stderr():
+            result = run_preflight(job, resolver, gpu=args.gpu, model_config=args.model_config, data=not args.no_data)
     except WorkerError as exc:
         print(f"ftctl plan: {exc}", file=sys.stderr)
         return exc.exit_code

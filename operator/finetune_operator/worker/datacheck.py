@@ -226,6 +226,8 @@ def _check_dataset(
     capture = _Capture()
     lf_logger = logging.getLogger("llamafactory.data.converter")
     lf_logger.addHandler(capture)
+    # One warning per bad row would flood the log: the reasons are counted instead.
+    propagate, lf_logger.propagate = lf_logger.propagate, False
     try:
         for file in _files(path):
             if max_samples is not None and ds.rows >= max_samples:
@@ -255,6 +257,7 @@ def _check_dataset(
                 return ds
     finally:
         lf_logger.removeHandler(capture)
+        lf_logger.propagate = propagate
     return ds
 
 
