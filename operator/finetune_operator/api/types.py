@@ -16,7 +16,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-Backend = Literal["job", "pytorchjob", "deepspeedjob"]
+# Re-exported: older imports read the patterns from here; api.patterns is their one home.
+from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
+from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTERN
+from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
+from finetune_operator.api.patterns import ENV_NAME_PATTERN
+
+#: The training backends: exactly the names of finetune_operator.backends.REGISTRY (checked when that loads).
+Backend = Literal["job", "pytorchjob", "deepspeedjob", "trainjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
 StageType = Literal["pt", "sft", "rm", "dpo", "kto"]
@@ -26,11 +33,6 @@ Method = Literal["full", "freeze", "lora", "qlora"]
 #: kto is special-cased in validation: it takes plain data with a ``ktoTag`` column.
 PREFERENCE_STAGES: frozenset[str] = frozenset({"rm", "dpo"})
 ADAPTER_METHODS: frozenset[str] = frozenset({"lora", "qlora"})
-
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-#: Dataset names become keys of dataset_info.json and LF's ``dataset`` list: no commas, no path separators.
-DATASET_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 class _Model(BaseModel):
@@ -223,7 +225,7 @@ class MergeSpec(_Model):
 class EnvVar(_Model):
     """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
     """Variable name."""
     value: str = Field(default="", max_length=4096)
     """Variable value."""
@@ -295,12 +297,25 @@ class SchedulingSpec(_Model):
     """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
 
 
+class TrainingRuntimeRef(_Model):
+    """The Kubeflow Trainer v2 runtime a TrainJob uses (``backend: trainjob``)."""
+
+    name: str = Field(default="torch-distributed", min_length=1, max_length=253)
+    """Runtime name; ``torch-distributed`` is the PyTorch runtime Trainer v2 installs."""
+    kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    """``ClusterTrainingRuntime`` (cluster-wide) or ``TrainingRuntime`` (in the FineTuneJob's namespace)."""
+
+
 class FineTuneJobSpec(_Model):
     """Desired state: a base model, datasets and stages; optionally merge and serve."""
 
     backend: Backend | None = None
-    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow) or ``deepspeedjob`` (T9k).
-    Default: job when every stage has one node, else pytorchjob."""
+    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow training-operator v1),
+    ``deepspeedjob`` (T9k) or ``trainjob`` (Kubeflow Trainer v2). Default: job when every stage has one node,
+    else pytorchjob."""
+    training_runtime: TrainingRuntimeRef | None = None
+    """Trainer v2 runtime of ``backend: trainjob`` (default: the ``torch-distributed``
+    ClusterTrainingRuntime); only valid with that backend."""
     image: str | None = Field(default=None, max_length=512)
     """Worker image (LLaMA-Factory); the operator's default when omitted."""
     model: ModelSpec
@@ -388,8 +403,25 @@ class StageProgress(_Model):
     """Current (fractional) epoch."""
     eta: str | None = None
     """Estimated time remaining (e.g. ``0:12:34``)."""
+    learning_rate: float | None = None
+    """Learning rate at the reported step."""
     update_time: str | None = None
     """When the worker reported (RFC 3339)."""
+
+
+class LossPoint(_Model):
+    """One point of a stage's loss history; a merged point stands for ``samples`` reports (their mean)."""
+
+    step: int = Field(ge=0)
+    """Optimizer step (the last step of the reports this point merges)."""
+    loss: float | None = None
+    """Training loss (mean over the merged reports)."""
+    learning_rate: float | None = None
+    """Learning rate (mean over the merged reports)."""
+    epoch: float | None = None
+    """Fractional epoch at ``step``."""
+    samples: int = Field(default=1, ge=1)
+    """How many worker reports this point merges."""
 
 
 class StageStatus(_Model):
@@ -415,6 +447,8 @@ class StageStatus(_Model):
     """Last message (the child's failure reason, ...)."""
     progress: StageProgress | None = None
     """Training progress."""
+    history: list[LossPoint] | None = Field(default=None, max_length=200)
+    """Loss history of a training stage: at most 200 points, older points merged so the curve keeps its shape."""
 
 
 class Outputs(_Model):
