@@ -92,6 +92,7 @@ class Reason:
     PENDING: Final = "Pending"
     RUN_STARTED: Final = "RunStarted"
     ROLLING_OUT: Final = "RollingOut"
+    FORBIDDEN: Final = "Forbidden"
     #: Pre-flight: a stage's estimated per-GPU peak exceeds its GPU's memory.
     WILL_NOT_FIT: Final = "WillNotFit"
     #: Pre-flight: a dataset is unreadable or a stage has no valid sample.
