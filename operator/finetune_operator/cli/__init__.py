@@ -24,8 +24,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("crd", "crd", "print the FineTuneJob CustomResourceDefinition generated from the API types"),
     ("run", "run", "run a FineTuneJob on this machine (--local) with the same worker code"),
     ("plot", "plot", "write a stage's loss curve as a PNG"),
+    ("lineage", "lineage", "print a model's finetune-lineage.json (where it came from)"),
     ("operator", "operator", "run the kopf operator"),
-    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge)"),
+    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge, eval, publish)"),
 )
 
 EXIT_OK = 0

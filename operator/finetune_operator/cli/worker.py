@@ -1,9 +1,9 @@
-"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``progress``).
+"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``publish``, ``progress``).
 
 Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 3 bad data, 4 model missing,
-5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 128+N stopped by signal N
-(resumable). The message of a failure is also written to the container's termination message file so that
-``kubectl describe`` and the operator show it without reading logs.
+5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 10 publishing failed,
+128+N stopped by signal N (resumable). The message of a failure is also written to the container's termination
+message file so that ``kubectl describe`` and the operator show it without reading logs.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _train(args)
         if step == "merge":
             return _merge(args)
+        if step == "publish":
+            return _publish(args)
         return _progress(args)
     except WorkerError as exc:
         msg = f"{step} failed: {exc}"
@@ -96,6 +98,15 @@ def _merge(args: argparse.Namespace) -> int:
 
     res = run_merge(args.config, echo=sys.stdout)
     print(f"merged: {res.export_dir}")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from finetune_operator.worker.publish import load_config, run_publish
+
+    res = run_publish(load_config(args.config))
+    for dest in res.destinations:
+        print(f"published: {dest['url']} ({dest['uploaded']} uploaded, {dest['skipped']} unchanged)")
     return 0
 
 
@@ -151,6 +162,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     m = sub.add_parser("merge", help="merge the base model and the adapters (llamafactory-cli export), atomically")
     m.add_argument("--config", required=True, help="merge.yaml")
     m.set_defaults(func=lambda a: _run("merge", a))
+
+    pub = sub.add_parser("publish", help="write the lineage file and publish the model to its destinations")
+    pub.add_argument("--config", required=True, help="publish.json")
+    pub.set_defaults(func=lambda a: _run("publish", a))
 
     p = sub.add_parser("progress", help="print (and report) the progress of a stage from its trainer log")
     p.add_argument("--output-dir", required=True, help="the stage's output folder")
