@@ -37,16 +37,17 @@ import copy
 from typing import Any
 
 from finetune_operator.api import constants as c
-from finetune_operator.api import naming
-from finetune_operator.api.types import DNS_LABEL_PATTERN, FineTuneJob
+from finetune_operator.api import naming, patterns
+from finetune_operator.api.patterns import DNS_LABEL_PATTERN
+from finetune_operator.api.types import PREFERENCE_STAGES, FineTuneJob
 
 __all__ = ["CEL_RULES", "CRD_NAME", "build_crd", "open_api_schema"]
 
 CRD_NAME = f"{c.PLURAL}.{c.GROUP}"
 
 _DROP_KEYS = frozenset({"title", "default", "examples"})
-_LORA_TARGET_PATTERN = r"^[A-Za-z0-9_.*-]+(,[A-Za-z0-9_.*-]+)*$"
-_QUANTITY_PATTERN = r"^(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+|[KMGTPE]i|[numkMGTPE])?$"
+_LORA_TARGET_PATTERN = patterns.LORA_TARGET_PATTERN
+_QUANTITY_PATTERN = patterns.QUANTITY_PATTERN
 
 #: Bounds the API server needs (CEL cost estimation, request size) on nodes that the types leave open.
 #: Keyed by schema path (``.`` between properties, ``[]`` for array items, ``{}`` for map values).
@@ -77,6 +78,9 @@ _STARTED = (
 _RERUN = "(has(self.spec.runId) && (!has(oldSelf.spec.runId) || self.spec.runId != oldSelf.spec.runId))"
 
 CelRule = tuple[str, str, str | None]
+
+#: The preference stage types as a CEL list literal (``['dpo', 'rm']``), from the one constant.
+_PREFERENCE = "[" + ", ".join(f"'{t}'" for t in sorted(PREFERENCE_STAGES)) + "]"
 
 
 def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
@@ -133,13 +137,13 @@ CEL_RULES: dict[str, list[CelRule]] = {
             ".stages",
         ),
         (
-            "self.stages.all(s, !(s.type in ['rm', 'dpo']) || "
+            f"self.stages.all(s, !(s.type in {_PREFERENCE}) || "
             "s.datasets.all(n, self.datasets.exists(d, d.name == n && has(d.ranking) && d.ranking)))",
             "rm and dpo stages need ranking datasets (preference pairs)",
             ".stages",
         ),
         (
-            "self.stages.all(s, s.type in ['rm', 'dpo'] || "
+            f"self.stages.all(s, s.type in {_PREFERENCE} || "
             "s.datasets.all(n, !self.datasets.exists(d, d.name == n && has(d.ranking) && d.ranking)))",
             "pt, sft and kto stages cannot train on ranking datasets",
             ".stages",

@@ -16,6 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# Re-exported: older imports read the patterns from here; api.patterns is their one home.
+from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
+from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTERN
+from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
+from finetune_operator.api.patterns import ENV_NAME_PATTERN
+
 Backend = Literal["job", "pytorchjob", "deepspeedjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
@@ -26,11 +32,6 @@ Method = Literal["full", "freeze", "lora", "qlora"]
 #: kto is special-cased in validation: it takes plain data with a ``ktoTag`` column.
 PREFERENCE_STAGES: frozenset[str] = frozenset({"rm", "dpo"})
 ADAPTER_METHODS: frozenset[str] = frozenset({"lora", "qlora"})
-
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-#: Dataset names become keys of dataset_info.json and LF's ``dataset`` list: no commas, no path separators.
-DATASET_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 class _Model(BaseModel):
@@ -223,7 +224,7 @@ class MergeSpec(_Model):
 class EnvVar(_Model):
     """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
     """Variable name."""
     value: str = Field(default="", max_length=4096)
     """Variable value."""

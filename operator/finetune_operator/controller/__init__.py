@@ -4,7 +4,12 @@ Layout (kubebuilder-style: pure pieces separate from the loop that talks to the 
 
     handlers.py    kopf registrations (``kopf run -m finetune_operator.controller.handlers``): on.event only
     runtime.py     Controller: configuration (env/flags), the work queue, resync timer, event posting, metrics
-    reconciler.py  Reconciler.reconcile(namespace, name): level-based, idempotent; the heart
+    reconciler.py  Reconciler.reconcile(namespace, name): level-based, idempotent; the walk over the steps
+    accepting.py   which spec and run the pipeline runs; terminal jobs; the validation/render cache
+    stepping.py    one training step's workload: create/adopt, success, retry, failure, suspend, drift
+    serving.py     the vLLM Deployment and Service: create, scale, suspend, roll to a new run
+    writing.py     status built from the API models, when it is written, our own watch echoes, events
+    context.py     what the decision modules share: config, per-reconcile scratch, enum outcomes
     queue.py       client-go style work queue: dedupe, one worker per key, delayed re-adds, error backoff
     kube.py        async REST client (retries, error hierarchy) and the informer-style CachingKube
     children.py    pure: child status per kind (Job, PyTorchJob, DeepSpeedJob, Deployment), suspend, ownership

@@ -18,9 +18,14 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.constants import ConditionType, Reason, StageState, State
+from finetune_operator.api.types import StageProgress, StageStatus
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def rfc3339(ts: float) -> str:
@@ -84,6 +89,38 @@ def fold_progress(reported: Mapping[str, Any] | None) -> dict[str, Any] | None:
         with contextlib.suppress(TypeError, ValueError, ZeroDivisionError):
             out["percent"] = round(100.0 * float(out["step"]) / float(out["totalSteps"]), 1)
     return out or None
+
+
+def typed_progress(reported: Mapping[str, Any] | None) -> StageProgress | None:
+    """:func:`fold_progress` as a :class:`StageProgress`; a key whose value has the wrong type is dropped
+    (the status schema types ``reported``, but the model is also what protects the columns)."""
+    folded = fold_progress(reported)
+    if folded is None:
+        return None
+    good: dict[str, Any] = {}
+    for key, value in folded.items():
+        try:
+            StageProgress.model_validate({key: value})
+        except ValidationError:
+            continue
+        good[key] = value
+    return StageProgress.model_validate(good) if good else None
+
+
+def parse_stages(raw: Any) -> list[StageStatus]:
+    """``status.stages`` as models; an entry that does not parse (not written by this operator) is dropped."""
+    out: list[StageStatus] = []
+    for item in raw if isinstance(raw, list) else []:
+        try:
+            out.append(StageStatus.model_validate(item))
+        except ValidationError:
+            continue
+    return out
+
+
+def wire(model: _M) -> dict[str, Any]:
+    """A status model as the JSON the API server stores: camelCase, only the fields that were set, no nulls."""
+    return model.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
 
 
 def format_progress(progress: Mapping[str, Any] | None) -> str | None:

@@ -4,7 +4,8 @@ These builders take a :class:`~finetune_operator.render.plan.PathResolver` and r
 operator (paths under ``/mnt/volumes`` and ``/etc/finetune``) and ``ftctl run --local`` (local folders) run
 byte-for-byte the same configuration; only the paths differ.
 
-Stage chaining (each stage starts from the result of the one before):
+Stage chaining (each stage starts from the result of the one before; the walk itself is
+:func:`finetune_operator.render.chain.walk`, which validation uses too):
 
 * LoRA after LoRA stacks adapters: ``adapter_name_or_path`` = the earlier adapters (in order) and
   ``create_new_adapter: true``. LLaMA-Factory merges the earlier adapters into the weights in memory and trains
@@ -28,6 +29,7 @@ from typing import Any
 
 from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, StageSpec
 from finetune_operator.errors import RenderError
+from finetune_operator.render import chain as walker
 from finetune_operator.render import paths
 from finetune_operator.render.plan import PathResolver
 
@@ -72,12 +74,6 @@ def _lf_method(stage: StageSpec) -> str:
     return "lora" if stage.method in ADAPTER_METHODS else stage.method
 
 
-def _continues_adapter(stage: StageSpec) -> bool:
-    """True when LLaMA-Factory cannot stack a new adapter for this stage (quantized or ZeRO-3 weights)."""
-    zero3 = stage.deepspeed is not None and stage.deepspeed.zero_stage == 3
-    return stage.method == "qlora" or zero3
-
-
 @dataclass(frozen=True)
 class StageInput:
     """What one training stage starts from, and where it writes."""
@@ -106,43 +102,47 @@ class Chain:
 
 
 def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
-    """Walk ``spec.stages`` and compute what each stage starts from (see the module docstring)."""
-    model = paths.model_dir(job, resolver)
-    adapters: list[str] = []
-    ranks: list[int] = []
-    inputs: dict[str, StageInput] = {}
-    for stage in job.spec.stages:
-        out = paths.stage_output_dir(job, stage.name, resolver)
-        rank = (stage.lora.rank if stage.lora else 8) if stage.method in ADAPTER_METHODS else 0
-        if stage.method not in ADAPTER_METHODS:
-            if adapters:
-                raise RenderError(
-                    f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
-                    "start from adapters; make it the first stage or use a LoRA method"
-                )
-            inputs[stage.name] = StageInput(model=model, adapters=(), create_new_adapter=False, output_dir=out)
-            model = out
-            continue
-        if adapters and _continues_adapter(stage):
-            if len(adapters) != 1:
-                raise RenderError(
-                    f"stage {stage.name!r} ({stage.method}"
-                    f"{', ZeRO-3' if stage.method != 'qlora' else ''}) can only continue a single earlier "
-                    f"adapter, but {len(adapters)} are stacked before it; enable merge between them or use "
-                    "lora without ZeRO-3"
-                )
-            inputs[stage.name] = StageInput(
-                model=model, adapters=tuple(adapters), create_new_adapter=False, output_dir=out
-            )
-            adapters = [out]
-            ranks = [max(ranks[-1], rank)]
-            continue
-        inputs[stage.name] = StageInput(
-            model=model, adapters=tuple(adapters), create_new_adapter=bool(adapters), output_dir=out
+    """Walk ``spec.stages`` (:func:`finetune_operator.render.chain.walk`) and give each stage its paths."""
+    stages = job.spec.stages
+    walked = walker.walk(stages)
+    if walked.problems:
+        raise RenderError(_problem_text(stages, walked.problems[0]))
+    base = paths.model_dir(job, resolver)
+    out = [paths.stage_output_dir(job, stage.name, resolver) for stage in stages]
+
+    def model(index: int | None) -> str:
+        return base if index is None else out[index]
+
+    inputs = {
+        stages[link.index].name: StageInput(
+            model=model(link.base),
+            adapters=tuple(out[a] for a in link.adapters),
+            create_new_adapter=link.create_new_adapter,
+            output_dir=out[link.index],
         )
-        adapters.append(out)
-        ranks.append(rank)
-    return Chain(stages=inputs, model=model, adapters=tuple(adapters), lora_ranks=tuple(ranks))
+        for link in walked.links
+    }
+    return Chain(
+        stages=inputs,
+        model=model(walked.base),
+        adapters=tuple(out[a] for a in walked.adapters),
+        lora_ranks=walked.ranks,
+    )
+
+
+def _problem_text(stages: list[StageSpec], problem: walker.ChainProblem) -> str:
+    stage = stages[problem.index]
+    if problem.problem is walker.Problem.FULL_AFTER_LORA:
+        return (
+            f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
+            "start from adapters; make it the first stage or use a LoRA method"
+        )
+    return (
+        f"stage {stage.name!r} ({stage.method}"
+        f"{', ZeRO-3' if stage.method != 'qlora' else ''}) can only continue a single earlier "
+        f"adapter, but {problem.stacked} are stacked before it; enable merge between them or use "
+        "lora without ZeRO-3"
+    )
 
 
 #: LLaMA-Factory's own column/tag defaults (``llamafactory.data.parser.DatasetAttr``). LF applies them only
@@ -225,7 +225,7 @@ def train_config(
             cfg["create_new_adapter"] = True
     if stage.method in ADAPTER_METHODS:
         lora = stage.lora
-        cfg["lora_rank"] = lora.rank if lora else 8
+        cfg["lora_rank"] = walker.lora_of(stage).rank
         if lora is not None:
             if lora.alpha is not None:
                 cfg["lora_alpha"] = lora.alpha
@@ -233,7 +233,7 @@ def train_config(
             target = lora.target
             cfg["lora_target"] = ",".join(target) if isinstance(target, list) else target
         else:
-            cfg["lora_target"] = "all"
+            cfg["lora_target"] = walker.lora_of(stage).target
     if stage.method == "qlora":
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:

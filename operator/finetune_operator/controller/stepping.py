@@ -1,0 +1,235 @@
+"""Driving steps: one download/train/merge step's workload from creation to success, retry or failure.
+
+Decisions that live here:
+
+* **The stages' status** from the plan and the previous status (:meth:`Stepping._stage_statuses`).
+* **Create or adopt** (:meth:`Stepping._create`): children have deterministic names, so creating one twice is
+  a 409, never a duplicate; an existing child is adopted only when it carries our labels and a controller
+  ownerReference to this FineTuneJob's uid, otherwise the step is :class:`~.context.Blocked`.
+* **What the workload's state means** (:meth:`Stepping._drive` → :class:`~.context.StepOutcome`): succeeded
+  → advance; failed → record a retry (then delete and re-create on the next reconcile) or fail for good;
+  vanished while running → re-create (drift); otherwise stay.
+* **Attempts** are counted on the workload (``finetune.dev/attempt``); a retry is recorded in status *before*
+  the failed workload is deleted, so a crash between two API calls neither loses nor doubles a retry.
+* **Suspend** (:meth:`Stepping._suspend`): the operator suspends on the user's behalf and never fights Kueue.
+* **Drift repair** of a step's other objects on the resync (:meth:`Stepping._ensure_present`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from finetune_operator.api.constants import Reason, StageState
+from finetune_operator.api.types import FineTuneJob, StageStatus
+from finetune_operator.controller import children as ch
+from finetune_operator.controller import metrics
+from finetune_operator.controller import status as st
+from finetune_operator.controller.accepting import Accepting
+from finetune_operator.controller.context import Blocked, Ctx, StepOutcome
+from finetune_operator.controller.kube import AlreadyExists, fresh_reads
+from finetune_operator.render.plan import Plan, Step
+
+
+class Stepping(Accepting):
+    """Creates, adopts, retries and suspends the workloads of the training steps."""
+
+    def _stage_statuses(self, plan: Plan, old_status: Mapping[str, Any]) -> list[StageStatus]:
+        """``status.stages`` for every step of the plan, carrying over what the old status knew."""
+        old = {s.name: s for s in st.parse_stages(old_status.get("stages"))}
+        reported = old_status.get("reported") or {}
+        out = []
+        for step in plan.steps:
+            before = old.get(step.name)
+            sst = before.model_copy(deep=True) if before is not None else StageStatus(name=step.name, type=step.type)
+            sst.name = step.name
+            sst.type = step.type
+            sst.workload_kind = step.workload["kind"]
+            sst.workload_name = step.workload["metadata"]["name"]
+            sst.state = sst.state  # always written (marks the field set)
+            sst.attempts = sst.attempts
+            progress = st.typed_progress(reported.get(step.name) if isinstance(reported, Mapping) else None)
+            if progress is not None:
+                sst.progress = progress
+            out.append(sst)
+        return out
+
+    @staticmethod
+    def _stage_message(step: Step, sst: StageStatus) -> str:
+        what = f"{step.workload['kind']} {step.workload['metadata']['name']}"
+        msg = f"stage {step.name}: {what} (attempt {sst.attempts or 1})"
+        return f"{msg}: {sst.message}" if sst.message else msg
+
+    async def _drive(
+        self, ctx: Ctx, job: FineTuneJob, plan: Plan, step: Step, sst: StageStatus, *, first: bool, deep: bool
+    ) -> StepOutcome:
+        """One download/train/merge step: create, adopt, retry, suspend, or notice success."""
+        wl = step.workload
+        never_created = sst.attempts == 0 and sst.state == StageState.PENDING
+        # A step never started has no workload: go straight to creating it (a 409 is handled by adoption),
+        # saving a GET per hand-off.
+        child = (
+            None
+            if never_created
+            else await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+        )
+        if child is not None and not ch.is_ours(child, ctx.uid):
+            raise Blocked(
+                f"{wl['kind']} {wl['metadata']['name']} exists but is not owned by this FineTuneJob; "
+                "it is left alone (delete it to let the pipeline continue)",
+                warn=not child["metadata"].get("deletionTimestamp"),
+            )
+        if child is not None and child["metadata"].get("deletionTimestamp"):
+            raise Blocked(f"waiting for the old {wl['kind']} {wl['metadata']['name']} to be deleted", warn=False)
+
+        if child is None:
+            attempts = sst.attempts
+            if sst.state == StageState.RETRYING or attempts == 0:
+                attempt = attempts + 1
+            else:  # it was running and vanished: drift (deleted by hand, or lost with its node)
+                attempt = attempts
+                ctx.events.append(
+                    st.Event(
+                        "Warning",
+                        Reason.CHILD_RECREATED,
+                        f"{wl['kind']} {wl['metadata']['name']} was missing; recreated",
+                    )
+                )
+            await self._accept(ctx)
+            child = await self._create_objects(
+                ctx, job, plan, step, attempt, shared=first or attempt > 1 or attempts > 0
+            )
+            sst.state, sst.attempts, sst.message = StageState.RUNNING, attempt, None
+            if sst.start_time is None:
+                sst.start_time = ctx.stamp
+            sst.completion_time = None
+        elif deep:
+            await self._ensure_present(ctx, plan, step, shared=True, recreate_workload=False)
+
+        attempt = ch.attempt_of(child)
+        sst.attempts = max(attempt, sst.attempts)
+        cs = ch.interpret(child)
+        what = f"{wl['kind']} {wl['metadata']['name']}"
+
+        if cs.phase == ch.Phase.SUCCEEDED:
+            sst.state, sst.message = StageState.SUCCEEDED, None
+            if sst.start_time is None:
+                sst.start_time = ctx.stamp
+            sst.completion_time = str((child.get("status") or {}).get("completionTime") or ctx.stamp)
+            return StepOutcome.ADVANCE
+
+        if cs.phase == ch.Phase.FAILED:
+            why = ": ".join(x for x in (cs.reason, cs.message) if x) or "failed"
+            if attempt <= job.spec.retries:
+                if sst.state != StageState.RETRYING or sst.attempts != attempt:
+                    # Record the retry first; only the next reconcile (after this write) deletes the child.
+                    sst.state, sst.attempts, sst.message = StageState.RETRYING, attempt, f"{what} failed: {why}"
+                    return StepOutcome.RETRY_NOW
+                await self.kube.delete(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+                new = await self._create_objects(ctx, job, plan, step, attempt + 1, shared=True)
+                sst.state, sst.attempts, sst.message = StageState.RUNNING, ch.attempt_of(new), None
+                return StepOutcome.STAY
+            total = attempt
+            sst.state = StageState.FAILED
+            sst.message = f"{what} failed after {total} attempt{'s' if total != 1 else ''}: {why}"
+            sst.completion_time = ctx.stamp
+            return StepOutcome.FAILED
+
+        await self._suspend(ctx, job, child)
+        if ch.is_suspended(child):
+            if job.spec.suspend:
+                sst.state, sst.message = StageState.SUSPENDED, "suspended (spec.suspend)"
+            else:
+                sst.state = StageState.RUNNING
+                queue = job.spec.scheduling.queue_name
+                sst.message = f"waiting for admission by Kueue queue {queue}" if queue else "resuming"
+        else:
+            sst.state, sst.message = StageState.RUNNING, None
+        return StepOutcome.STAY
+
+    async def _suspend(self, ctx: Ctx, job: FineTuneJob, child: dict[str, Any]) -> None:
+        """Apply ``spec.suspend`` to a running workload, without ever fighting Kueue.
+
+        Kueue creates-suspended / admits-by-unsuspending. So the operator suspends on the user's behalf (and
+        marks the workload), and on resume unsuspends only what it suspended itself; with a Kueue queue it
+        only removes its mark and lets Kueue admit the workload again.
+        """
+        if not ch.supports_suspend(child):
+            return
+        meta = child["metadata"]
+        ours = ch.ANNOTATION_SUSPENDED_BY_USER in (meta.get("annotations") or {})
+        suspended = ch.is_suspended(child)
+        queue = job.spec.scheduling.queue_name
+        patch: dict[str, Any] | None = None
+        if job.spec.suspend and not suspended:
+            patch = ch.suspend_patch(child, True, by_user=True)
+            ctx.events.append(st.Event("Normal", Reason.SUSPENDED, f"suspended {child['kind']} {meta['name']}"))
+        elif not job.spec.suspend and suspended and (ours or not queue):
+            if queue:
+                patch = {"metadata": {"annotations": {ch.ANNOTATION_SUSPENDED_BY_USER: None}}}
+                msg = f"released {child['kind']} {meta['name']} to Kueue queue {queue} for admission"
+            else:
+                patch = ch.suspend_patch(child, False, by_user=False)
+                msg = f"resumed {child['kind']} {meta['name']}"
+            ctx.events.append(st.Event("Normal", Reason.RESUMED, msg))
+        if patch is not None:
+            updated = await self.kube.patch(child["apiVersion"], child["kind"], ctx.namespace, meta["name"], patch)
+            updated.setdefault("apiVersion", child["apiVersion"])
+            updated.setdefault("kind", child["kind"])
+            child.clear()
+            child.update(updated)
+            self._note_own_write(ctx, child)
+
+    async def _create(self, ctx: Ctx, body: dict[str, Any]) -> dict[str, Any]:
+        """Create, or adopt the same-named object when it is ours (a lost response, or a restart)."""
+        meta = body["metadata"]
+        try:
+            created = await self.kube.create(body)
+        except AlreadyExists:
+            with fresh_reads():
+                found = await self.kube.get(body["apiVersion"], body["kind"], ctx.namespace, meta["name"])
+            if found is None:  # deleted in between: let the next reconcile create it
+                raise Blocked(
+                    f"{body['kind']} {meta['name']} was being replaced", warn=False, retry_after=0.2
+                ) from None
+            if not ch.is_ours(found, ctx.uid):
+                raise Blocked(
+                    f"{body['kind']} {meta['name']} exists but is not owned by this FineTuneJob; it is left alone",
+                    warn=True,
+                ) from None
+            if found["metadata"].get("deletionTimestamp"):
+                raise Blocked(f"waiting for the old {body['kind']} {meta['name']} to be deleted", warn=False) from None
+            return found
+        metrics.CHILDREN_CREATED.labels(kind=body["kind"]).inc()
+        created.setdefault("apiVersion", body["apiVersion"])
+        created.setdefault("kind", body["kind"])
+        self._note_own_write(ctx, created)
+        return created
+
+    async def _create_objects(
+        self, ctx: Ctx, job: FineTuneJob, plan: Plan, step: Step, attempt: int, *, shared: bool
+    ) -> dict[str, Any]:
+        """Create the step's objects in plan order (the shared ConfigMaps first); the workload last-known body."""
+        workload: dict[str, Any] | None = None
+        for obj in (*plan.shared, *step.objects) if shared else step.objects:
+            is_wl = obj is step.workload
+            body = ch.with_owner(obj, ctx.ftj, attempt=attempt if is_wl else None)
+            if is_wl and job.spec.suspend and ch.supports_suspend(body):
+                body = ch.apply_suspend(body, True, by_user=True)
+            created = await self._create(ctx, body)
+            if is_wl:
+                workload = created
+        assert workload is not None, "the plan's workload is one of the step's objects"
+        return workload
+
+    async def _ensure_present(self, ctx: Ctx, plan: Plan, step: Step, *, shared: bool, recreate_workload: bool) -> None:
+        """Drift repair of the non-workload objects (ConfigMaps, Services) of a step."""
+        for obj in (*plan.shared, *step.objects) if shared else step.objects:
+            if obj is step.workload and not recreate_workload:
+                continue
+            meta = obj["metadata"]
+            if await self.kube.get(obj["apiVersion"], obj["kind"], ctx.namespace, meta["name"]) is None:
+                await self._create(ctx, ch.with_owner(obj, ctx.ftj))
+                ctx.events.append(
+                    st.Event("Warning", Reason.CHILD_RECREATED, f"{obj['kind']} {meta['name']} was missing; recreated")
+                )

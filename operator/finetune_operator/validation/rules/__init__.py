@@ -1,0 +1,37 @@
+"""The semantic rules, one module per topic; importing this package registers them,
+sorted by :data:`ORDER`.
+
+=================  ===============================================================================
+module             decides
+=================  ===============================================================================
+``names``          job/namespace names, unique stage and dataset names, ``runId``
+``stages``         DeepSpeed offload, stage datasets (declared, ranking or not), LoRA block, adapter chain
+``datasets``       columns and tags per formatting, ranking pair columns
+``volumes``        ``subPath`` inside its claim
+``model``          template, hub id, token Secret reference
+``resources``      CPU/memory quantities
+``serve``          vLLM sizing, operator-owned flags, serving adapters without merge
+``scheduling``     queue, priority class, node selector, tolerations
+``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, combinations
+=================  ===============================================================================
+"""
+
+from __future__ import annotations
+
+from finetune_operator.validation.registry import RULES
+from finetune_operator.validation.rules import (
+    arguments,
+    datasets,
+    model,
+    names,
+    resources,
+    scheduling,
+    serve,
+    stages,
+    volumes,
+)
+
+#: Topic order of the errors a user reads (within a module: definition order).
+ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, arguments)
+
+RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))

@@ -1,0 +1,43 @@
+"""The base model: template, hub id and the token Secret reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from finetune_operator.api import patterns
+from finetune_operator.errors import FieldError
+from finetune_operator.validation.context import Context
+from finetune_operator.validation.registry import rule
+from finetune_operator.validation.words import hint
+
+
+@rule
+def model_template_known(ctx: Context) -> Iterator[FieldError]:
+    model = ctx.spec.model
+    template = model.template if model is not None else None
+    if template and template not in ctx.lf.templates:
+        yield FieldError(
+            "spec.model.template", f"unknown LLaMA-Factory template {template!r}{hint(template, ctx.lf.templates)}"
+        )
+
+
+@rule
+def model_source_is_hub_id(ctx: Context) -> Iterator[FieldError]:
+    source = ctx.spec.model.source if ctx.spec.model is not None else None
+    if source is not None and not patterns.HUB_ID_RE.match(source):
+        yield FieldError(
+            "spec.model.source",
+            f"{source!r} is not a hub model id (like 'Qwen/Qwen2-7B-Instruct'); "
+            "omit source when the model is already on the volume",
+        )
+
+
+@rule
+def token_secret_ref_valid(ctx: Context) -> Iterator[FieldError]:
+    ref = ctx.spec.model.token_secret_ref if ctx.spec.model is not None else None
+    if ref is None:
+        return
+    if ref.name and not patterns.DNS_SUBDOMAIN_RE.match(ref.name):
+        yield FieldError("spec.model.tokenSecretRef.name", "must be a Secret name (DNS-1123 subdomain)")
+    if ref.key and not patterns.SECRET_KEY_RE.match(ref.key):
+        yield FieldError("spec.model.tokenSecretRef.key", "must be a Secret key (letters, digits, '-', '_', '.')")
