@@ -11,6 +11,7 @@
         ├── DownloadError         the hub download failed                         (exit 5)
         ├── OutOfMemoryError      training ran out of (GPU) memory                (exit 6)
         ├── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
+        ├── EvaluationError       the evaluation of the candidate model failed    (exit 9)
         └── PublishError          publishing to a destination failed              (exit 10)
 
 Why a hierarchy: the CLI maps SpecError to exit 1 and a readable list, the operator maps it to the
@@ -88,6 +89,12 @@ class TrainingError(WorkerError):
     """LLaMA-Factory exited with an error."""
 
     exit_code = 7
+
+
+class EvaluationError(WorkerError):
+    """The evaluation failed (bad held-out data, a model that cannot load, LLaMA-Factory error)."""
+
+    exit_code = 9
 
 
 class PublishError(WorkerError):

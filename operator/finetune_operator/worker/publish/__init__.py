@@ -10,19 +10,20 @@ what differs, so a retried or re-run step uploads nothing new. Credentials come 
 only (filled from ``secretKeyRef`` by the renderer, or from ``--secrets-dir`` by ``ftctl run --local``); the
 config names the variables, never the values, and error messages are scrubbed of them.
 
-Config (``publish.json``, rendered): ``modelDir``, ``artifact`` (merged | adapters), ``lineage`` (see
+Config (``publish.yaml``, rendered): ``modelDir``, ``artifact`` (merged | adapters), ``lineage`` (see
 :mod:`finetune_operator.worker.lineage`), ``metricsFile`` (optional), ``resultFile``, ``destinations``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from finetune_operator.errors import PublishError, WorkerError
 from finetune_operator.worker import lineage, markers
@@ -100,10 +101,10 @@ def run_publish(config: Mapping[str, Any], *, environ: Mapping[str, str] | None 
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``publish.json``."""
+    """Read ``publish.yaml`` (JSON is YAML too)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
         raise WorkerError(f"cannot read the publish config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise WorkerError(f"{path}: expected a JSON object")
