@@ -91,10 +91,37 @@ def fold_progress(reported: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out or None
 
 
-def typed_progress(reported: Mapping[str, Any] | None) -> StageProgress | None:
-    """:func:`fold_progress` as a :class:`StageProgress`; a key whose value has the wrong type is dropped
-    (the status schema types ``reported``, but the model is also what protects the columns)."""
-    folded = fold_progress(reported)
+#: What a worker may report, per key: (types, lowest, highest) for numbers, (str, max length) for strings.
+#: Worker input is untrusted: a value outside these bounds is dropped, never shown or computed with.
+_REPORT_BOUNDS: dict[str, tuple[Any, ...]] = {
+    "step": ((int,), 0, 2**53),
+    "totalSteps": ((int,), 0, 2**53),
+    "percent": ((int, float), 0.0, 100.0),
+    "loss": ((int, float), -1e30, 1e30),
+    "epoch": ((int, float), 0.0, 1e9),
+    "eta": ((str,), 64),
+    "updateTime": ((str,), 64),
+}
+
+
+def _in_bounds(key: str, value: Any) -> bool:
+    bounds = _REPORT_BOUNDS.get(key)
+    if bounds is None or isinstance(value, bool) or not isinstance(value, bounds[0]):
+        return False
+    if isinstance(value, str):
+        return len(value) <= bounds[1] and value.isprintable()
+    return bool(bounds[1] <= value <= bounds[2])
+
+
+def typed_progress(reported: Any) -> StageProgress | None:
+    """A worker's report as a :class:`StageProgress`: known keys of the right type within bounds only.
+
+    ``status.reported`` is written by worker pods and therefore untrusted: it only ever feeds the progress
+    display (``stages[].progress``, the printer columns), never a decision.
+    """
+    if not isinstance(reported, Mapping):
+        return None
+    folded = fold_progress({k: v for k, v in reported.items() if _in_bounds(str(k), v)})
     if folded is None:
         return None
     good: dict[str, Any] = {}
