@@ -12,7 +12,8 @@
         ├── OutOfMemoryError      training ran out of (GPU) memory                (exit 6)
         ├── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
         ├── EvaluationError       the evaluation of the candidate model failed    (exit 9)
-        └── PublishError          publishing to a destination failed              (exit 10)
+        ├── PublishError          publishing to a destination failed              (exit 10)
+        └── GateFailed            the promotion gate refused the new model        (exit 11)
 
 Why a hierarchy: the CLI maps SpecError to exit 1 and a readable list, the operator maps it to the
 ``InvalidSpec`` condition without retrying, and worker errors become pod exit codes and status messages.
@@ -101,3 +102,9 @@ class PublishError(WorkerError):
     """Publishing the model to a destination failed (bad destination, credentials, network)."""
 
     exit_code = 10
+
+
+class GateFailed(WorkerError):
+    """The promotion gate refused the new model: it is not served or published (the old one stays)."""
+
+    exit_code = 11

@@ -11,6 +11,7 @@ does nothing; an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -23,8 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from finetune_operator.api.types import FineTuneJob
-from finetune_operator.errors import WorkerError
-from finetune_operator.render import RenderOptions, config_files, paths, render
+from finetune_operator.errors import GateFailed, PublishError, WorkerError
+from finetune_operator.local import secrets as local_secrets
+from finetune_operator.render import RenderOptions, config_files, evaluation, paths, render
 from finetune_operator.render import llamafactory as lf
 from finetune_operator.render.plan import PathResolver
 from finetune_operator.worker import progress as wprogress
@@ -44,6 +46,8 @@ class LocalOptions:
     vllm: str | None = None
     smoke: bool = False
     environ: Mapping[str, str] | None = None
+    #: ``--secrets-dir``: ``DIR/<secret>/<key>`` (see :mod:`finetune_operator.local.secrets`).
+    secrets_dir: Path | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class LocalResult:
     outputs: dict[str, Any]
     stages: dict[str, dict[str, Any]]
     wall_seconds: float
+    #: The gate's decision (None without a gate).
+    gate: dict[str, Any] | None = None
 
 
 def resolver_for(job: FineTuneJob, opts: LocalOptions) -> PathResolver:
@@ -105,6 +111,10 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
     log_dir.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if opts.environ is None else opts.environ)
     plan = render(job, RenderOptions(resolver=resolver))
+    # Credentials are resolved before the first step: a missing Secret must not surface after training.
+    publish_env = local_secrets.resolve(
+        evaluation.publish_destinations(job)[1], opts.secrets_dir, field="spec.publish.destinations"
+    )
     console.print(f"[bold]{job.name}[/bold]: configs in {cfg_dir}, logs in {log_dir}")
     stages: dict[str, dict[str, Any]] = {}
 
@@ -178,6 +188,17 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
 
     outputs = dict(plan.outputs)
     outputs.pop("endpoint", None)
+    gate: dict[str, Any] | None = None
+    if job.spec.evaluate is not None:
+        metrics = _evaluate(job, cfg_dir, log_dir, base_env, console)
+        stages[evaluation.EVAL] = {"metrics": metrics}
+        outputs["metrics"] = metrics
+        gate = _gate(job, metrics, cfg_dir.parent, console)
+    if job.spec.publish is not None:
+        outputs["published"] = _publish(cfg_dir, {**base_env, **publish_env}, log_dir, console)
+    if job.spec.gate is not None:
+        # The model that passed the gate is the "serving" one the next local run compares with.
+        write_json_atomic(cfg_dir.parent / PROMOTED_FILE, {"metrics": outputs.get("metrics", {})})
     # What status.outputs would say, with local paths: for scripts (and the serve hand-off) to read.
     write_json_atomic(cfg_dir.parent / "outputs.json", {"outputs": outputs, "stages": stages})
     console.print("[bold green]done[/bold green] in %.1f s" % (time.time() - started))
@@ -187,7 +208,71 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
         console.print(f"  merged model: {outputs['mergedModel']}")
     elif outputs.get("model"):
         console.print(f"  model:        {outputs['model']}")
-    return LocalResult(config_dir=cfg_dir, outputs=outputs, stages=stages, wall_seconds=time.time() - started)
+    return LocalResult(
+        config_dir=cfg_dir, outputs=outputs, stages=stages, wall_seconds=time.time() - started, gate=gate
+    )
+
+
+#: Metrics of the last local model that passed the gate (the local stand-in for ``status.outputs.metrics``).
+PROMOTED_FILE = "promoted.json"
+
+
+def _evaluate(
+    job: FineTuneJob, cfg_dir: Path, log_dir: Path, env: Mapping[str, str], console: Console
+) -> dict[str, float]:
+    from finetune_operator.worker.evaluate import run_eval
+    from finetune_operator.worker.train import load_config
+
+    with console.status("evaluate"), (log_dir / "eval.log").open("a", encoding="utf-8") as echo:
+        res = run_eval(load_config(cfg_dir / "eval.yaml"), environ=_stage_env(env, 1), echo=echo)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(res.metrics.items()))
+    console.print(f"  eval: {shown} ({'evaluated' if res.ran else 'already complete'})")
+    if res.predictions:
+        console.print(f"  predictions: {res.predictions}")
+    return res.metrics
+
+
+def _gate(job: FineTuneJob, metrics: Mapping[str, float], state_dir: Path, console: Console) -> dict[str, Any] | None:
+    from finetune_operator.promotion import decide
+    from finetune_operator.worker.markers import read_marker
+
+    if job.spec.gate is None:
+        return None
+    promoted = read_marker(state_dir, PROMOTED_FILE) or {}
+    decision = decide(job.spec.gate, metrics, promoted.get("metrics") or {})
+    status = decision.status(job.spec.gate.metric).model_dump(mode="json", by_alias=True, exclude_none=True)
+    if not decision.passed:
+        console.print(f"[red]gate failed[/red]: {decision.message}", highlight=False)
+        raise GateFailed(f"GateFailed: {decision.message}")
+    console.print(f"  gate passed: {decision.message}", highlight=False)
+    return status
+
+
+def _publish(cfg_dir: Path, env: Mapping[str, str], log_dir: Path, console: Console) -> list[dict[str, Any]]:
+    """``ftctl worker publish`` as a child process, like the publish pod: online (no ``HF_HUB_OFFLINE``, which
+    ``huggingface_hub`` reads once at import), credentials in its environment only."""
+    import sys
+
+    from finetune_operator.worker.process import run_child
+    from finetune_operator.worker.publish import load_config
+
+    child_env = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}
+    ftctl = Path(sys.executable).parent / "ftctl"
+    head = [str(ftctl)] if ftctl.is_file() else [sys.executable, "-c", "from finetune_operator.cli import run; run()"]
+    log_file = log_dir / "publish.log"
+    with console.status("publish"):
+        result = run_child(
+            [*head, "worker", "publish", "--config", str(cfg_dir / "publish.yaml")], child_env, log_file=log_file
+        )
+    if result.returncode != 0:
+        console.print(f"[red]publish failed[/red]; last lines of {log_file}:")
+        console.print(_tail(log_file), markup=False, highlight=False)
+        error = next((line for line in reversed(result.tail) if line.startswith("error: ")), "publish failed")
+        raise PublishError(error.removeprefix("error: publish failed: "))
+    recorded = json.loads(Path(str(load_config(cfg_dir / "publish.yaml")["resultFile"])).read_text())
+    for d in recorded["destinations"]:
+        console.print(f"  published {d['name']}: {d['url']} ({d['uploaded']} uploaded, {d['skipped']} unchanged)")
+    return [{k: d[k] for k in ("name", "type", "url", "digest") if d.get(k)} for d in recorded["destinations"]]
 
 
 def serve_local(job: FineTuneJob, opts: LocalOptions, result: LocalResult, console: Console) -> int:

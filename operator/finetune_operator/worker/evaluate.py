@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import yaml
 
-from finetune_operator.errors import EvaluationError, WorkerError
+from finetune_operator.errors import EvaluationError, TrainingError, WorkerError
 from finetune_operator.worker import lineage, markers
 from finetune_operator.worker.process import child_path, diagnose, lf_command, run_child
 from finetune_operator.worker.train import Interrupted
@@ -82,7 +82,8 @@ def _run_one(
         raise Interrupted(result.signal)
     if result.returncode != 0:
         err = diagnose(result, f"evaluation ({name})")
-        raise EvaluationError(str(err)) if type(err) is WorkerError else err
+        # Out of memory and bad data keep their own exit codes; anything else is the evaluation's failure.
+        raise EvaluationError(str(err)) if type(err) in (WorkerError, TrainingError) else err
     if name == "benchmark":
         return benchmark_metrics(Path(str(cfg["save_dir"])) / "results.log")
     return _numbers(Path(str(cfg["output_dir"])) / "all_results.json")
@@ -114,7 +115,7 @@ def run_eval(
     metrics = {
         k: v
         for k, v in metrics.items()
-        if not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second", "epoch"))
+        if not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "epoch"))
     }
     summary = {
         "metrics": metrics,
