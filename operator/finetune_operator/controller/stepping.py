@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api.constants import Reason, StageState
+from finetune_operator.api.history import add_point, point_from_report
 from finetune_operator.api.types import FineTuneJob, StageStatus
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
@@ -99,9 +100,13 @@ class Stepping(Accepting):
             sst.workload_name = step.workload["metadata"]["name"]
             sst.state = sst.state  # always written (marks the field set)
             sst.attempts = sst.attempts
-            progress = st.typed_progress(reported.get(step.name) if isinstance(reported, Mapping) else None)
+            report = reported.get(step.name) if isinstance(reported, Mapping) else None
+            progress = st.typed_progress(report)
             if progress is not None:
                 sst.progress = progress
+            if step.kind == "train" and (point := point_from_report(st.bounded_report(report))) is not None:
+                # The loss curve in status: each new reported step becomes a point, merged down to a bound.
+                sst.history = add_point(sst.history or [], point)
             out.append(sst)
         return out
 
