@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from finetune_operator.api.types import ADAPTER_METHODS, PREFERENCE_STAGES
+from finetune_operator.api.types import ADAPTER_METHODS
 from finetune_operator.errors import FieldError
 from finetune_operator.validation.context import Context
 from finetune_operator.validation.registry import rule
@@ -144,8 +144,12 @@ def publish_artifact(ctx: Context) -> Iterator[FieldError]:
                 "publishing adapters needs a lora or qlora last stage "
                 "(set merge.enabled: true to publish the merged model)",
             )
-        elif last.type in PREFERENCE_STAGES and last.type == "rm":
-            yield FieldError("spec.publish.artifact", "the last stage is a reward model: publish it merged")
+        elif len(ctx.chain()[0].adapters) > 1:
+            yield FieldError(
+                "spec.publish.artifact",
+                "the stages stack several LoRA adapters, which are one model "
+                "only together: set merge.enabled: true to publish the merged model",
+            )
 
 
 @rule
