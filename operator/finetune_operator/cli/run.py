@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: run the same command again to resume from the last checkpoint")
         return 130
-    if job.spec.serve.enabled and not args.no_serve:
+    if "serve" in result.deferred and not args.no_serve:
         return serve_local(job, opts, result, console)
     return 0
 
