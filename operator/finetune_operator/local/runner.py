@@ -142,7 +142,7 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
     evaluated = summaries.get(evaluation.EVAL) or {}
     if "metrics" in evaluated:
         outputs["metrics"] = evaluated["metrics"]
-    if evaluation.PUBLISH in summaries:
+    if "published" in (summaries.get(evaluation.PUBLISH) or {}):
         outputs["published"] = summaries[evaluation.PUBLISH]["published"]
     if job.spec.gate is not None:
         # The model that passed the gate is the "serving" one the next local run compares with.
