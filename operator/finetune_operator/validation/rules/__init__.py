@@ -15,6 +15,7 @@ module             decides
 ``scheduling``     queue, priority class, node selector, tolerations
 ``backend``        what the chosen backend's workload API cannot express (TrainJob names, runtime)
 ``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, combinations
+``promotion``      evaluation datasets and args, the gate's metric, publish artifact and destinations
 =================  ===============================================================================
 """
 
@@ -28,6 +29,7 @@ from finetune_operator.validation.rules import (
     graph,
     model,
     names,
+    promotion,
     resources,
     scheduling,
     serve,
@@ -36,6 +38,6 @@ from finetune_operator.validation.rules import (
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, graph, datasets, volumes, model, resources, serve, scheduling, backend, arguments)
+ORDER = (names, stages, graph, datasets, volumes, model, resources, serve, scheduling, backend, arguments, promotion)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))
