@@ -2,8 +2,9 @@
 
 Runs (see :mod:`finetune_operator.render.evaluation`): ``loss`` (``do_eval``), ``predict`` (``do_predict``
 with generation: BLEU-4/ROUGE and ``generated_predictions.jsonl``) and ``benchmark`` (LLaMA-Factory's
-multiple-choice evaluator, ``llamafactory.eval.evaluator``: the 0.9.5 CLI refuses ``eval`` but keeps it). Each run's LLaMA-Factory config is written into ``eval/.configs/`` (the mounted ConfigMap holds the
-whole evaluation as one file) and run as a child process with the same signal handling as training.
+multiple-choice evaluator, ``llamafactory.eval.evaluator``: the 0.9.5 CLI refuses ``eval`` but keeps it).
+Each run's LLaMA-Factory config is written into ``eval/.configs/`` (the mounted ConfigMap holds the whole
+evaluation as one file) and run as a child process with the same signal handling as training.
 
 The result, ``eval/metrics.json`` (``{"metrics": {...}, "predictions": path}``), is written last and doubles
 as the completion marker: a re-run finds it and does nothing. The metrics also go into
