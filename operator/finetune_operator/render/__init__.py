@@ -17,7 +17,8 @@ Plan layout::
 
 Modules: :mod:`.llamafactory` (LLaMA-Factory configs and stage chaining), :mod:`.deepspeed` (ZeRO JSON),
 :mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (download/merge Jobs, the dispatch to
-:mod:`finetune_operator.backends`, :func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment, Service), :mod:`.paths` (output layout).
+:mod:`finetune_operator.backends`, :func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment,
+Service), :mod:`.paths` (output layout).
 The spec is assumed valid (:func:`finetune_operator.validation.validate`); cases that no valid spec should
 reach raise :class:`~finetune_operator.errors.RenderError`.
 """
