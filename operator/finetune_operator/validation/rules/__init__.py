@@ -16,6 +16,7 @@ module             decides
 ``backend``        what the chosen backend's workload API cannot express (TrainJob names, runtime)
 ``tracking``       experiment trackers: credentials only through ``spec.tracking``'s Secret references
 ``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, combinations
+``promotion``      evaluation datasets and args, the gate's metric, publish artifact and destinations
 =================  ===============================================================================
 """
 
@@ -29,6 +30,7 @@ from finetune_operator.validation.rules import (
     graph,
     model,
     names,
+    promotion,
     resources,
     scheduling,
     serve,
@@ -38,6 +40,20 @@ from finetune_operator.validation.rules import (
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, graph, datasets, volumes, model, resources, serve, scheduling, backend, tracking, arguments)
+ORDER = (
+    names,
+    stages,
+    graph,
+    datasets,
+    volumes,
+    model,
+    resources,
+    serve,
+    scheduling,
+    backend,
+    tracking,
+    arguments,
+    promotion,
+)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))
