@@ -154,3 +154,25 @@ def test_missing_secret_stops_before_training(servers: dict[str, Any], tmp_path:
         env=lf_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert no_dir.returncode == 1 and "pass --secrets-dir DIR with DIR/hub-token/token" in no_dir.stderr
+
+
+@pytest.mark.train
+def test_benchmark_in_llamafactory_eval_format(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The benchmark run: LLaMA-Factory's multiple-choice evaluator on a task folder in its eval format, its
+    category scores folded into ``benchmark_*`` metrics, and the lineage next to the model gets them."""
+    from finetune_operator.worker.evaluate import run_eval
+
+    model = shared_tiny_model(tmp_path_factory)
+    out = tmp_path / "eval"
+    config = {
+        "outputDir": str(out),
+        "metricsFile": str(out / "metrics.json"),
+        "runs": {"benchmark": {"model_name_or_path": str(model), "template": "qwen", "finetuning_type": "full",
+                               "task": "tiny_test", "task_dir": str(ROOT / "tests/fixtures/eval-tasks"),
+                               "lang": "en", "n_shot": 1, "save_dir": str(out / "benchmark")}},
+    }
+    res = run_eval(config, environ=lf_env())
+    assert res.ran and set(res.metrics) == {"benchmark_average", "benchmark_stem", "benchmark_humanities"}
+    assert 0.0 <= res.metrics["benchmark_average"] <= 100.0
+    again = run_eval(config, environ=lf_env())
+    assert not again.ran and again.metrics == res.metrics  # metrics.json is the completion marker

@@ -358,8 +358,8 @@ class MergeSpec(_Model):
 
 
 class BenchmarkSpec(_Model):
-    """A multiple-choice benchmark in LLaMA-Factory's eval format (``llamafactory-cli eval``: MMLU, CMMLU,
-    C-Eval or your own task laid out the same way), read from a volume."""
+    """A multiple-choice benchmark in LLaMA-Factory's eval format (its evaluator: MMLU, CMMLU, C-Eval or your
+    own task laid out the same way), read from a volume."""
 
     volume: VolumeRef
     """Folder holding the task folders (LLaMA-Factory's ``task_dir``)."""

@@ -7,7 +7,7 @@ Evaluation (``eval.yaml``, run by ``ftctl worker eval``) is a list of LLaMA-Fact
   (LLaMA-Factory's ``eval_loss``);
 * ``predict``: ``do_predict: true, predict_with_generate: true`` (BLEU-4 and ROUGE as LLaMA-Factory computes
   them, and ``generated_predictions.jsonl``);
-* ``benchmark``: ``llamafactory-cli eval`` on a task folder in LLaMA-Factory's eval format.
+* ``benchmark``: LLaMA-Factory's multiple-choice evaluator on a task folder in its eval format.
 
 Each run writes under ``<out>/<job>[/<runId>]/eval/<run>/``; the worker folds the metrics into
 ``eval/metrics.json``. Publishing (``publish.yaml``) names the model folder, the destinations and the

@@ -1,9 +1,10 @@
 """``ftctl worker eval``: evaluate the candidate model with LLaMA-Factory and fold the metrics into one file.
 
 Runs (see :mod:`finetune_operator.render.evaluation`): ``loss`` (``do_eval``), ``predict`` (``do_predict``
-with generation: BLEU-4/ROUGE and ``generated_predictions.jsonl``) and ``benchmark`` (``llamafactory-cli
-eval``). Each run's LLaMA-Factory config is written into ``eval/.configs/`` (the mounted ConfigMap holds the
-whole evaluation as one file) and run as a child process with the same signal handling as training.
+with generation: BLEU-4/ROUGE and ``generated_predictions.jsonl``) and ``benchmark`` (LLaMA-Factory's
+multiple-choice evaluator, ``llamafactory.eval.evaluator``: the 0.9.5 CLI refuses ``eval`` but keeps it).
+Each run's LLaMA-Factory config is written into ``eval/.configs/`` (the mounted ConfigMap holds the whole
+evaluation as one file) and run as a child process with the same signal handling as training.
 
 The result, ``eval/metrics.json`` (``{"metrics": {...}, "predictions": path}``), is written last and doubles
 as the completion marker: a re-run finds it and does nothing. The metrics also go into
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,7 +56,7 @@ def _numbers(path: Path) -> dict[str, float]:
 
 
 def benchmark_metrics(results_log: Path) -> dict[str, float]:
-    """``benchmark_<category>`` (accuracy in %) from ``llamafactory-cli eval``'s ``results.log``."""
+    """``benchmark_<category>`` (accuracy in %) from the evaluator's ``results.log``."""
     out: dict[str, float] = {}
     for line in results_log.read_text(encoding="utf-8").splitlines():
         m = _SCORE_LINE.match(line)
@@ -74,7 +76,8 @@ def _run_one(
     if name == "benchmark":
         save_dir = Path(str(cfg["save_dir"]))
         shutil.rmtree(save_dir, ignore_errors=True)  # LLaMA-Factory refuses an existing save_dir
-        argv = lf_command("eval", str(path))
+        # LLaMA-Factory 0.9.5's CLI refuses ``eval`` ("will be deprecated") but keeps the evaluator itself.
+        argv = [sys.executable, "-c", "from llamafactory.eval.evaluator import run_eval; run_eval()", str(path)]
     else:
         argv = lf_command("train", str(path))
     result = run_child(argv, env, echo=echo, log_file=work / f"{name}.log")

@@ -24,7 +24,7 @@ from finetune_operator.validation.words import hint, join
 
 #: Metrics of LLaMA-Factory's generation evaluation (``compute_metrics`` with ``predict_with_generate``).
 GENERATION_METRICS = ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l")
-#: Categories of ``llamafactory-cli eval`` (MMLU/CMMLU/C-Eval) besides the average.
+#: Categories of LLaMA-Factory's multiple-choice evaluator (MMLU/CMMLU/C-Eval) besides the average.
 BENCHMARK_METRICS = (
     "benchmark_average",
     "benchmark_stem",
