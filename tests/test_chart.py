@@ -47,7 +47,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/ft/operator", "tag": "1.2.3", "digest": "sha256:" + "a" * 64},
         "imagePullSecrets": [{"name": "regcred"}],
         "defaults": {"workerImage": "registry.example.com/ft/worker:1.2.3", "vllmImage": "registry.example.com/vllm:9"},
-        "worker": {"namespaces": ["ml", "ml-dev"]},
+        "worker": {"create": True, "namespaces": ["ml", "ml-dev"]},
         "logLevel": "debug",
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
         "serviceAccount": {"name": "ft-op", "annotations": {"example.com/role": "x"}},
@@ -181,12 +181,20 @@ def test_default_render_creates_the_documented_objects(rendered: dict[str, list[
         ("ClusterRoleBinding", "finetune-operator", ""),
         ("CustomResourceDefinition", f"{constants.PLURAL}.{constants.GROUP}", ""),
         ("Deployment", "finetune-operator", "finetune-system"),
-        ("Role", "finetune-worker", "default"),
-        ("RoleBinding", "finetune-worker", "default"),
         ("Service", "finetune-operator-metrics", "finetune-system"),
         ("ServiceAccount", "finetune-operator", "finetune-system"),
-        ("ServiceAccount", "finetune-worker", "default"),
     ]
+    # Workers get a ServiceAccount per FineTuneJob from the operator: no shared one, and no env to choose it.
+    assert "FT_WORKER_SERVICE_ACCOUNT" not in _env(_operator_container(objects))
+
+
+def test_a_shared_worker_account_is_opt_in(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """``worker.create: true``: one shared account per namespace, and the operator is told to use it (so it
+    needs no permission to create ServiceAccounts and Roles)."""
+    objects = rendered["everything-changed"]
+    assert _env(_operator_container(objects))["FT_WORKER_SERVICE_ACCOUNT"] == "finetune-worker"
+    rules = one(objects, "ClusterRole")["rules"]
+    assert not [r for r in rules if {"serviceaccounts", "roles", "rolebindings"} & set(r["resources"])]
 
 
 def test_operator_is_a_singleton_with_recreate(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -232,7 +240,7 @@ def test_default_operator_args_and_env(rendered: dict[str, list[dict[str, Any]]]
     env = _env(container)
     assert env["FT_WORKER_IMAGE"] == constants.DEFAULT_WORKER_IMAGE
     assert env["FT_VLLM_IMAGE"] == constants.DEFAULT_VLLM_IMAGE
-    assert env["FT_WORKER_SERVICE_ACCOUNT"] == constants.DEFAULT_WORKER_SERVICE_ACCOUNT
+    assert "FT_WORKER_SERVICE_ACCOUNT" not in env  # per-job worker accounts
 
 
 def test_non_default_values_reach_the_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -296,7 +304,7 @@ def test_watch_namespaces_gives_roles_not_a_cluster_wide_grant(rendered: dict[st
     assert all(rule in cluster_wide for rule in operator_roles[0]["rules"])
 
     worker_sas = [s for s in by_kind(objects, "ServiceAccount") if s["metadata"]["name"] == "finetune-worker"]
-    assert sorted(s["metadata"]["namespace"] for s in worker_sas) == ["team-a", "team-b"]
+    assert worker_sas == []  # per-job worker accounts, created by the operator
 
 
 def test_service_monitor_and_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:

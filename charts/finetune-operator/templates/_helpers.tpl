@@ -124,6 +124,17 @@ chart's arguments) and fails on a request these rules deny and on a permission n
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if not .Values.worker.create }}
+# Each FineTuneJob's worker identity: a ServiceAccount, and a Role + RoleBinding allowing `patch` on that one
+# FineTuneJob's status. Created once (create-or-get). The API server allows it only because the operator
+# holds that permission itself (RBAC escalation check): it cannot grant more than it has.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create"]
+{{- end }}
 {{- end -}}
 
 {{/* Read-only access to cluster-scoped objects the kopf framework observes. */}}

@@ -24,6 +24,11 @@ RULES: Final[tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = (
     ),
     ("apps", ("deployments",), ("get", "list", "watch", "create", "patch", "delete")),
     ("", ("configmaps", "services"), ("get", "create")),
+    # The per-job worker identity (render/identity.py): a ServiceAccount and a Role + RoleBinding granting
+    # ``patch`` on that one FineTuneJob's status. The API server lets the operator create them only because
+    # it holds that permission itself (RBAC escalation check), so it can grant no more than it has.
+    ("", ("serviceaccounts",), ("get", "create")),
+    ("rbac.authorization.k8s.io", ("roles", "rolebindings"), ("get", "create")),
     ("", ("events",), ("create",)),
     # kopf: namespace discovery (``--namespace`` patterns) and CRDs installed after the operator started.
     ("", ("namespaces",), ("list", "watch")),
