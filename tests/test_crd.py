@@ -64,7 +64,7 @@ def test_crd_names_and_columns(crd: dict[str, Any]) -> None:
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {"Stage": ".status.currentStage", "State": ".status.state", "Progress": ".status.progress",
-                       "Loss": ".status.loss", "Age": ".metadata.creationTimestamp"}
+                       "Loss": ".status.loss", "Metric": ".status.metric", "Age": ".metadata.creationTimestamp"}
 
 
 def test_crd_is_a_valid_kubernetes_object(crd: dict[str, Any]) -> None:
@@ -101,7 +101,7 @@ def test_schema_is_structural(schema: dict[str, Any]) -> None:
 
 def test_preserve_unknown_fields_only_on_args(schema: dict[str, Any]) -> None:
     preserved = [p for p, n in _walk(schema) if n.get("x-kubernetes-preserve-unknown-fields")]
-    assert preserved == ["spec.stages[].args"]
+    assert sorted(preserved) == ["spec.evaluate.args", "spec.stages[].args"]
 
 
 def test_every_field_has_a_description(schema: dict[str, Any]) -> None:
@@ -124,7 +124,7 @@ def test_enums_and_bounds_from_the_types(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     stage = spec["stages"]["items"]["properties"]
     assert spec["backend"]["enum"] == list(backends.REGISTRY)  # the registry is the one list of backends
-    assert stage["type"]["enum"] == ["pt", "sft", "rm", "dpo", "kto"]
+    assert stage["type"]["enum"] == ["pt", "sft", "rm", "ppo", "dpo", "kto"]
     assert stage["method"]["enum"] == ["full", "freeze", "lora", "qlora"]
     assert stage["deepspeed"]["properties"]["zeroStage"] == {
         "description": "ZeRO stage 0-3.", "maximum": 3, "minimum": 0, "type": "integer"}
@@ -170,7 +170,7 @@ def test_base_spec_matches_the_crd_schema(schema: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("mutate", "where"), [
-    (put("spec.stages[0].type", "ppo"), "spec.stages.0.type"),
+    (put("spec.stages[0].type", "grpo"), "spec.stages.0.type"),
     (put("spec.stages[0].deepspeed", {"zeroStage": 5}), "spec.stages.0.deepspeed.zeroStage"),
     (put("spec.retries", -1), "spec.retries"),
     (put("spec.stages[0].resources.memory", "16GB"), "spec.stages.0.resources.memory"),

@@ -26,7 +26,15 @@ from tests.rbac_check import Grant, Permission, Request, evaluate, grants_for, p
 OPERATOR_SA = ("finetune-operator", "finetune-system")
 
 #: Permissions granted although no recorded request used them, each with its reason. Keep it empty if you can.
-ALLOWED_UNUSED: dict[Permission, str] = {}
+_RERUN_UNSERVED = (
+    "deleting the previous run's vLLM Deployment and Service when a new spec.runId disables serving; exercised "
+    "by tests/test_operator_rerun.py::test_a_new_run_without_serving_removes_the_previous_server, under the "
+    "same chart RBAC enforced by the emulator"
+)
+ALLOWED_UNUSED: dict[Permission, str] = {
+    Permission("apps", "deployments", "delete"): _RERUN_UNSERVED,
+    Permission("", "services", "delete"): _RERUN_UNSERVED,
+}
 
 _ADOPTION = (
     "read with a fresh GET only when a create answers 409 AlreadyExists (a lost response or a restart), "
@@ -260,3 +268,15 @@ def test_worker_progress_reports_are_exactly_what_the_worker_role_allows(
         Request("get", c.GROUP, c.VERSION, c.PLURAL, None, namespace, job["metadata"]["name"]),
     ]
     assert evaluate(grants, others).denied == sorted(others, key=str)
+
+
+def test_the_per_job_worker_role_is_the_worker_rules_narrowed_to_the_job() -> None:
+    """render/identity.py (pure: it cannot import the controller) builds the same rules as rbac.WORKER_RULES,
+    with resourceNames set to the job."""
+    from finetune_operator.controller import rbac
+    from finetune_operator.render import identity
+    from finetune_operator.validation import validate
+
+    job = validate(next(d for d in yaml.safe_load_all(next(EXAMPLES.glob("01-*.yaml")).read_text()) if d))
+    role = next(o for o in identity.worker_identity(job) if o["kind"] == "Role")
+    assert role["rules"] == [{**r.to_k8s(), "resourceNames": [job.name]} for r in rbac.WORKER_RULES]

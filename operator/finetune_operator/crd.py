@@ -62,7 +62,23 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "spec.serve.resources.memory": {"pattern": _QUANTITY_PATTERN},
     "spec.serve.args[]": {"maxLength": 4096},
     "spec.scheduling.nodeSelector": {"maxProperties": 64},
+    "spec.evaluate.datasets[]": {"maxLength": 63},
+    "spec.evaluate.args": {"maxProperties": 256},
+    "spec.evaluate.resources.cpu": {"pattern": _QUANTITY_PATTERN},
+    "spec.evaluate.resources.memory": {"pattern": _QUANTITY_PATTERN},
+    "spec.publish.resources.cpu": {"pattern": _QUANTITY_PATTERN},
+    "spec.publish.resources.memory": {"pattern": _QUANTITY_PATTERN},
     "spec.scheduling.nodeSelector{}": {"maxLength": 63},
+    **{
+        f"{step}.nodeSelector{suffix}": bound
+        for step in (
+            "spec.model.downloadScheduling",
+            "spec.stages[].scheduling",
+            "spec.merge.scheduling",
+            "spec.serve.scheduling",
+        )
+        for suffix, bound in (("", {"maxProperties": 64}), ("{}", {"maxLength": 63}))
+    },
     # Bounds for the CEL cost estimate of the "started" check (download + 16 stages + merge + serve fit).
     "status.stages": {"maxItems": 64},
 }
@@ -114,7 +130,19 @@ def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
 #: CEL rules by schema path: (rule, message, fieldPath or None). Each mirrors a rule of
 #: :mod:`finetune_operator.validation`, which remains the place that reports *every* error with a hint.
 CEL_RULES: dict[str, list[CelRule]] = {
+    "spec.publish.destinations[]": [
+        (
+            "(has(self.huggingface) ? 1 : 0) + (has(self.s3) ? 1 : 0) + (has(self.oci) ? 1 : 0) == 1",
+            "set exactly one of huggingface, s3 or oci",
+            None,
+        ),
+    ],
     "spec": [
+        (
+            "!has(self.gate) || has(self.evaluate)",
+            "a gate needs spec.evaluate (it gates on the evaluation's metrics)",
+            ".gate",
+        ),
         (
             "self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))",
             "dataset names must be unique",
@@ -145,7 +173,7 @@ CEL_RULES: dict[str, list[CelRule]] = {
         (
             f"self.stages.all(s, s.type in {_PREFERENCE} || "
             "s.datasets.all(n, !self.datasets.exists(d, d.name == n && has(d.ranking) && d.ranking)))",
-            "pt, sft and kto stages cannot train on ranking datasets",
+            "pt, sft, ppo and kto stages cannot train on ranking datasets",
             ".stages",
         ),
         (
@@ -153,6 +181,23 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "has(d.columns) && has(d.columns.ktoTag))))",
             "kto stages need datasets with a columns.ktoTag label column",
             ".stages",
+        ),
+        (
+            "self.stages.all(s, !has(s.startFrom) || s.startFrom == 'base' || "
+            "self.stages.exists(t, t.name == s.startFrom))",
+            "startFrom must be base or the name of an earlier stage",
+            ".stages",
+        ),
+        (
+            "self.stages.all(s, !has(s.rewardModel) || !has(s.rewardModel.stage) || "
+            "self.stages.exists(t, t.name == s.rewardModel.stage && t.type == 'rm'))",
+            "rewardModel.stage must name an rm stage",
+            ".stages",
+        ),
+        (
+            "!has(self.merge) || !has(self.merge.stage) || self.stages.exists(t, t.name == self.merge.stage)",
+            "merge.stage must name a stage",
+            ".merge.stage",
         ),
     ],
     # Transition rules at the root, because "started" is in the old object's status: before the operator
@@ -170,6 +215,27 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "stage names download, merge, merged and serve are reserved",
             ".name",
         ),
+        (
+            "self.type == 'ppo' ? has(self.rewardModel) : !has(self.rewardModel)",
+            "ppo stages need a rewardModel, and only they take one",
+            ".rewardModel",
+        ),
+        (
+            "!has(self.reference) || self.type in ['ppo', 'dpo', 'kto']",
+            "reference applies to ppo, dpo and kto stages only",
+            ".reference",
+        ),
+        (
+            "!has(self.startFrom) || self.startFrom != self.name",
+            "a stage cannot start from itself",
+            ".startFrom",
+        ),
+    ],
+    "spec.stages[].rewardModel": [
+        ("has(self.stage) != has(self.volume)", "set exactly one of stage and volume", None),
+    ],
+    "spec.stages[].reference": [
+        ("has(self.stage) != has(self.volume)", "set exactly one of stage and volume", None),
     ],
     "spec.datasets[]": [
         (
@@ -202,6 +268,7 @@ _PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Pipeline state"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Step/total of the stage"},
     {"name": "Loss", "type": "string", "jsonPath": ".status.loss", "description": "Latest training loss"},
+    {"name": "Metric", "type": "string", "jsonPath": ".status.metric", "description": "Gated evaluation metric"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -237,9 +304,10 @@ def open_api_schema() -> dict[str, Any]:
         "Modules to adapt: ``all`` or a comma-separated list of module names (e.g. ``q_proj,v_proj``). "
         "ftctl also accepts a YAML list, which it joins with commas."
     )
-    args = _at(root, "spec.stages[].args")
-    args.pop("additionalProperties", None)
-    args["x-kubernetes-preserve-unknown-fields"] = True
+    for free_form in ("spec.stages[].args", "spec.evaluate.args"):
+        args = _at(root, free_form)
+        args.pop("additionalProperties", None)
+        args["x-kubernetes-preserve-unknown-fields"] = True
     for path, extra in _EXTRA.items():
         _at(root, path).update(extra)
     for path, rules in CEL_RULES.items():

@@ -22,12 +22,14 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("validate", "validate", "check FineTuneJob files and print every error with its field path"),
     ("render", "render", "render every manifest of a FineTuneJob's pipeline (offline, deterministic)"),
     ("crd", "crd", "print the FineTuneJob CustomResourceDefinition generated from the API types"),
+    ("plan", "plan", "estimate per-GPU memory, check the data, count steps and time for every stage"),
     ("run", "run", "run a FineTuneJob on this machine (--local) with the same worker code"),
     ("plot", "plot", "write a stage's loss curve as a PNG (from a stage folder or a job's status)"),
     ("chat", "chat", "chat with a FineTuneJob's served model in the terminal (streaming)"),
     ("console", "console", "serve the web console: jobs, loss curves, chat playground"),
+    ("lineage", "lineage", "print a model's finetune-lineage.json (where it came from)"),
     ("operator", "operator", "run the kopf operator"),
-    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge)"),
+    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge, eval, publish)"),
 )
 
 EXIT_OK = 0

@@ -27,6 +27,7 @@ from typing import Any
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
+from finetune_operator.controller import spec as specs
 from finetune_operator.controller.kube import CachingKube, Kube, RestKube, connect
 from finetune_operator.controller.queue import WorkQueue
 from finetune_operator.controller.reconciler import EventSink, Reconciler, ReconcilerConfig
@@ -63,7 +64,8 @@ class OperatorConfig:
     workers: int = 16
     #: Port of the Prometheus ``/metrics`` endpoint; None: not served.
     metrics_port: int | None = None
-    #: kubeconfig file for the operator's own API calls (None: in-cluster, then ``$KUBECONFIG``/default).
+    #: kubeconfig file given with ``--kubeconfig`` (exported as ``$KUBECONFIG``, read by the login): the
+    #: in-cluster ServiceAccount is then not tried. None: in-cluster, then ``$KUBECONFIG``/``~/.kube/config``.
     kubeconfig: str | None = None
     #: Seconds a watch request stays open before kopf reconnects (kopf's ``server_timeout``).
     watch_timeout: float = 300.0
@@ -106,11 +108,28 @@ def make_render(config: OperatorConfig) -> Callable[[Any], Any]:
     return lambda job: render(job, options)
 
 
+#: Why the operator refuses ``spec.gate`` (``ftctl run --local`` enforces it). Refusing is the safe side: an
+#: operator that ran the evaluation but did not enforce the gate would publish and serve a model the user told
+#: it to hold back.
+GATE_NOT_ENFORCED = (
+    "the promotion gate is enforced by `ftctl run --local` only in this release; this operator does not enforce "
+    "it yet and refuses the job rather than serve or publish an ungated model (remove spec.gate to run "
+    "evaluate and publish as plain steps)"
+)
+
+
 def make_validate() -> Callable[[Mapping[str, Any]], Any]:
-    """The same validation ``ftctl validate`` runs."""
+    """The same validation ``ftctl validate`` runs, plus what this operator cannot do yet (``spec.gate``)."""
+    from finetune_operator.errors import FieldError, SpecError
     from finetune_operator.validation import validate
 
-    return lambda obj: validate(dict(obj))
+    def run(obj: Mapping[str, Any]) -> Any:
+        job = validate(dict(obj))
+        if job.spec.gate is not None:
+            raise SpecError([FieldError("spec.gate", GATE_NOT_ENFORCED)])
+        return job
+
+    return run
 
 
 class ApiEventSink:
@@ -211,9 +230,10 @@ class Controller:
         self._metrics_server: Any = None
 
     @classmethod
-    async def create(cls, config: OperatorConfig) -> Controller:
-        """Connect to the API (kubeconfig or in-cluster) and build a controller; call :meth:`start` next."""
-        request, close = await connect(kubeconfig=config.kubeconfig)
+    async def create(cls, config: OperatorConfig, *, settings: Any = None) -> Controller:
+        """Connect to the API (in-cluster, or the kubeconfig) and build a controller; call :meth:`start` next.
+        ``settings`` are kopf's (its ``networking.trust_env`` applies to this client too)."""
+        request, close = await connect(settings=settings, in_cluster=config.kubeconfig is None)
         kube = RestKube(
             request,
             on_request=lambda verb, code: metrics.API_REQUESTS.labels(verb=verb, code=str(code)).inc(),
@@ -264,7 +284,10 @@ class Controller:
         first = key not in self.known
         self.known.add(key)
         if first:
-            self._deep.add(key)  # after a restart, verify everything of the current step once
+            if specs.ANNOTATION_ACCEPTED_SPEC in (meta.get("annotations") or {}):
+                # After a restart, verify everything of the current step once. A job without the annotation
+                # has no children yet (it is written before the first one): nothing to verify, no reads.
+                self._deep.add(key)
         elif self.reconciler.is_own_version(dict(body, kind=c.KIND)):
             return  # the echo of our own write
         self.queue.add(key)

@@ -6,6 +6,13 @@ quoted scalar), and sorting keys is what makes the output byte-identical for the
 
 Floats: PyYAML dumps ``1e-05`` as ``1.0e-05`` (it inserts the ``.0``), which both PyYAML's ``safe_load`` and
 OmegaConf (LLaMA-Factory's loader) read back as a float; ``1e-05`` without the dot would be a string to PyYAML.
+
+The emitter is libyaml's (``CSafeDumper``; every PyYAML wheel has it), always, never a fallback: a quarter of
+the pure-Python emitter's CPU (rendering is most of what the operator spends on a new FineTuneJob, and after a
+restart 1000 arrive at once), and one emitter everywhere keeps the output byte-identical across machines. It
+writes the same bytes as the pure-Python emitter for every example; for strings outside the printable BMP and
+lines beyond the width it escapes or folds differently, reading back to the same value
+(tests/test_render_dump.py).
 """
 
 from __future__ import annotations
@@ -17,14 +24,14 @@ from typing import Any
 import yaml
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.CSafeDumper):
     """SafeDumper that never emits aliases (``&id001``): rendered objects share sub-dicts by construction."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
-def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+def _str_representer(dumper: yaml.representer.SafeRepresenter, data: str) -> yaml.ScalarNode:
     """Multi-line strings (the files inside ConfigMaps) as literal blocks: readable and diffable."""
     if "\n" in data:
         return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
