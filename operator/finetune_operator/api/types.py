@@ -263,7 +263,7 @@ class ResourcesSpec(_Model):
     """Size of a stage: nodes, GPUs per node, and CPU/memory requests of each pod."""
 
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Number of nodes (pods); more than one needs the pytorchjob or deepspeedjob backend, or an Indexed Job."""
+    """Number of nodes (pods); more than one runs as a PyTorchJob, DeepSpeedJob or TrainJob, or an Indexed Job."""
     gpus_per_node: int = Field(default=1, ge=0, le=64)
     """GPUs per pod (``nvidia.com/gpu``); 0 runs on CPU (tests, tiny models)."""
     cpu: str | None = Field(default=None, max_length=32)
@@ -559,6 +559,53 @@ class TrainingRuntimeRef(_Model):
     """``ClusterTrainingRuntime`` (cluster-wide) or ``TrainingRuntime`` (in the FineTuneJob's namespace)."""
 
 
+class WandbSpec(_Model):
+    """Weights & Biases: runs are named ``<job>-<stage>`` and grouped by job."""
+
+    project: str = Field(min_length=1, max_length=128)
+    """W&B project (``WANDB_PROJECT``)."""
+    entity: str | None = Field(default=None, max_length=128)
+    """W&B entity: user or team (``WANDB_ENTITY``)."""
+    host: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^\s]+$")
+    """Server URL of a self-hosted W&B (``WANDB_BASE_URL``)."""
+    api_key_secret_ref: SecretKeyRef
+    """API key (``WANDB_API_KEY``), from a Secret into training pods only."""
+
+
+class MlflowSpec(_Model):
+    """MLflow: runs are named ``<job>-<stage>``."""
+
+    tracking_uri: str = Field(min_length=1, max_length=512, pattern=r"^(https?|databricks)://[^\s]*$")
+    """Tracking server (``MLFLOW_TRACKING_URI``)."""
+    experiment: str | None = Field(default=None, max_length=256)
+    """Experiment name (``MLFLOW_EXPERIMENT_NAME``); MLflow's default experiment when omitted."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Bearer token (``MLFLOW_TRACKING_TOKEN``), from a Secret."""
+    username_secret_ref: SecretKeyRef | None = None
+    """Basic-auth user (``MLFLOW_TRACKING_USERNAME``), from a Secret."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Basic-auth password (``MLFLOW_TRACKING_PASSWORD``), from a Secret."""
+
+
+class TensorBoardSpec(_Model):
+    """TensorBoard event files, written next to each stage's outputs (``<stage output>/runs/``)."""
+
+    enabled: bool = True
+    """Write TensorBoard logs."""
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers every training stage reports to (LLaMA-Factory's ``report_to``). Credentials come
+    from Secrets as ``secretKeyRef`` into training pods only: never into configs, status or other pods."""
+
+    wandb: WandbSpec | None = None
+    """Report to Weights & Biases."""
+    mlflow: MlflowSpec | None = None
+    """Report to MLflow."""
+    tensorboard: TensorBoardSpec | None = None
+    """Write TensorBoard logs with the outputs."""
+
+
 class FineTuneJobSpec(_Model):
     """Desired state: a base model, datasets and stages; optionally merge and serve."""
 
@@ -591,6 +638,8 @@ class FineTuneJobSpec(_Model):
     """Serve the result with vLLM."""
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     """Scheduling of every pod."""
+    tracking: TrackingSpec | None = None
+    """Experiment trackers of the training stages (W&B, MLflow, TensorBoard)."""
     suspend: bool = False
     """Suspend the running workload (mutable); false resumes it."""
     retries: int = Field(default=2, ge=0, le=100)
