@@ -201,3 +201,18 @@ def test_operator_refuses_a_gate_it_does_not_enforce() -> None:
     ungated = full()
     del ungated["spec"]["gate"]
     assert make_validate()(ungated).spec.publish is not None
+
+
+def test_an_adapter_is_published_without_its_checkpoints(tmp_path: Any) -> None:
+    from finetune_operator.worker.publish.files import collect
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "events").write_bytes(b"x")
+    (tmp_path / ".finetune-complete.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"w")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "checkpoint-notes.txt").write_text("a file, not a checkpoint folder")
+    assert [f.rel for f in collect(tmp_path)] == ["adapter_config.json", "adapter_model.safetensors",
+                                                  "checkpoint-notes.txt"]

@@ -273,7 +273,7 @@ class ResourcesSpec(_Model):
     """Size of a stage: nodes, GPUs per node, and CPU/memory requests of each pod."""
 
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Number of nodes (pods); more than one needs the pytorchjob or deepspeedjob backend, or an Indexed Job."""
+    """Number of nodes (pods); more than one runs as a PyTorchJob, DeepSpeedJob or TrainJob, or an Indexed Job."""
     gpus_per_node: int = Field(default=1, ge=0, le=64)
     """GPUs per pod (``nvidia.com/gpu``); 0 runs on CPU (tests, tiny models)."""
     cpu: str | None = Field(default=None, max_length=32)

@@ -9,15 +9,16 @@ Plan layout::
     shared:   ConfigMap <job>-config   (<stage>.yaml per stage, merge.yaml, download.yaml,
                                         dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
     steps:    download   Job                       (only when model.source is set)
-              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob
+              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob | TrainJob
               merge      Job                       (merge.enabled)
               eval       Job  (ftctl worker eval)  (spec.evaluate; the promotion gate reads its metrics)
               publish    Job  (ftctl worker publish, credentials as secretKeyRef)  (spec.publish)
               serve      Deployment + Service      (serve.enabled)
 
 Modules: :mod:`.llamafactory` (LLaMA-Factory configs and stage chaining), :mod:`.deepspeed` (ZeRO JSON),
-:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (Jobs, PyTorchJob, DeepSpeedJob,
-:func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment, Service), :mod:`.paths` (output layout).
+:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (download/merge Jobs, the dispatch to
+:mod:`finetune_operator.backends`, :func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment,
+Service), :mod:`.paths` (output layout).
 The spec is assumed valid (:func:`finetune_operator.validation.validate`); cases that no valid spec should
 reach raise :class:`~finetune_operator.errors.RenderError`.
 """
