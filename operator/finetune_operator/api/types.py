@@ -191,6 +191,12 @@ class DatasetColumns(_Model):
     """Preference data: rejected answer column."""
     kto_tag: str | None = Field(default=None, max_length=128)
     """KTO data: boolean label column."""
+    images: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the image file(s) of each sample (paths relative to ``media``)."""
+    videos: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the video file(s) (or lists of frame images) of each sample."""
+    audios: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the audio file(s) of each sample."""
 
 
 class DatasetTags(_Model):
@@ -227,6 +233,10 @@ class DatasetSpec(_Model):
     """Column mapping; LLaMA-Factory's defaults when omitted."""
     tags: DatasetTags | None = None
     """sharegpt role/content tags; LLaMA-Factory's defaults when omitted."""
+    media: VolumeRef | None = None
+    """Folder of the images/videos/audios the data names: relative media paths resolve there (LLaMA-Factory's
+    ``media_dir``; mounted read-only in training pods). The stages of multimodal data need a multimodal model
+    and template (``qwen2_vl``, ``llava``, ...)."""
 
 
 class OutputSpec(_Model):
