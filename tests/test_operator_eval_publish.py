@@ -1,13 +1,15 @@
 """The operator and the evaluate/publish steps (real kopf against the emulated API server).
 
-What this release's operator does with them: ``eval`` and ``publish`` run as ordinary steps after training
-(their Jobs created in order, the publish credentials only as ``secretKeyRef`` of the publish pod), and a job
-with ``spec.gate`` is refused with ``InvalidSpec`` on ``spec.gate``: the operator does not enforce the gate yet,
-and refusing is the side that never serves or publishes an ungated model.
+``eval`` and ``publish`` run as steps after training (their Jobs created in order, the publish credentials
+only as ``secretKeyRef`` of the publish pod). Their results come from the termination message of the Job's
+pod, which the tests create as the Job controller and kubelet would (:func:`finish_with_result`): metrics into
+``status.stages[]``, ``status.outputs`` and the ``Metric`` column, published copies into
+``status.outputs.published``; ``spec.gate`` is enforced before publish and serve.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from finetune_operator.api import constants as c
@@ -30,6 +32,7 @@ cluster = harness.cluster
 operator = harness.operator
 
 EVALUATE = {"datasets": ["chat"], "loss": True, "resources": {"gpusPerNode": 0}}
+SERVE = {"enabled": True, "replicas": 1, "resources": {"gpusPerNode": 1}}
 PUBLISH = {
     "artifact": "adapters",
     "destinations": [
@@ -38,6 +41,40 @@ PUBLISH = {
                                   "secretAccessKeySecretRef": {"name": "s3", "key": "secret"}}},
     ],
 }
+
+
+def job_pod(server: EmulatorServer, job: str, message: str | None, exit_code: int = 0) -> dict[str, Any]:
+    """The Job's pod as the Job controller creates it, terminated as the kubelet reports it (the worker wrote
+    ``message`` to its termination log)."""
+    owner = server.get(RESOURCE["Job"], job, "default")
+    assert owner is not None
+    terminated: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                  "finishedAt": "2026-01-01T00:00:00Z"}
+    if message is not None:
+        terminated["message"] = message
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-abcde",
+            "namespace": "default",
+            "labels": {"batch.kubernetes.io/job-name": job, "job-name": job},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job,
+                                 "uid": owner["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {"containers": [{"name": "worker", "image": "worker"}], "restartPolicy": "Never"},
+    }
+    created = server.create(pod)
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    return server.patch_status("pods", created["metadata"]["name"], {
+        "phase": phase, "containerStatuses": [{"name": "worker", "ready": False, "restartCount": 0, "image": "worker",
+                                               "imageID": "", "state": {"terminated": terminated}}]})
+
+
+def finish_with_result(server: EmulatorServer, job: str, result: Any) -> None:
+    """The worker wrote ``result`` (JSON) to its termination message and exited 0; the Job succeeded."""
+    job_pod(server, job, result if isinstance(result, str) else json.dumps(result))
+    succeed(server, "Job", job)
 
 
 def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,25 +90,75 @@ def test_eval_and_publish_run_as_steps_after_training(cluster: EmulatorServer, o
     assert ev["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["ftctl", "worker", "eval"]
     assert not any("valueFrom" in e for e in _env(ev))  # no credential reaches the evaluation
     assert cluster.get(RESOURCE["Job"], "evp-publish", "default") is None  # not before the evaluation succeeded
-    succeed(cluster, "Job", "evp-eval")
+    finish_with_result(cluster, "evp-eval", {"metrics": {"eval_loss": 1.25, "eval_runtime": 3.5}})
     pub = wait_child(cluster, "Job", "evp-publish")
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in _env(pub) if "valueFrom" in e}
     assert refs == {"FT_PUBLISH_0_ACCESS_KEY_ID": {"name": "s3", "key": "id", "optional": False},
                     "FT_PUBLISH_0_SECRET_ACCESS_KEY": {"name": "s3", "key": "secret", "optional": False}}
-    succeed(cluster, "Job", "evp-publish")
+    finish_with_result(cluster, "evp-publish", {"published": [
+        {"name": "bucket", "type": "s3", "url": "s3://models/tiny"},
+        {"name": "forged", "type": "s3", "url": "s3://elsewhere/x"},  # not a destination of the spec: dropped
+    ]})
     status = wait_state(cluster, "evp", "Succeeded")
     assert [s["name"] for s in status["stages"]] == ["sft", "eval", "publish"]
     assert all(s["state"] == "Succeeded" for s in status["stages"])
+    assert status["stages"][1]["metrics"] == {"eval_loss": 1.25, "eval_runtime": 3.5}
+    assert status["outputs"]["metrics"] == {"eval_loss": 1.25, "eval_runtime": 3.5}
+    assert status["outputs"]["published"] == [{"name": "bucket", "type": "s3", "url": "s3://models/tiny"}]
+    assert status["metric"] == "eval_loss=1.25"
     config = cluster.get(RESOURCE["ConfigMap"], "evp-config", "default")
     assert config is not None and {"eval.yaml", "publish.yaml"} <= set(config["data"])
 
 
-def test_a_gate_is_refused_until_the_operator_enforces_it(cluster: EmulatorServer, operator: OperatorThread) -> None:
+def test_a_failing_gate_publishes_and_serves_nothing(cluster: EmulatorServer, operator: OperatorThread) -> None:
     gate = {"metric": "eval_loss", "threshold": 2.0}
-    cluster.create(minimal("gated", evaluate=EVALUATE, publish=PUBLISH, gate=gate))
+    cluster.create(minimal("gated", evaluate=EVALUATE, publish=PUBLISH, gate=gate, serve=SERVE))
+    wait_child(cluster, "Job", "gated-sft")
+    succeed(cluster, "Job", "gated-sft")
+    wait_child(cluster, "Job", "gated-eval")
+    finish_with_result(cluster, "gated-eval", {"metrics": {"eval_loss": 2.5}})
     status = wait_state(cluster, "gated", "Failed")
     failed = condition(status, "Failed")
-    assert failed["reason"] == c.Reason.INVALID_SPEC
-    assert "spec.gate: the promotion gate is enforced by `ftctl run --local` only" in failed["message"]
-    wait_event(cluster, "gated", c.Reason.INVALID_SPEC)
-    assert children(cluster, "gated") == []
+    assert failed["reason"] == c.Reason.GATE_FAILED
+    assert "eval_loss 2.5 misses the threshold (at most 2)" in failed["message"]
+    assert condition(status, "Ready")["status"] == "False"
+    assert condition(status, "Ready")["reason"] == c.Reason.GATE_FAILED
+    assert status["gate"] == {"result": "Failed", "metric": "eval_loss", "value": 2.5,
+                              "message": "eval_loss 2.5 misses the threshold (at most 2)"}
+    assert status["metric"] == "eval_loss=2.5"
+    assert [s["state"] for s in status["stages"]] == ["Succeeded", "Succeeded", "Pending", "Pending"]
+    [warning] = wait_event(cluster, "gated", c.Reason.GATE_FAILED)
+    assert warning[0] == "Warning" and "eval_loss 2.5" in warning[2]
+    assert [n for _, n in children(cluster, "gated")] == ["gated-config", "gated-sft", "gated-eval"]
+
+
+def test_an_unreadable_or_forged_result_fails_the_gate_closed(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    gate = {"metric": "eval_loss", "threshold": 2.0}
+    cluster.create(minimal("forged", evaluate=EVALUATE, publish=PUBLISH, gate=gate))
+    wait_child(cluster, "Job", "forged-sft")
+    succeed(cluster, "Job", "forged-sft")
+    wait_child(cluster, "Job", "forged-eval")
+    # A worker forging its metric in status proves nothing; a non-finite number in the message is dropped.
+    cluster.patch_status(harness.FTJ, "forged", {"reported": {"eval": {"loss": 0.1}}})
+    finish_with_result(cluster, "forged-eval", '{"metrics": {"eval_loss": NaN, "x y": 1}}')
+    status = wait_state(cluster, "forged", "Failed")
+    assert condition(status, "Failed")["reason"] == c.Reason.GATE_FAILED
+    assert "did not report eval_loss" in condition(status, "Failed")["message"]
+    assert cluster.get(RESOURCE["Job"], "forged-publish", "default") is None
+
+
+def test_a_passing_gate_publishes(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    gate = {"metric": "eval_loss", "threshold": 2.0}
+    cluster.create(minimal("passing", evaluate=EVALUATE, publish=PUBLISH, gate=gate))
+    wait_child(cluster, "Job", "passing-sft")
+    succeed(cluster, "Job", "passing-sft")
+    wait_child(cluster, "Job", "passing-eval")
+    finish_with_result(cluster, "passing-eval", {"metrics": {"eval_loss": 1.5}})
+    wait_child(cluster, "Job", "passing-publish")
+    finish_with_result(cluster, "passing-publish", {"published": [{"name": "bucket", "type": "s3", "url": "s3://m/t"}]})
+    status = wait_state(cluster, "passing", "Succeeded")
+    assert status["gate"]["result"] == "Passed" and status["gate"]["value"] == 1.5
+    assert status["outputs"]["metrics"] == {"eval_loss": 1.5}
+    assert condition(status, "Ready")["status"] == "True"
