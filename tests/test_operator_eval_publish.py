@@ -17,10 +17,13 @@ from finetune_operator.api import constants as c
 from . import test_operator_harness as harness
 from .emulator import EmulatorServer
 from .emulator.players import RESOURCE
+from .test_operator_rerun import finish_rollout
 from .test_operator_harness import (
     OperatorThread,
     children,
     condition,
+    events,
+    ftj_status,
     minimal,
     succeed,
     wait_child,
@@ -162,3 +165,70 @@ def test_a_passing_gate_publishes(cluster: EmulatorServer, operator: OperatorThr
     assert status["gate"]["result"] == "Passed" and status["gate"]["value"] == 1.5
     assert status["outputs"]["metrics"] == {"eval_loss": 1.5}
     assert condition(status, "Ready")["status"] == "True"
+
+
+def _serve_run1(cluster: EmulatorServer, name: str, gate: dict[str, Any], loss: float) -> dict[str, Any]:
+    """Run 1 (no runId) with eval, gate and serve, evaluated at ``loss``, up to Serving."""
+    cluster.create(minimal(name, evaluate=EVALUATE, gate=gate, serve=SERVE))
+    wait_child(cluster, "Job", f"{name}-sft")
+    succeed(cluster, "Job", f"{name}-sft")
+    wait_child(cluster, "Job", f"{name}-eval")
+    finish_with_result(cluster, f"{name}-eval", {"metrics": {"eval_loss": loss}})
+    cluster.wait_for_object("deployments.apps", f"{name}-serve")
+    finish_rollout(cluster, f"{name}-serve")
+    first = wait_state(cluster, name, "Serving")
+    assert first["outputs"]["metrics"] == {"eval_loss": loss}
+    return first
+
+
+def _rerun(cluster: EmulatorServer, name: str, loss: float) -> None:
+    """Run r2 with a changed training argument, evaluated at ``loss``."""
+    stage = {**minimal()["spec"]["stages"][0], "args": {"learning_rate": 1e-5}}
+    cluster.patch(harness.FTJ, name, {"spec": {"runId": "r2", "stages": [stage]}})
+    wait_child(cluster, "Job", f"{name}-r2-sft")
+    succeed(cluster, "Job", f"{name}-r2-sft")
+    wait_child(cluster, "Job", f"{name}-r2-eval")
+    finish_with_result(cluster, f"{name}-r2-eval", {"metrics": {"eval_loss": loss}})
+
+
+def test_a_failing_gate_keeps_the_previous_run_serving(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    gate = {"metric": "eval_loss", "noWorseThanServing": True, "margin": 0.1}
+    first = _serve_run1(cluster, "keep", gate, 1.0)
+    endpoint = first["outputs"]["endpoint"]
+    ready_since = condition(first, "Ready")["lastTransitionTime"]
+    dep = cluster.get("deployments.apps", "keep-serve")
+
+    _rerun(cluster, "keep", 1.3)  # worse than the serving 1.0 by more than the margin
+    [warning] = wait_event(cluster, "keep", c.Reason.GATE_FAILED)
+    assert "eval_loss 1.3 is worse than the serving model's 1 (margin 0.1)" in warning[2]
+    status = wait_state(cluster, "keep", "Failed")
+    assert condition(status, "Failed")["reason"] == c.Reason.GATE_FAILED
+    ready = condition(status, "Ready")
+    assert ready["status"] == "True" and ready["lastTransitionTime"] == ready_since
+    # The previous run's model goes on serving: its outputs, metrics and the Deployment untouched.
+    assert status["outputs"].get("endpoint") == endpoint, status
+    assert status["outputs"]["metrics"] == {"eval_loss": 1.0}
+    assert status["outputs"]["adapters"] == ["/mnt/volumes/outputs/keep/sft"]
+    assert status["gate"]["result"] == "Failed" and status["gate"]["servingValue"] == 1.0
+    now = cluster.get("deployments.apps", "keep-serve")
+    assert now["metadata"]["resourceVersion"] == dep["metadata"]["resourceVersion"]
+    assert not [e for e in events(cluster, "keep") if e[1] == c.Reason.ROLLING_OUT]
+
+
+def test_a_passing_gate_rolls_the_deployment(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    gate = {"metric": "eval_loss", "noWorseThanServing": True, "margin": 0.1}
+    _serve_run1(cluster, "roll", gate, 1.0)
+    _rerun(cluster, "roll", 1.05)  # within the margin
+    rolled = cluster.wait_for_object(
+        "deployments.apps",
+        "roll-serve",
+        condition=lambda d: (d["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) == "r2",
+    )
+    finish_rollout(cluster, "roll-serve")
+    final = cluster.wait_for(
+        lambda: (s := ftj_status(cluster, "roll")).get("outputs", {}).get("metrics") == {"eval_loss": 1.05} and s
+    )
+    assert rolled is not None and final["state"] == "Serving" and final["run"] == "r2"
+    assert final["gate"] == {"result": "Passed", "metric": "eval_loss", "value": 1.05, "servingValue": 1.0,
+                             "message": "eval_loss 1.05 is no worse than the serving model's 1 (margin 0.1)"}
+    assert final["metric"] == "eval_loss=1.05"

@@ -54,7 +54,7 @@ tests' API server enforces these rules.
 # writes it, unlike status, which worker pods may patch. Never create, patch or delete.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["list"]
 {{- end -}}
 {{- define "finetune-operator.clusterRules" -}}
 # kopf watches CustomResourceDefinitions to notice when a watched resource appears or disappears.

@@ -66,7 +66,7 @@ NAMESPACED_RULES: Final[tuple[Rule, ...]] = (
     Rule(
         ("",),
         ("pods",),
-        ("get", "list"),
+        ("list",),
         "Read-only: the evaluation and publish results (metrics for the promotion gate, where copies went) are in "
         "the termination message of their Job's pod, listed by the Job's label; only that container writes it, "
         "unlike status, which worker pods may patch. Never create, patch or delete.",

@@ -243,5 +243,6 @@ class Reconciler(Gating):
             break
 
         non_serve = [stages[i] for i, s in enumerate(plan.steps) if s.kind != "serve"]
-        succeeded = all(s.state == StageState.SUCCEEDED for s in non_serve)
+        # A run whose model failed the promotion gate did not succeed, even when no step is left before serve.
+        succeeded = all(s.state == StageState.SUCCEEDED for s in non_serve) and "gate_failed" not in summary_kw
         return st.Summary(current=current, succeeded=succeeded, **summary_kw)
