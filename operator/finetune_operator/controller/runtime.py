@@ -50,8 +50,9 @@ class OperatorConfig:
     worker_image: str = c.DEFAULT_WORKER_IMAGE
     #: vLLM image for FineTuneJobs without ``spec.serve.image`` (``FT_VLLM_IMAGE``).
     vllm_image: str = c.DEFAULT_VLLM_IMAGE
-    #: ServiceAccount of progress-reporting worker pods (``FT_WORKER_SERVICE_ACCOUNT``).
-    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
+    #: A shared ServiceAccount for progress-reporting worker pods (``FT_WORKER_SERVICE_ACCOUNT``); empty (the
+    #: default): each FineTuneJob gets its own, which may patch only that job's status (render/identity.py).
+    worker_service_account: str = ""
     #: Seconds between full resyncs of every FineTuneJob (drift repair, missed events) (``FT_RESYNC_SECONDS``).
     resync_interval: float = 60.0
     #: Seconds between drift checks that re-read every object of the current step from the API server instead
@@ -79,7 +80,7 @@ class OperatorConfig:
         kw: dict[str, Any] = {
             "worker_image": e.get("FT_WORKER_IMAGE") or c.DEFAULT_WORKER_IMAGE,
             "vllm_image": e.get("FT_VLLM_IMAGE") or c.DEFAULT_VLLM_IMAGE,
-            "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or c.DEFAULT_WORKER_SERVICE_ACCOUNT,
+            "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or "",
             "resync_interval": _env_float(e, "FT_RESYNC_SECONDS", 60.0),
             "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
             "drift_interval": _env_float(e, "FT_DRIFT_SECONDS", 300.0),
