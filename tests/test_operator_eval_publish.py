@@ -17,7 +17,6 @@ from finetune_operator.api import constants as c
 from . import test_operator_harness as harness
 from .emulator import EmulatorServer
 from .emulator.players import RESOURCE
-from .test_operator_rerun import finish_rollout
 from .test_operator_harness import (
     OperatorThread,
     children,
@@ -30,6 +29,7 @@ from .test_operator_harness import (
     wait_event,
     wait_state,
 )
+from .test_operator_rerun import finish_rollout
 
 cluster = harness.cluster
 operator = harness.operator
