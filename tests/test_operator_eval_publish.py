@@ -132,7 +132,9 @@ def test_a_failing_gate_publishes_and_serves_nothing(cluster: EmulatorServer, op
     assert [s["state"] for s in status["stages"]] == ["Succeeded", "Succeeded", "Pending", "Pending"]
     [warning] = wait_event(cluster, "gated", c.Reason.GATE_FAILED)
     assert warning[0] == "Warning" and "eval_loss 2.5" in warning[2]
-    assert [n for _, n in children(cluster, "gated")] == ["gated-config", "gated-sft", "gated-eval"]
+    made = [(k, n) for k, n in children(cluster, "gated")]
+    assert ("Job", "gated-eval") in made
+    assert not [n for _, n in made if n.endswith(("-publish", "-serve"))]  # no publish Job, no Deployment/Service
 
 
 def test_an_unreadable_or_forged_result_fails_the_gate_closed(
