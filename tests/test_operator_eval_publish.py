@@ -154,6 +154,18 @@ def test_an_unreadable_or_forged_result_fails_the_gate_closed(
     assert cluster.get(RESOURCE["Job"], "forged-publish", "default") is None
 
 
+def test_a_gate_after_the_last_step_still_ends_the_run(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    cluster.create(minimal("last", evaluate=EVALUATE, gate={"metric": "eval_loss", "threshold": 2.0}))
+    wait_child(cluster, "Job", "last-sft")
+    succeed(cluster, "Job", "last-sft")
+    wait_child(cluster, "Job", "last-eval")
+    finish_with_result(cluster, "last-eval", {"metrics": {"eval_loss": 3.0}})
+    status = wait_state(cluster, "last", "Failed")
+    assert condition(status, "Failed")["reason"] == c.Reason.GATE_FAILED
+    assert condition(status, "Succeeded")["status"] == "False"
+    assert "outputs" not in status  # the refused model is not reported as this job's result
+
+
 def test_a_passing_gate_publishes(cluster: EmulatorServer, operator: OperatorThread) -> None:
     gate = {"metric": "eval_loss", "threshold": 2.0}
     cluster.create(minimal("passing", evaluate=EVALUATE, publish=PUBLISH, gate=gate))

@@ -106,7 +106,7 @@ class Gating(Serving):
             sst.metrics = result.metrics or None
         summary_kw["metrics"] = sst.metrics or {}
         gate = job.spec.gate
-        if gate is None or i + 1 >= len(plan.steps):
+        if gate is None:
             return True
         if await self._later_started(ctx, job, plan, i, evidence):
             # Passed when the next step started; the recorded decision is kept as it was.
