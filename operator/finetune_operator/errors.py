@@ -10,7 +10,8 @@
         ├── ModelNotFoundError    the base model is not where the spec says       (exit 4)
         ├── DownloadError         the hub download failed                         (exit 5)
         ├── OutOfMemoryError      training ran out of (GPU) memory                (exit 6)
-        └── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
+        ├── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
+        └── WillNotFitError       preflight: a stage will not fit its GPUs        (exit 9)
 
 Why a hierarchy: the CLI maps SpecError to exit 1 and a readable list, the operator maps it to the
 ``InvalidSpec`` condition without retrying, and worker errors become pod exit codes and status messages.
@@ -87,3 +88,9 @@ class TrainingError(WorkerError):
     """LLaMA-Factory exited with an error."""
 
     exit_code = 7
+
+
+class WillNotFitError(WorkerError):
+    """Preflight: a stage's estimated per-GPU peak exceeds its GPU's memory."""
+
+    exit_code = 9

@@ -1,9 +1,11 @@
-"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``progress``).
+"""``ftctl worker``: the entry point of worker pods (``download``, ``preflight``, ``train``, ``merge``,
+``progress``).
 
 Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 3 bad data, 4 model missing,
-5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 128+N stopped by signal N
-(resumable). The message of a failure is also written to the container's termination message file so that
-``kubectl describe`` and the operator show it without reading logs.
+5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 9 will not fit
+(preflight), 128+N stopped by signal N (resumable). The message of a failure is also written to the
+container's termination message file so that ``kubectl describe`` and the operator show it without reading
+logs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _train(args)
         if step == "merge":
             return _merge(args)
+        if step == "preflight":
+            from finetune_operator.worker.preflight import run_in_pod
+
+            return run_in_pod(args.config)
         return _progress(args)
     except WorkerError as exc:
         msg = f"{step} failed: {exc}"
@@ -152,6 +158,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     m = sub.add_parser("merge", help="merge the base model and the adapters (llamafactory-cli export), atomically")
     m.add_argument("--config", required=True, help="merge.yaml")
     m.set_defaults(func=lambda a: _run("merge", a))
+
+    f = sub.add_parser(
+        "preflight", help="plan every stage (memory, data, steps) and refuse a job that will not fit (exit 9/3)"
+    )
+    f.add_argument("--config", required=True, help="preflight.json (the FineTuneJob)")
+    f.set_defaults(func=lambda a: _run("preflight", a))
 
     p = sub.add_parser("progress", help="print (and report) the progress of a stage from its trainer log")
     p.add_argument("--output-dir", required=True, help="the stage's output folder")
