@@ -180,13 +180,15 @@ def preflight_enabled(job: FineTuneJob) -> bool:
 
 
 def preflight_config(job: FineTuneJob) -> dict[str, Any]:
-    """``preflight.json``: the FineTuneJob the preflight pod plans (name, namespace, spec; never a secret: the
-    spec holds Secret *references* only)."""
+    """``preflight.json``: the FineTuneJob the preflight pod plans (name, namespace, spec). Not even the *name*
+    of the hub-token Secret goes in (the ConfigMap carries no reference to credentials; planning needs none)."""
+    spec = job.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    spec.get("model", {}).pop("tokenSecretRef", None)
     return {
         "apiVersion": c.API_VERSION,
         "kind": c.KIND,
         "metadata": {"name": job.name, "namespace": job.namespace},
-        "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "spec": spec,
     }
 
 
