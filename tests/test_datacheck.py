@@ -244,3 +244,27 @@ def test_lengths_agree_with_llamafactorys_own_pipeline(tmp_path: Path, tiny_mode
     assert mine == theirs
     assert ours.tokens == sum(theirs)
     assert ours.truncated == sum(1 for d in ours.datasets for n in d.lengths if n > 60) > 0
+
+
+def test_enforce_refuses_and_warn_continues(tmp_path: Path, tiny_model: Path) -> None:
+    from finetune_operator.errors import DataError, WillNotFitError
+    from finetune_operator.worker.preflight import enforce
+
+    write_lines(tmp_path / "data" / "chat.jsonl", [json.dumps(GOOD)] * 4)
+    job, res = make_job(
+        tmp_path,
+        tiny_model,
+        [sharegpt("chat", "chat.jsonl")],
+        [{"name": "sft", "type": "sft", "datasets": ["chat"], "resources": {"gpuMemory": "256Mi"}}],
+    )
+    result = run_preflight(job, res)
+    assert outcome(result)[0] == Reason.WILL_NOT_FIT
+    with pytest.raises(WillNotFitError) as err:
+        enforce(result, "Enforce")
+    assert err.value.exit_code == 9 and str(err.value).startswith("WillNotFit: stage sft: estimated peak")
+    warning = enforce(result, "Warn")
+    assert warning is not None and warning.endswith("(spec.preflight.mode Warn: continuing)")
+    write_lines(tmp_path / "data" / "chat.jsonl", ["{}"])
+    with pytest.raises(DataError) as bad:
+        enforce(run_preflight(job, res), "Enforce")
+    assert bad.value.exit_code == 3 and "InvalidData: stage sft: no valid samples" in str(bad.value)

@@ -188,7 +188,10 @@ def enforce(result: PreflightResult, mode: str) -> str | None:
 
 
 def run_in_pod(config: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> int:
-    """``ftctl worker preflight --config preflight.json``: plan, report ``status.plan``, refuse or pass."""
+    """``ftctl worker preflight --config preflight.json``: plan, report ``status.plan``, refuse or pass.
+
+    Volumes are where the pod mounts them (``/mnt/volumes/<claim>``); ``FT_VOLUME_ROOT`` moves that root for
+    tests and out-of-cluster use (like ``FT_KUBE_API`` for the API server)."""
     import logging
 
     from finetune_operator.estimate.report import to_text
@@ -200,7 +203,9 @@ def run_in_pod(config: str | os.PathLike[str], environ: Mapping[str, str] | None
         job = FineTuneJob.model_validate(doc)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read the preflight config {config}: {exc}") from exc
-    result = run_preflight(job, PathResolver())
+    env = os.environ if environ is None else environ
+    root = env.get("FT_VOLUME_ROOT")
+    result = run_preflight(job, PathResolver(volume_root=root) if root else PathResolver())
     log.info("plan of %s:\n%s", job.name, to_text(result.plans))
     for note in result.notes:
         log.info("note: %s", note)
