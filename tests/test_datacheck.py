@@ -261,7 +261,7 @@ def test_enforce_refuses_and_warn_continues(tmp_path: Path, tiny_model: Path) ->
     assert outcome(result)[0] == Reason.WILL_NOT_FIT
     with pytest.raises(WillNotFitError) as err:
         enforce(result, "Enforce")
-    assert err.value.exit_code == 9 and str(err.value).startswith("WillNotFit: stage sft: estimated peak")
+    assert err.value.exit_code == 12 and str(err.value).startswith("WillNotFit: stage sft: estimated peak")
     warning = enforce(result, "Warn")
     assert warning is not None and warning.endswith("(spec.preflight.mode Warn: continuing)")
     write_lines(tmp_path / "data" / "chat.jsonl", ["{}"])

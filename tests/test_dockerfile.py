@@ -178,9 +178,24 @@ def test_llamafactory_pin_agrees_with_the_development_setup(stages: dict[str, St
     assert set(re.findall(r"llamafactory==[\w.]+", setup)) == {dockerfile_pin}
 
 
+def test_boto3_pins_agree_with_the_development_setup(stages: dict[str, Stage]) -> None:
+    """boto3/botocore/s3transfer are installed with --no-deps (botocore's python-dateutil<3 clashes with the
+    Kubernetes client's >=3), so pyproject cannot pin them: the setup script and the image must agree."""
+    names = ("boto3==", "botocore==", "s3transfer==")
+    (install,) = [args for args in _pip_installs(stages["worker"]) if any(a.startswith(names) for a in args)]
+    assert "--no-deps" in install
+    pins = {a for a in install if a.startswith(names)}
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert set(re.findall(r"(?:boto3|botocore|s3transfer)==[\w.]+", setup)) == pins
+    assert len(pins) == 3
+
+
 def test_worker_installs_the_train_extra_and_llamafactory_without_deps(stages: dict[str, Stage]) -> None:
     installs = _pip_installs(stages["worker"])
-    assert any(any(a.endswith("[train]") for a in args) for args in installs), "the train extra carries the pins"
+    assert any(any(a.endswith(("[train]", "[train,publish]")) for a in args) for args in installs), (
+        "the train extra carries the pins"
+    )
+    assert any(any(a.endswith("[train,publish]") for a in args) for args in installs), "the worker image publishes"
     (lf_install,) = [args for args in installs if any(a.startswith("llamafactory==") for a in args)]
     assert "--no-deps" in lf_install
     flash = stages["worker"].all("ARG")

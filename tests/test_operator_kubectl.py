@@ -60,7 +60,7 @@ def operator_process(
     logging to a file (shown when a test fails); kubectl stays an admin."""
     emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
     config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
-    env = dict(kube_env, KUBECONFIG=str(config), FT_RESYNC_SECONDS="2", FT_PROGRESS_INTERVAL_SECONDS="0.5")
+    env = dict(kube_env, KUBECONFIG=str(config), FT_PROGRESS_INTERVAL_SECONDS="0.5")  # default (long) resync
     log = (tmp_path / "operator.log").open("w")
     ftctl = [sys.executable, "-c", "from finetune_operator.cli import run; run()"]
     ports = {"liveness": free_port(), "metrics": free_port()}

@@ -64,7 +64,7 @@ def test_a_job_that_will_not_fit_fails_before_any_gpu_workload(
     assert spec["containers"][0]["command"][:3] == ["ftctl", "worker", "preflight"]
     assert cluster.get(RESOURCE["Job"], "big-sft", "default") is None  # nothing else before the verdict
     report(cluster, "big", c.Reason.WILL_NOT_FIT, PLAN_MESSAGE)
-    fail_by_policy(cluster, "big-preflight", 9)
+    fail_by_policy(cluster, "big-preflight", 12)
 
     status = wait_state(cluster, "big", "Failed")
     failed = condition(status, "Failed")

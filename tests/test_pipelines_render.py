@@ -275,3 +275,61 @@ def test_bad_scheduling_names_the_field(where: str, block: dict[str, Any], path:
     found = errors(doc)
     assert path in found, found
     assert word in found[path], found[path]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# experiment trackers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_tracking_example_renders_report_to_and_credentials_by_reference() -> None:
+    doc = example("23")
+    cfg = configs(doc)
+    sft = cfg["sft.yaml"]
+    assert sft["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert sft["run_name"] == "qwen2-tracked-sft"
+    assert "logging_dir" not in sft  # transformers 5 writes <output_dir>/runs/ (with the outputs)
+    for obj in render(validate(doc)).objects():
+        if obj["kind"] != "Job":
+            continue
+        env = obj["spec"]["template"]["spec"]["containers"][0]["env"]
+        names = {e["name"]: e for e in env}
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "train":
+            assert names["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+            assert names["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow", "key": "token"}}
+            assert names["WANDB_PROJECT"]["value"] == "qwen2-finetunes"
+            assert names["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
+        else:
+            assert not any(n.startswith(("WANDB_", "MLFLOW_")) for n in names), component
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "word"),
+    [
+        (put("spec.stages[0].args.report_to", "wandb"), "spec.stages[0].args.report_to", "spec.tracking"),
+        (put("spec.stages[0].args.report_to", ["tensorboard", "mlflow"]), "spec.stages[0].args.report_to",
+         "credentials"),
+        (put("spec.tracking", {"tensorboard": {}}), None, None),
+        (lambda d: (put("spec.tracking", {"tensorboard": {}})(d), put("spec.stages[0].args.report_to", "none")(d)),
+         "spec.stages[0].args.report_to", "set by spec.tracking"),
+        (put("spec.tracking", {"wandb": {"project": "p", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}}}),
+         "spec.tracking.wandb.apiKeySecretRef.name", "Secret name"),
+        (put("spec.tracking", {"wandb": {"project": "p"}}), "spec.tracking.wandb.apiKeySecretRef", "required"),
+        (put("spec.tracking", {"mlflow": {"trackingUri": "https://m", "usernameSecretRef": {"name": "a", "key": "u"}}}),
+         "spec.tracking.mlflow", "both"),
+        (put("spec.tracking", {"mlflow": {"trackingUri": "ftp://m"}}), "spec.tracking.mlflow.trackingUri",
+         "must match"),
+    ],
+    ids=["wandb-in-args", "mlflow-in-args", "tensorboard-ok", "report-to-owned", "bad-secret-name", "no-api-key",
+         "half-basic-auth", "bad-uri"],
+)
+def test_bad_tracking_names_the_field(change: Any, path: str | None, word: str | None) -> None:
+    doc = base()
+    change(doc)
+    if path is None:
+        validate(doc)
+        return
+    found = errors(doc)
+    assert path in found, found
+    assert word in found[path], found[path]

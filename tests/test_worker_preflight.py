@@ -80,11 +80,11 @@ def test_a_good_job_passes_and_reports_its_plan(server: Any, volumes: Path, tmp_
     assert not server.emulator.authorizer.denied  # the chart's worker Role allows exactly this patch
 
 
-def test_a_stage_that_will_not_fit_exits_nine(server: Any, volumes: Path, tmp_path: Path) -> None:
+def test_a_stage_that_will_not_fit_exits_twelve(server: Any, volumes: Path, tmp_path: Path) -> None:
     doc = demo("big")
     doc["spec"]["stages"][0]["resources"] = {"gpusPerNode": 1, "gpuMemory": "512Mi"}
     proc, plan = run(server, doc, volumes, tmp_path)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert proc.returncode == 12, proc.stderr[-2000:]
     assert plan["reason"] == "WillNotFit" and plan["message"].startswith("stage sft: estimated peak 1.")
     assert "512Mi GPU" in plan["message"]
     assert "WillNotFit: stage sft" in proc.stderr

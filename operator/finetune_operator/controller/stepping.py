@@ -35,7 +35,7 @@ from finetune_operator.controller.kube import AlreadyExists, fresh_reads
 from finetune_operator.render.plan import Plan, Step
 
 #: Exit codes of the preflight pod that refuse the job (see finetune_operator.errors), by Failed reason.
-PREFLIGHT_EXIT_REASONS: dict[int, str] = {3: Reason.INVALID_DATA, 9: Reason.WILL_NOT_FIT}
+PREFLIGHT_EXIT_REASONS: dict[int, str] = {3: Reason.INVALID_DATA, 12: Reason.WILL_NOT_FIT}
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 #: Longest explanation taken from the (pod-written) plan.
 _PLAN_MESSAGE_MAX = 2048
@@ -48,7 +48,7 @@ def _plan_message(ftj: Mapping[str, Any]) -> str | None:
 
 
 def preflight_refusal(ftj: Mapping[str, Any], job_message: str) -> tuple[str, str] | None:
-    """(reason, message) when the preflight Job failed by refusing (its FailJob exit code 3 or 9, as the Job
+    """(reason, message) when the preflight Job failed by refusing (its FailJob exit code 3 or 12, as the Job
     controller wrote it into the Failed condition); None for other failures (retried like any step)."""
     found = _EXIT_CODE.search(job_message or "")
     reason = PREFLIGHT_EXIT_REASONS.get(int(found.group(1))) if found else None

@@ -32,7 +32,7 @@ from typing import Any
 from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, ModelRef, StageSpec
 from finetune_operator.errors import RenderError
 from finetune_operator.render import chain as walker
-from finetune_operator.render import paths
+from finetune_operator.render import paths, tracking
 from finetune_operator.render.plan import PathResolver
 
 #: Defaults for every training config; ``stage.args`` overrides them.
@@ -253,6 +253,7 @@ def train_config(
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:
         cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
+    cfg.update(tracking.train_args(job, stage.name))
     if stage.reward_model is not None:
         cfg.update(_reward_model(stage, inp, ch, resolver))
     if stage.reference is not None:

@@ -36,9 +36,9 @@ HF_HOME = "/tmp/hf-home"
 #: Name of the main container of every workload (the Job podFailurePolicy refers to it).
 WORKER_CONTAINER = "worker"
 #: Exit codes of worker errors a retry cannot fix (bad data, model missing): see finetune_operator.errors.
-NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = (3, 4, 9)
+NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = (3, 4, 12)
 
-WorkerStep = Literal["download", "preflight", "train", "merge"]
+WorkerStep = Literal["download", "preflight", "train", "merge", "eval", "publish"]
 
 
 def worker_command(step: WorkerStep, stage: str | None = None, *, config_dir: str = CONFIG_DIR) -> list[str]:

@@ -18,7 +18,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import workload_name
 from finetune_operator.api.types import FineTuneJob, StageSpec
 from finetune_operator.errors import RenderError
-from finetune_operator.render import checkpoint, paths
+from finetune_operator.render import checkpoint, paths, tracking
 from finetune_operator.render.meta import (
     COMPONENT_DOWNLOAD,
     COMPONENT_MERGE,
@@ -197,7 +197,7 @@ def preflight_job(job: FineTuneJob, image: str, service_account: str | None, res
 
     It reads the model's config.json and tokenizer and every dataset of every stage (LLaMA-Factory's own
     loaders, no model weights), writes ``status.plan`` through the worker ServiceAccount (which may patch
-    ``finetunejobs/status`` only), and exits 3 (``InvalidData``) or 9 (``WillNotFit``) to refuse: both are
+    ``finetunejobs/status`` only), and exits 3 (``InvalidData``) or 12 (``WillNotFit``) to refuse: both are
     FailJob exit codes, so a refused job is not retried. No retries either way (``backoffLimit: 0``): the
     check is deterministic.
     """
@@ -251,6 +251,7 @@ def train_pod(
     env = worker_env(job, stage.name, backend, nproc_per_node=inp.nproc_per_node, redirect_home=restricted)
     env.append({"name": "FT_NNODES", "value": str(inp.nodes)})
     env += checkpoint.checkpoint_env(stage)
+    env += tracking.training_env(job)
     env += extra_env or []
     return pod_template(
         job,

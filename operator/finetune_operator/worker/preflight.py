@@ -175,7 +175,7 @@ def plan_status(result: PreflightResult) -> dict[str, Any]:
 
 
 def enforce(result: PreflightResult, mode: str) -> str | None:
-    """Raise the refusal (``Enforce``): :class:`DataError` (exit 3) or :class:`WillNotFitError` (exit 9).
+    """Raise the refusal (``Enforce``): :class:`DataError` (exit 3) or :class:`WillNotFitError` (exit 12).
     Returns the warning to log in ``Warn`` mode, else None."""
     reason, message = outcome(result)
     if reason is None:
