@@ -102,7 +102,12 @@ def test_broken_sharegpt_rows_are_counted_by_reason_with_the_first_line(tmp_path
     assert ds.first_error is not None and ds.first_error.startswith(
         f"{tmp_path / 'data' / 'chat.jsonl'}:4: not valid JSON"
     )
-    assert data.samples == 3 and data.problems == []
+    assert data.samples == 3
+    # one row that is not JSON makes LLaMA-Factory's loader fail on the whole file: the data is unusable
+    assert data.problems == [
+        f"dataset chat: {tmp_path / 'data' / 'chat.jsonl'}:4 is not valid JSON (LLaMA-Factory's loader fails on "
+        "the whole file)"
+    ]
 
 
 def test_alpaca_json_array_lines_and_missing_columns(tmp_path: Path, tiny_model: Path) -> None:

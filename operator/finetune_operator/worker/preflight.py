@@ -68,7 +68,7 @@ def load_shape(
                 f"model.source {job.spec.model.source} has no local copy at {where} yet: give the folder of its "
                 "config.json (--model-config DIR), or run the download step first"
             )
-        raise ModelNotFoundError(f"no config.json at {path} (spec.model.volume: {where})")
+        raise ModelNotFoundError(f"base model not found: no config.json at {path} (spec.model.volume: {where})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
