@@ -97,7 +97,7 @@ def test_trainjob_overrides_the_vendored_runtime() -> None:
     assert all(m["name"] in volumes for m in mounts.values())
     assert mounts["/mnt/volumes/models"]["readOnly"] and not mounts["/mnt/volumes/shared-outputs"]["readOnly"]
     assert mounts[trainjob.SA_DIR]["readOnly"]
-    assert pod["serviceAccountName"] == "finetune-worker"
+    assert pod["serviceAccountName"] == f"{_doc()['metadata']['name']}-worker"  # its own identity
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 

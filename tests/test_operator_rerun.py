@@ -108,6 +108,10 @@ def test_a_new_run_id_reruns_the_pipeline_and_rolls_the_deployment(
     # Run-scoped children: the new run's ConfigMap and Job next to the previous run's, no duplicate.
     assert children(cluster, "rerun") == [
         ("ConfigMap", "rerun-config"),
+        # One worker identity per FineTuneJob, shared by its runs.
+        ("ServiceAccount", "rerun-worker"),
+        ("Role", "rerun-worker"),
+        ("RoleBinding", "rerun-worker"),
         ("Job", "rerun-sft"),
         ("Deployment", "rerun-serve"),
         ("Service", "rerun-serve"),

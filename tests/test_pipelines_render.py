@@ -333,3 +333,56 @@ def test_bad_tracking_names_the_field(change: Any, path: str | None, word: str |
     found = errors(doc)
     assert path in found, found
     assert word in found[path], found[path]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multimodal datasets (LLaMA-Factory's own parser reads the rendered dataset_info.json in test_render_lf)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_multimodal_example_renders_columns_media_dir_and_a_read_only_media_mount() -> None:
+    import json
+
+    from finetune_operator.render import config_files
+
+    doc = example("24")
+    files = config_files(validate(doc))
+    info = json.loads(files["dataset_info.json"])["captions"]
+    assert info["columns"] == {"messages": "messages", "images": "images"}
+    assert configs(doc)["sft.yaml"]["media_dir"] == "/mnt/volumes/data/vision/media"
+    (sft,) = [p for n, p in pods(doc).items() if n.endswith("-sft")]
+    mounts = {m["mountPath"]: m for m in sft["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/volumes/data"]["readOnly"] is True
+
+
+def test_volume_reward_model_is_mounted_read_only() -> None:
+    ppo = {**PPO, "rewardModel": {"volume": {"claimName": "rewards", "subPath": "rm-7b"}}}
+    (pod,) = [p for n, p in pods(graph_job(SFT, ppo)).items() if n.endswith("-ppo")]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/volumes/rewards"]["readOnly"] is True
+
+
+def _media_job(*media: dict[str, Any] | None) -> dict[str, Any]:
+    doc = base()
+    doc["spec"]["datasets"] = []
+    for j, m in enumerate(media):
+        ds: dict[str, Any] = {"name": f"mm{j}", "volume": {"claimName": "data", "subPath": f"mm{j}.jsonl"},
+                              "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}}
+        if m is not None:
+            ds["media"] = m
+        doc["spec"]["datasets"].append(ds)
+    doc["spec"]["stages"] = [{"name": "sft", "type": "sft", "datasets": [f"mm{j}" for j in range(len(media))]}]
+    return doc
+
+
+def test_multimodal_validation() -> None:
+    validate(_media_job({"claimName": "data", "subPath": "media"}, {"claimName": "data", "subPath": "media"}))
+    found = errors(_media_job({"claimName": "data", "subPath": "a"}, {"claimName": "data", "subPath": "b"}))
+    assert "different media folders" in found["spec.stages[0].datasets"]
+    found = errors(_media_job({"claimName": "data", "subPath": "../etc"}))
+    assert "relative path" in found["spec.datasets[0].media.subPath"]
+    doc = _media_job({"claimName": "data", "subPath": "m"})
+    del doc["spec"]["datasets"][0]["columns"]["images"]
+    assert "columns.images" in errors(doc)["spec.datasets[0].media"]
+    doc = graph_job(SFT, RM, {**PPO, "rewardModel": {"volume": {"claimName": "m", "subPath": "/abs"}}})
+    assert "relative path" in errors(doc)["spec.stages[2].rewardModel.volume.subPath"]

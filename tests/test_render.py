@@ -30,6 +30,7 @@ from finetune_operator.render import (
     PathResolver,
     RenderOptions,
     config_files,
+    identity,
     render,
     render_yaml,
     suspend_path,
@@ -370,12 +371,14 @@ def test_modelscope_token_env() -> None:
 
 def test_service_accounts_only_on_reporting_pods() -> None:
     for path in EXAMPLES:
-        plan = render(_example(path))
+        job = _example(path)
+        plan = render(job)
+        own = identity.worker_identity_name(job)
         for step in plan.steps:
             wl = step.workload
             if wl["kind"] == "PyTorchJob":
                 replicas = wl["spec"]["pytorchReplicaSpecs"]
-                assert replicas["Master"]["template"]["spec"]["serviceAccountName"] == c.DEFAULT_WORKER_SERVICE_ACCOUNT
+                assert replicas["Master"]["template"]["spec"]["serviceAccountName"] == own
                 assert replicas["Master"]["template"]["spec"]["automountServiceAccountToken"] is True
                 if "Worker" in replicas:
                     assert replicas["Worker"]["template"]["spec"]["automountServiceAccountToken"] is False
@@ -384,7 +387,7 @@ def test_service_accounts_only_on_reporting_pods() -> None:
             for tpl in _pod_templates(wl):
                 spec = tpl["spec"]
                 if step.kind in ("train", "preflight"):  # the preflight pod reports status.plan
-                    assert spec["serviceAccountName"] == c.DEFAULT_WORKER_SERVICE_ACCOUNT
+                    assert spec["serviceAccountName"] == own
                     assert spec["automountServiceAccountToken"] is True
                 else:
                     assert spec["automountServiceAccountToken"] is False
@@ -868,11 +871,15 @@ def test_kto_dataset_info() -> None:
     assert info["support_tickets"]["columns"]["kto_tag"] == "label"
 
 
-def test_deepspeedjob_keeps_real_home() -> None:
-    """The DeepSpeed launcher reads ~/.deepspeed_env (written by T9k): HOME must not be redirected there."""
+def test_deepspeedjob_runs_as_root_with_roots_home() -> None:
+    """T9k's launcher model needs root (sshd, /root/.ssh) and DeepSpeed's runner reads ~/.deepspeed_env (written
+    by T9k): the worker image's user (65532) and HOME (/tmp) would break both, so the pods say root and /root.
+    Found by running the pods in the image (tests/test_e2e.py): as 65532, sshd could not read its host key."""
     wl = render(_example(EXAMPLES[3])).step("sft").workload
-    env = {e["name"] for e in wl["spec"]["worker"]["template"]["spec"]["containers"][0]["env"]}
-    assert "HOME" not in env
+    tpl = wl["spec"]["worker"]["template"]
+    env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][0]["env"]}
+    assert env["HOME"] == "/root"
+    assert tpl["spec"]["securityContext"]["runAsUser"] == 0 and tpl["spec"]["securityContext"]["runAsGroup"] == 0
     job_env = render(_example(EXAMPLES[0])).step("sft").workload["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HOME", "value": "/tmp"} in job_env
 
@@ -931,13 +938,29 @@ def test_reserved_stage_names_agree_with_validation() -> None:
     ("formatting", "columns", "tags", "expected_columns", "expected_tags"),
     [
         # A partial alpaca block keeps LLaMA-Factory's defaults for the columns it omits.
-        ("alpaca", {"system": "persona"}, None,
-         {"prompt": "instruction", "query": "input", "response": "output", "system": "persona"}, None),
+        (
+            "alpaca",
+            {"system": "persona"},
+            None,
+            {"prompt": "instruction", "query": "input", "response": "output", "system": "persona"},
+            None,
+        ),
         # A partial sharegpt block: messages default, and every omitted tag takes LF's default.
-        ("sharegpt", {"system": "sys"}, {"roleTag": "role"},
-         {"messages": "conversations", "system": "sys"},
-         {"role_tag": "role", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-          "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}),
+        (
+            "sharegpt",
+            {"system": "sys"},
+            {"roleTag": "role"},
+            {"messages": "conversations", "system": "sys"},
+            {
+                "role_tag": "role",
+                "content_tag": "value",
+                "user_tag": "human",
+                "assistant_tag": "gpt",
+                "observation_tag": "observation",
+                "function_tag": "function_call",
+                "system_tag": "system",
+            },
+        ),
         # Nothing given: nothing written, LF applies its defaults itself.
         ("sharegpt", None, None, None, None),
     ],
@@ -975,7 +998,13 @@ def _with_run(path: Path, run_id: str | None) -> FineTuneJob:
 
 
 def _run_scoped_names(plan: Any) -> list[str]:
-    return [o["metadata"]["name"] for o in plan.objects() if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"]
+    """Names of a run's children: not the serve step's (kept across runs), not the job's worker identity."""
+    return [
+        o["metadata"]["name"]
+        for o in plan.objects()
+        if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"
+        and o["metadata"]["labels"][c.LABEL_COMPONENT] != identity.COMPONENT_IDENTITY
+    ]
 
 
 @pytest.mark.parametrize("path", [EXAMPLES[3], CONTRACT], ids=["deepspeedjob", "pytorchjob"])
@@ -1035,3 +1064,21 @@ def test_long_run_scoped_names_stay_dns_labels() -> None:
     plan = render(validate(doc))
     names = _run_scoped_names(plan)
     assert len(set(names)) == len(names) and all(is_dns_label(n) for n in names)
+
+
+def test_each_job_gets_a_worker_identity_limited_to_its_own_status() -> None:
+    """The reporting pod's ServiceAccount may patch this FineTuneJob's status and nothing else."""
+    job = _example(CONTRACT)
+    plan = render(job)
+    name = identity.worker_identity_name(job)
+    kinds = {o["kind"]: o for o in plan.shared if o["metadata"]["name"] == name}
+    assert set(kinds) == {"ServiceAccount", "Role", "RoleBinding"}
+    assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert kinds["Role"]["rules"] == [
+        {"apiGroups": [c.GROUP], "resources": [f"{c.PLURAL}/status"], "resourceNames": [job.name], "verbs": ["patch"]}
+    ]
+    assert kinds["RoleBinding"]["roleRef"]["name"] == name
+    assert kinds["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}]
+    # An install with a shared worker ServiceAccount gets no per-job objects.
+    shared = render(job, RenderOptions(worker_service_account="sa"))
+    assert [o["kind"] for o in shared.shared] == ["ConfigMap"]

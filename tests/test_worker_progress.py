@@ -69,11 +69,13 @@ def _ftj(name: str) -> dict[str, Any]:
 
 @pytest.fixture()
 def ftj_server(emulator_server: Any) -> Any:
-    """The emulator with a FineTuneJob, and the worker token bound to the chart's finetune-worker ServiceAccount:
-    the reporter gets exactly what the installed chart grants the worker (403 for anything else)."""
+    """The emulator with a FineTuneJob, and the worker token bound to the chart's shared finetune-worker
+    ServiceAccount (``worker.create: true``; per-job ServiceAccounts are the default): the reporter gets exactly
+    what the installed chart grants the worker (403 for anything else)."""
     emulator_server.apply_crd(ROOT / "crds")
     emulator_server.create(_ftj("demo"), "default")
-    emulator_server.enforce_rbac(installed_chart(), {"node-0-token": ("default", WORKER_SA_NAME)})
+    chart = installed_chart({"worker": {"create": True}})
+    emulator_server.enforce_rbac(chart, {"node-0-token": ("default", WORKER_SA_NAME)})
     return emulator_server
 
 

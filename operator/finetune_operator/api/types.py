@@ -191,6 +191,12 @@ class DatasetColumns(_Model):
     """Preference data: rejected answer column."""
     kto_tag: str | None = Field(default=None, max_length=128)
     """KTO data: boolean label column."""
+    images: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the image file(s) of each sample (paths relative to ``media``)."""
+    videos: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the video file(s) (or lists of frame images) of each sample."""
+    audios: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the audio file(s) of each sample."""
 
 
 class DatasetTags(_Model):
@@ -227,6 +233,10 @@ class DatasetSpec(_Model):
     """Column mapping; LLaMA-Factory's defaults when omitted."""
     tags: DatasetTags | None = None
     """sharegpt role/content tags; LLaMA-Factory's defaults when omitted."""
+    media: VolumeRef | None = None
+    """Folder of the images/videos/audios the data names: relative media paths resolve there (LLaMA-Factory's
+    ``media_dir``; mounted read-only in training pods). The stages of multimodal data need a multimodal model
+    and template (``qwen2_vl``, ``llava``, ...)."""
 
 
 class OutputSpec(_Model):
@@ -263,7 +273,7 @@ class ResourcesSpec(_Model):
     """Size of a stage: nodes, GPUs per node, and CPU/memory requests of each pod."""
 
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Number of nodes (pods); more than one needs the pytorchjob or deepspeedjob backend, or an Indexed Job."""
+    """Number of nodes (pods); more than one runs as a PyTorchJob, DeepSpeedJob or TrainJob, or an Indexed Job."""
     gpus_per_node: int = Field(default=1, ge=0, le=64)
     """GPUs per pod (``nvidia.com/gpu``); 0 runs on CPU (tests, tiny models)."""
     cpu: str | None = Field(default=None, max_length=32)

@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from finetune_operator.api import constants as c
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.history import add_point, point_from_report
 from finetune_operator.api.types import FineTuneJob, StageStatus
@@ -88,6 +89,9 @@ class Evidence:
       the operator creates a step's objects only after it saw every earlier step succeed; or
     * no child of the plan exists at all (every workload expired): the record stands, since no workload of the
       pipeline is left running that could have written it.
+
+    The serve Deployment keeps its name across runs (``spec.runId``): it counts as a child of this run only
+    once it was rolled to this run's model (its ``finetune.dev/run`` annotation), which the serve step does.
     """
 
     def __init__(self, owner: Stepping, ctx: Ctx, plan: Plan) -> None:
@@ -102,6 +106,10 @@ class Evidence:
             found = await kube.get(wl["apiVersion"], wl["kind"], ns, wl["metadata"]["name"])
             if found is not None and (found["metadata"].get("deletionTimestamp") or not ch.is_ours(found, uid)):
                 found = None
+            run = (self._ctx.ftj.get("spec") or {}).get("runId")
+            if found is not None and run and self._plan.steps[i].kind == "serve":
+                # Still serving a previous run: it proves nothing about this one.
+                found = found if (found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) == run else None
             self._children[i] = found
         return self._children[i]
 

@@ -10,15 +10,16 @@ Plan layout::
                                         dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
     steps:    download   Job                       (only when model.source is set)
               preflight  Job (CPU only)            (unless spec.preflight.mode is Disabled)
-              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob
+              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob | TrainJob
               merge      Job                       (merge.enabled)
               eval       Job  (ftctl worker eval)  (spec.evaluate; the promotion gate reads its metrics)
               publish    Job  (ftctl worker publish, credentials as secretKeyRef)  (spec.publish)
               serve      Deployment + Service      (serve.enabled)
 
 Modules: :mod:`.llamafactory` (LLaMA-Factory configs and stage chaining), :mod:`.deepspeed` (ZeRO JSON),
-:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (Jobs, PyTorchJob, DeepSpeedJob,
-:func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment, Service), :mod:`.paths` (output layout).
+:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (download/merge Jobs, the dispatch to
+:mod:`finetune_operator.backends`, :func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment,
+Service), :mod:`.paths` (output layout).
 The spec is assumed valid (:func:`finetune_operator.validation.validate`); cases that no valid spec should
 reach raise :class:`~finetune_operator.errors.RenderError`.
 """
@@ -32,7 +33,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import config_map_name
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.errors import RenderError
-from finetune_operator.render import evaluation, paths, serve, workloads
+from finetune_operator.render import evaluation, identity, paths, serve, workloads
 from finetune_operator.render import llamafactory as lf
 from finetune_operator.render.deepspeed import deepspeed_config
 from finetune_operator.render.dump import to_json, to_yaml, to_yaml_documents
@@ -65,8 +66,9 @@ class RenderOptions:
     """Worker image when ``spec.image`` is not set."""
     vllm_image: str = c.DEFAULT_VLLM_IMAGE
     """vLLM image when ``spec.serve.image`` is not set."""
-    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
-    """ServiceAccount of progress-reporting training pods (may patch finetunejobs/status only)."""
+    worker_service_account: str = ""
+    """A shared ServiceAccount for progress-reporting training pods; empty (the default): each FineTuneJob
+    gets its own, allowed to patch only its own status (see :mod:`.identity`)."""
     resolver: PathResolver = field(default_factory=PathResolver)
     """Where volumes and configs are; the default is the in-pod layout (``/mnt/volumes``, ``/etc/finetune``)."""
     backoff_limit: int | None = None
@@ -135,14 +137,16 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
         wl = workloads.download_job(job, worker_image, backoff, res)
         add(workloads.DOWNLOAD, "download", "download", [wl], wl, paths.model_dir(job, res))
     if workloads.preflight_enabled(job):
-        wl = workloads.preflight_job(job, worker_image, opts.worker_service_account, res)
+        wl = workloads.preflight_job(
+            job, worker_image, opts.worker_service_account or identity.worker_identity_name(job), res
+        )
         add(workloads.PREFLIGHT, "preflight", "preflight", [wl], wl, None)
     for stage in job.spec.stages:
         objs, wl = workloads.train_objects(
             job,
             stage,
             image=worker_image,
-            service_account=opts.worker_service_account,
+            service_account=opts.worker_service_account or identity.worker_identity_name(job),
             backoff_limit=backoff,
             resolver=res,
         )
@@ -173,7 +177,8 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
         add(serve.SERVE, "serve", "serve", [dep, serve.service(job)], dep, None)
         outputs["endpoint"] = serve.endpoint(job)
         outputs["servedModelName"] = cmd.served_model_name
-    return Plan(shared=(config_map,), steps=tuple(steps), outputs=outputs)
+    own_identity = [] if opts.worker_service_account else identity.worker_identity(job)
+    return Plan(shared=(config_map, *own_identity), steps=tuple(steps), outputs=outputs)
 
 
 def render_yaml(job: FineTuneJob, options: RenderOptions | None = None) -> str:

@@ -55,7 +55,7 @@ class Step:
     type: str
     #: Every object of this step in creation order; ``workload`` is one of them.
     objects: tuple[dict[str, Any], ...]
-    #: The object whose status decides whether the step succeeded (Job, PyTorchJob, DeepSpeedJob, Deployment).
+    #: The object whose status decides whether the step succeeded (Job, PyTorchJob, DeepSpeedJob, TrainJob, Deployment).
     workload: dict[str, Any]
     #: Directory this step writes (container path), if any.
     output_path: str | None = None

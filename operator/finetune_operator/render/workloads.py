@@ -229,6 +229,9 @@ def preflight_job(job: FineTuneJob, image: str, service_account: str | None, res
 def _train_claims(job: FineTuneJob, stage: StageSpec) -> tuple[list[str], list[str]]:
     by_name = {d.name: d for d in job.spec.datasets}
     read = [job.spec.model.volume.claim_name] + [by_name[n].volume.claim_name for n in stage.datasets]
+    read += [m.claim_name for n in stage.datasets if (m := by_name[n].media) is not None]
+    # Models a stage names on volumes (ppo's reward model, a reference): read-only like the base model.
+    read += [r.volume.claim_name for r in (stage.reward_model, stage.reference) if r is not None and r.volume]
     return read, [job.spec.output.volume.claim_name]
 
 
