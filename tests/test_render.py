@@ -870,11 +870,15 @@ def test_kto_dataset_info() -> None:
     assert info["support_tickets"]["columns"]["kto_tag"] == "label"
 
 
-def test_deepspeedjob_keeps_real_home() -> None:
-    """The DeepSpeed launcher reads ~/.deepspeed_env (written by T9k): HOME must not be redirected there."""
+def test_deepspeedjob_runs_as_root_with_roots_home() -> None:
+    """T9k's launcher model needs root (sshd, /root/.ssh) and DeepSpeed's runner reads ~/.deepspeed_env (written
+    by T9k): the worker image's user (65532) and HOME (/tmp) would break both, so the pods say root and /root.
+    Found by running the pods in the image (tests/test_e2e.py): as 65532, sshd could not read its host key."""
     wl = render(_example(EXAMPLES[3])).step("sft").workload
-    env = {e["name"] for e in wl["spec"]["worker"]["template"]["spec"]["containers"][0]["env"]}
-    assert "HOME" not in env
+    tpl = wl["spec"]["worker"]["template"]
+    env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][0]["env"]}
+    assert env["HOME"] == "/root"
+    assert tpl["spec"]["securityContext"]["runAsUser"] == 0 and tpl["spec"]["securityContext"]["runAsGroup"] == 0
     job_env = render(_example(EXAMPLES[0])).step("sft").workload["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HOME", "value": "/tmp"} in job_env
 

@@ -99,6 +99,8 @@ class Reason:
     INVALID_DATA: Final = "InvalidData"
     #: Pre-flight passed (or only warned): the plan is in status.plan.
     PLANNED: Final = "Planned"
+    #: The promotion gate (spec.gate) refused the run's model: not published, not served.
+    GATE_FAILED: Final = "GateFailed"
 
 
 class State:

@@ -178,5 +178,7 @@ class Base:
         self.own_versions: OrderedDict[tuple[str, str, str], tuple[str, ...]] = OrderedDict()
         self._validated: OrderedDict[tuple[Any, ...], FineTuneJob | Exception] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        #: Eval/publish workers' parsed results by Job uid (see :mod:`.gating`).
+        self._results: OrderedDict[str, Any] = OrderedDict()
         #: (namespace, name) -> status.state, for the jobs-by-state gauge.
         self.states: dict[tuple[str, str], str] = {}

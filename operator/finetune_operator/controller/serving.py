@@ -41,6 +41,13 @@ class Serving(Stepping):
             return False
         if all(s.state == StageState.SUCCEEDED for s in stages[:idx]):
             return False
+        return await self._previous_serves(ctx, plan, stages)
+
+    async def _previous_serves(self, ctx: Ctx, plan: Plan, stages: list[StageStatus]) -> bool:
+        """Whether the Deployment of an earlier serve (kept across runs) is ours, scaled up and available."""
+        idx = next((i for i, s in enumerate(plan.steps) if s.kind == "serve"), None)
+        if idx is None or stages[idx].attempts == 0:
+            return False
         wl = plan.steps[idx].workload
         dep = await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
         return (

@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.constants import ConditionType, Reason, StageState, State
-from finetune_operator.api.types import StageProgress, StageStatus
+from finetune_operator.api.types import GateStatus, PublishedCopy, StageProgress, StageStatus
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -216,6 +216,14 @@ class Summary:
     serve_enabled: bool = False
     current: str | None = None  # the running step
     current_message: str = ""
+    #: The promotion gate refused this run's model (the message, with the values); the walk stopped there.
+    gate_failed: str | None = None
+    #: The gate's decision for this run, if it was taken.
+    gate: GateStatus | None = None
+    #: This run's evaluation metrics (from the evaluation pod), None without an evaluation result.
+    metrics: dict[str, float] | None = None
+    #: This run's published copies (from the publish pod), None without a publish result.
+    published: list[PublishedCopy] | None = field(default=None)
 
 
 def build_conditions(
@@ -228,6 +236,10 @@ def build_conditions(
         set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, s.invalid, now=now, generation=generation)
     elif s.failed is not None:
         set_condition(conds, ConditionType.FAILED, True, s.failed_reason, s.failed, now=now, generation=generation)
+    elif s.gate_failed is not None:
+        set_condition(
+            conds, ConditionType.FAILED, True, Reason.GATE_FAILED, s.gate_failed, now=now, generation=generation
+        )
     else:
         set_condition(conds, ConditionType.FAILED, False, Reason.PENDING, "", now=now, generation=generation)
     terminal = s.invalid is not None or s.failed is not None
@@ -241,6 +253,10 @@ def build_conditions(
             "every stage succeeded",
             now=now,
             generation=generation,
+        )
+    elif s.gate_failed is not None and not terminal:
+        set_condition(
+            conds, ConditionType.SUCCEEDED, False, Reason.GATE_FAILED, s.gate_failed, now=now, generation=generation
         )
     else:
         reason = Reason.STAGE_FAILED if terminal else Reason.PENDING
@@ -256,7 +272,7 @@ def build_conditions(
         generation=generation,
     )
 
-    progressing = not terminal and not s.suspended and s.current is not None and not s.serving
+    progressing = not terminal and s.gate_failed is None and not s.suspended and s.current is not None and not s.serving
     set_condition(
         conds,
         ConditionType.PROGRESSING,
@@ -282,6 +298,12 @@ def build_conditions(
         ready, reason, msg = False, Reason.STAGE_FAILED, s.failed or s.invalid or ""
         if s.invalid is not None:
             reason = Reason.INVALID_SPEC
+    elif s.gate_failed is not None and not (s.serve_enabled and (s.serving_previous or s.serving)):
+        # Nothing served before this run: Ready stays False, and says why. A previous run's model that is
+        # served keeps Ready as it was (the branch above: the previous model is served).
+        ready, reason, msg = False, Reason.GATE_FAILED, s.gate_failed
+    elif s.gate_failed is not None:
+        msg = "the previous run's model is served: this run's model failed the promotion gate"
     set_condition(conds, ConditionType.READY, ready, reason, msg, now=now, generation=generation)
     order = {t: i for i, t in enumerate(ConditionType.ALL)}
     conds.sort(key=lambda cnd: order.get(str(cnd.get("type")), len(order)))
@@ -290,7 +312,7 @@ def build_conditions(
 
 def summary_state(summary: Summary) -> str:
     """``status.state``: Failed > Suspended > Serving > Succeeded > Running > Pending."""
-    if summary.invalid is not None or summary.failed is not None:
+    if summary.invalid is not None or summary.failed is not None or summary.gate_failed is not None:
         return State.FAILED
     if summary.suspended:
         return State.SUSPENDED
