@@ -66,7 +66,9 @@ def run(server: Any, doc: dict[str, Any], root: Path, tmp_path: Path) -> tuple[s
 @pytest.fixture()
 def server(emulator_server: Any) -> Any:
     emulator_server.apply_crd(ROOT / "crds")
-    emulator_server.enforce_rbac(installed_chart(), {"node-0-token": ("default", WORKER_SA_NAME)})
+    # the opt-in shared worker ServiceAccount of the chart (per-job identities get the same single permission)
+    chart = installed_chart({"worker": {"create": True}})
+    emulator_server.enforce_rbac(chart, {"node-0-token": ("default", WORKER_SA_NAME)})
     return emulator_server
 
 
