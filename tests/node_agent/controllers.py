@@ -48,6 +48,14 @@ if TYPE_CHECKING:
 Result = tuple[int, str]  # (exit code, message)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -216,6 +224,8 @@ class JobController(Controller):
 class PyTorchJobController(Controller):
     kind = "PyTorchJob"
     #: The training-operator's default rendezvous port (a container port named pytorchjob-port overrides it).
+    #: In a cluster every pod has its own network; here all share one, so the agent picks a free port instead
+    #: (two PyTorchJobs at once, or two test sessions on one machine, would otherwise collide).
     DEFAULT_PORT = 23456
 
     def run(self) -> None:
@@ -230,7 +240,7 @@ class PyTorchJobController(Controller):
         roles += [("Worker", i) for i in range(int((replicas.get("Worker") or {}).get("replicas", 0)))]
         nnodes = len(roles)
         master = f"{self.name}-master-0"
-        port = self.DEFAULT_PORT
+        port = _free_port()
         for p in replicas["Master"]["template"]["spec"]["containers"][0].get("ports") or []:
             if p.get("name") == "pytorchjob-port":
                 port = int(p["containerPort"])
@@ -254,6 +264,11 @@ class PyTorchJobController(Controller):
                 hostname = f"{self.name}-{role.lower()}-{index}"
                 pod = Pod(self.namespace, hostname, replicas[role]["template"], hostname, extra_env=env, hosts=hosts)
                 results[(role, index)] = self.run_pod(pod)
+                if results[(role, index)][0] != 0:
+                    # One replica failed: the training-operator tears the others down (they would wait for
+                    # their peer forever).
+                    for proc in self.agent.processes(self.uid):
+                        proc.kill()
 
             threads = [threading.Thread(target=one, args=r, daemon=True) for r in roles]
             for t in threads:
