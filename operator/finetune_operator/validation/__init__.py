@@ -41,7 +41,7 @@ from finetune_operator.validation.context import Context
 from finetune_operator.validation.loading import load_documents
 from finetune_operator.validation.registry import RULES, Rule, rule
 from finetune_operator.validation.rules.arguments import RESERVED_ARGS, RESERVED_PREFIXES, SECRET_ARGS
-from finetune_operator.validation.shape import shape_errors
+from finetune_operator.validation.shape import non_string_keys, shape_errors
 from finetune_operator.validation.words import dedupe, kind
 
 __all__ = [
@@ -78,10 +78,14 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
     status = obj.pop("status", None)
     errors: list[FieldError] = []
     job: FineTuneJob | None = None
+    key_errors = non_string_keys(obj)
+    errors.extend(key_errors)
     try:
         job = FineTuneJob.model_validate(obj, strict=True)
     except pydantic.ValidationError as exc:
-        errors.extend(shape_errors(exc, obj))
+        # A mapping with a non-string key is reported at the key; pydantic's "wrong type" at the mapping is noise.
+        parents = {e.path.rsplit("[", 1)[0] for e in key_errors}
+        errors.extend(e for e in shape_errors(exc, obj) if e.path not in parents)
     ctx = Context(obj, load_lf_table())
     for each in RULES:
         errors.extend(each(ctx))
