@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         # a FineTuneJob.
         print(f"{args.filename}: no {KIND} found", file=sys.stderr)
         return EXIT_INVALID
-    for i, doc in enumerate(docs):
-        if not is_finetune_job(doc):
-            print(f"{args.filename}: skipped document {i + 1} ({doc.get('kind')!s}): not a {KIND}", file=sys.stderr)
+    for i, other in enumerate(docs):
+        if not is_finetune_job(other):
+            print(f"{args.filename}: skipped document {i + 1} ({other.get('kind')!s}): not a {KIND}", file=sys.stderr)
     duplicates = duplicate_names(jobs)
     opts_kw: dict[str, Any] = {}
     if args.worker_image:

@@ -102,14 +102,12 @@ class _Loader(yaml.SafeLoader):
         self._open: set[str] = set()
         self._sizes: dict[int, int] = {}
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        event = self.peek_event()
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
             anchor = event.anchor
             if anchor in self._open:
-                raise yaml.composer.ComposerError(
-                    None, None, f"recursive alias *{anchor}: an object cannot contain itself", event.start_mark
-                )
+                raise _error(f"recursive alias *{anchor}: an object cannot contain itself", event)
             if anchor in self.anchors:
                 self._count(self._size(self.anchors[anchor]), event)
             return super().compose_node(parent, index)
@@ -128,14 +126,11 @@ class _Loader(yaml.SafeLoader):
         self._count(1, event)
         return node
 
-    def _count(self, n: int, event: yaml.Event) -> None:
+    def _count(self, n: int, event: Any) -> None:
         self._nodes += n
         if self._nodes > MAX_NODES:
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                f"expands to more than {MAX_NODES} values (aliases count as the whole value they repeat)",
-                event.start_mark,
+            raise _error(
+                f"expands to more than {MAX_NODES} values (aliases count as the whole value they repeat)", event
             )
 
     def _size(self, node: yaml.Node) -> int:
@@ -167,6 +162,10 @@ class _Loader(yaml.SafeLoader):
                     "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+def _error(problem: str, event: Any) -> yaml.composer.ComposerError:
+    return yaml.composer.ComposerError(None, None, problem, event.start_mark)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
