@@ -179,6 +179,7 @@ def test_default_render_creates_the_documented_objects(rendered: dict[str, list[
     assert kinds == [
         ("ClusterRole", "finetune-operator", ""),
         ("ClusterRoleBinding", "finetune-operator", ""),
+        ("ConfigMap", "finetune-operator-no-borrowed-privileges-params", "finetune-system"),
         ("CustomResourceDefinition", f"{constants.PLURAL}.{constants.GROUP}", ""),
         ("Deployment", "finetune-operator", "finetune-system"),
         ("Role", "finetune-worker", "default"),
@@ -186,6 +187,8 @@ def test_default_render_creates_the_documented_objects(rendered: dict[str, list[
         ("Service", "finetune-operator-metrics", "finetune-system"),
         ("ServiceAccount", "finetune-operator", "finetune-system"),
         ("ServiceAccount", "finetune-worker", "default"),
+        ("ValidatingAdmissionPolicy", "finetune-operator-no-borrowed-privileges", ""),
+        ("ValidatingAdmissionPolicyBinding", "finetune-operator-no-borrowed-privileges", ""),
     ]
 
 
@@ -452,7 +455,8 @@ def test_install_yaml_is_complete_and_valid() -> None:
     assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount"} <= kinds
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}:
+        cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+        if obj["kind"] not in cluster_scoped | {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}:
             assert obj["metadata"]["namespace"] in {"finetune-system", "default"}
 
 

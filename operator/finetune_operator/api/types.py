@@ -20,7 +20,7 @@ from pydantic.alias_generators import to_camel
 from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
 from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTERN
 from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
-from finetune_operator.api.patterns import ENV_NAME_PATTERN
+from finetune_operator.api.patterns import ENV_NAME_PATTERN, IMAGE_PATTERN, SERVED_MODEL_NAME_PATTERN
 
 Backend = Literal["job", "pytorchjob", "deepspeedjob"]
 Hub = Literal["huggingface", "modelscope"]
@@ -221,13 +221,22 @@ class MergeSpec(_Model):
     """CPU/memory of the merge pod (GPUs are not needed with exportDevice cpu)."""
 
 
+class EnvVarSource(_Model):
+    """Where an environment variable's value comes from: a key of a Secret (never a plain value in the spec)."""
+
+    secret_key_ref: SecretKeyRef
+    """The Secret key; the value reaches the container through ``valueFrom.secretKeyRef`` only."""
+
+
 class EnvVar(_Model):
-    """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
+    """An environment variable: a plain ``value``, or ``valueFrom.secretKeyRef`` for anything secret."""
 
     name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
     """Variable name."""
     value: str = Field(default="", max_length=4096)
-    """Variable value."""
+    """Variable value (not with ``valueFrom``)."""
+    value_from: EnvVarSource | None = None
+    """Take the value from a Secret key (API keys, tokens): it is never stored in the FineTuneJob."""
 
 
 class ServeResources(_Model):
@@ -246,11 +255,11 @@ class ServeSpec(_Model):
 
     enabled: bool = False
     """Create the vLLM Deployment once training (and merging) succeeded."""
-    image: str | None = Field(default=None, max_length=512)
-    """vLLM image; the operator's default when omitted."""
+    image: str | None = Field(default=None, max_length=512, pattern=IMAGE_PATTERN)
+    """vLLM image; the operator's default when omitted (the operator may allow only some images)."""
     replicas: int = Field(default=1, ge=0, le=64)
     """Number of vLLM pods (mutable: scales the Deployment)."""
-    served_model_name: str | None = Field(default=None, max_length=128)
+    served_model_name: str | None = Field(default=None, max_length=128, pattern=SERVED_MODEL_NAME_PATTERN)
     """Model name clients use; the FineTuneJob's name when omitted."""
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     """vLLM ``--tensor-parallel-size``."""
@@ -263,7 +272,11 @@ class ServeSpec(_Model):
     args: list[str] = Field(default_factory=list, max_length=64)
     """Extra vLLM command-line arguments."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
-    """Extra environment variables of the vLLM container."""
+    """Extra environment variables of the vLLM container (secrets through ``valueFrom.secretKeyRef``). The
+    variables the operator sets (``HF_HUB_OFFLINE``, ``HF_HOME``, ...) and loader variables (``LD_PRELOAD``,
+    ``PYTHONPATH``, ...) are refused."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """A Secret key holding the API key clients must send (vLLM's ``VLLM_API_KEY``); no key when omitted."""
 
 
 class Toleration(_Model):
@@ -292,7 +305,7 @@ class SchedulingSpec(_Model):
     """PriorityClass of every pod."""
     queue_name: str | None = Field(default=None, max_length=63)
     """Kueue LocalQueue: workloads get ``kueue.x-k8s.io/queue-name`` and are created suspended."""
-    scheduler_name: str | None = Field(default=None, max_length=253)
+    scheduler_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
 
 
@@ -302,8 +315,9 @@ class FineTuneJobSpec(_Model):
     backend: Backend | None = None
     """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow) or ``deepspeedjob`` (T9k).
     Default: job when every stage has one node, else pytorchjob."""
-    image: str | None = Field(default=None, max_length=512)
-    """Worker image (LLaMA-Factory); the operator's default when omitted."""
+    image: str | None = Field(default=None, max_length=512, pattern=IMAGE_PATTERN)
+    """Worker image (LLaMA-Factory); the operator's default when omitted (the operator may allow only some
+    images)."""
     model: ModelSpec
     """The base model."""
     datasets: list[DatasetSpec] = Field(min_length=1, max_length=64)

@@ -147,6 +147,10 @@ def _pattern_reason(pattern: str) -> str:
         return "must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
     if pattern == patterns.DATASET_NAME_PATTERN:
         return "must be letters, digits, '-', '_' or '.' (starting and ending alphanumeric; no commas or '/')"
+    if pattern == patterns.IMAGE_PATTERN:
+        return "must be an image reference ([registry/]repository[:tag][@digest], lowercase, no spaces)"
+    if pattern == patterns.SERVED_MODEL_NAME_PATTERN:
+        return "must be a model id: letters, digits and '-._:/@+', no spaces or newlines"
     return f"must match {pattern}"
 
 

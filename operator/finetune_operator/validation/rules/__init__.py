@@ -12,7 +12,8 @@ module             decides
 ``resources``      CPU/memory quantities
 ``serve``          vLLM sizing, operator-owned flags, serving adapters without merge
 ``scheduling``     queue, priority class, node selector, tolerations
-``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, combinations
+``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, bounded, combinations
+``policy``         the install's policy: allowed images, ``trust_remote_code``
 =================  ===============================================================================
 """
 
@@ -24,6 +25,7 @@ from finetune_operator.validation.rules import (
     datasets,
     model,
     names,
+    policy,
     resources,
     scheduling,
     serve,
@@ -32,6 +34,6 @@ from finetune_operator.validation.rules import (
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, arguments)
+ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, arguments, policy)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))
