@@ -7,6 +7,7 @@ bash scripts/setup.sh                 # .venv: the package, LLaMA-Factory on CPU
 bash scripts/install-vllm.sh          # .venv-vllm: real vLLM (CPU build) in its own environment
 bash scripts/get-helm.sh              # .tools/helm: the official Helm binary
 bash scripts/install-checkov.sh       # .venv-checkov: the checkov scanner in its own environment
+bash scripts/install-browser.sh       # Debian's chromium + chromium-driver: the web console's browser tests
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check operator tests bench
 .venv/bin/ruff format --check operator

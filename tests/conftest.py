@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins: list[str] = ["tests.emulator.fixtures"]
+pytest_plugins: list[str] = ["tests.emulator.fixtures", "tests.served_model"]

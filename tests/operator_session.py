@@ -35,6 +35,8 @@ import yaml
 
 from finetune_operator.api import constants as c
 from tests.emulator import EmulatorServer, RequestRecord
+from tests.emulator.players import PLAYERS, RESOURCE
+from tests.emulator.players import player as play
 from tests.install_tools import EXAMPLES, ROOT, find_helm, one, render_chart
 
 CANARY = "hf_CANARY-7f3c9e1d-never-print-me"
@@ -42,12 +44,6 @@ CANARY = "hf_CANARY-7f3c9e1d-never-print-me"
 ALLOWED_IMAGE_PREFIXES = ("registry.example.com/",)
 TOKEN_SECRET = {"name": "hf-token", "key": "token"}
 FTJ = "finetunejobs.finetune.dev"
-RESOURCE = {
-    "Job": "jobs.batch",
-    "PyTorchJob": "pytorchjobs.kubeflow.org",
-    "DeepSpeedJob": "deepspeedjobs.batch.tensorstack.dev",
-    "Deployment": "deployments.apps",
-}
 
 
 @dataclass
@@ -130,18 +126,8 @@ class Player:
         return dict(self.wait(ready, f"{kind} {ns}/{name} attempt {attempt} never appeared"))
 
     def succeed(self, kind: str, name: str, ns: str) -> None:
-        if kind == "Job":
-            status: dict[str, Any] = {
-                "conditions": [
-                    {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
-                    {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
-                ],
-                "succeeded": 1,
-            }
-        elif kind == "PyTorchJob":
-            status = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}]}
-        elif kind == "DeepSpeedJob":
-            status = {"phase": "Succeeded", "conditions": [{"type": "Completed", "status": "True"}]}
+        if kind in PLAYERS:
+            status = play(kind).succeeded()
         else:
             replicas = int(self.server.get(RESOURCE[kind], name, ns)["spec"].get("replicas") or 1)
             status = {
@@ -153,13 +139,7 @@ class Player:
         self.server.patch_status(RESOURCE[kind], name, status, ns)
 
     def fail(self, kind: str, name: str, ns: str) -> None:
-        failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "exit code 7"}
-        status: dict[str, Any] = {"conditions": [failed]}
-        if kind == "Job":
-            status["failed"] = 1
-        elif kind == "DeepSpeedJob":
-            status["phase"] = "Failed"
-        self.server.patch_status(RESOURCE[kind], name, status, ns)
+        self.server.patch_status(RESOURCE[kind], name, play(kind).failed("BackoffLimitExceeded", "exit code 7"), ns)
 
     def steps(self, doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         """(step kind, workload kind, workload name) in pipeline order, from the pure renderer."""
@@ -257,6 +237,15 @@ def record_session(mode: str) -> Session:
                     lambda: player.run_pipeline(_example("04-", "ml"), fail_first="train", suspend_at="train"),
                 ),
             ]
+            # Trainer v2 TrainJob (two nodes) that fails once and is suspended, then merged.
+            trainer = _example("07-", "ml")
+            del trainer["spec"]["scheduling"]["queueName"]  # no Kueue here: nothing would admit it
+            jobs.append(
+                (
+                    "ml/llama-support-trainer",
+                    lambda: player.run_pipeline(trainer, fail_first="train", suspend_at="train"),
+                )
+            )
             for key, fn in jobs:
                 thread = threading.Thread(target=scenario, args=(key, fn), name=key)
                 thread.start()

@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from finetune_operator import backends
 from finetune_operator import crd as crd_module
 from finetune_operator.crd import CEL_RULES, build_crd
 from finetune_operator.validation import check, load_documents
@@ -122,7 +123,7 @@ def test_spec_strings_and_lists_are_bounded(schema: dict[str, Any]) -> None:
 def test_enums_and_bounds_from_the_types(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     stage = spec["stages"]["items"]["properties"]
-    assert spec["backend"]["enum"] == ["job", "pytorchjob", "deepspeedjob"]
+    assert spec["backend"]["enum"] == list(backends.REGISTRY)  # the registry is the one list of backends
     assert stage["type"]["enum"] == ["pt", "sft", "rm", "dpo", "kto"]
     assert stage["method"]["enum"] == ["full", "freeze", "lora", "qlora"]
     assert stage["deepspeed"]["properties"]["zeroStage"] == {

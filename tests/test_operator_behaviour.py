@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 
@@ -31,7 +32,7 @@ from .test_operator_harness import (
 cluster = harness.cluster
 operator = harness.operator
 
-WORKLOAD = {"job": "Job", "pytorchjob": "PyTorchJob", "deepspeedjob": "DeepSpeedJob"}
+WORKLOAD = {name: b.kind for name, b in backends.REGISTRY.items()}
 
 
 def requests(server: EmulatorServer, verb: str, resource: str, subresource: str | None = None) -> int:
@@ -45,7 +46,7 @@ def requests(server: EmulatorServer, verb: str, resource: str, subresource: str 
 # ------------------------------------------------------------------------------------------------ retries
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "deepspeedjob"])
+@pytest.mark.parametrize("backend", backends.names())
 def test_failed_stage_is_retried_then_fails_with_the_childs_reason(
     cluster: EmulatorServer, operator: OperatorThread, backend: str
 ) -> None:
@@ -124,7 +125,7 @@ def test_invalid_spec_fails_once_with_every_error_and_creates_nothing(
 # ------------------------------------------------------------------------------------------------ suspend
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "deepspeedjob"])
+@pytest.mark.parametrize("backend", backends.names())
 def test_suspend_and_resume_the_running_workload(
     cluster: EmulatorServer, operator: OperatorThread, backend: str
 ) -> None:
@@ -275,6 +276,33 @@ def test_worker_progress_is_folded_into_the_printer_columns(cluster: EmulatorSer
 
     cluster.patch_status(FTJ, "prog", {"reported": {"sft": {**report, "step": 50}}})
     cluster.wait_for(lambda: ftj_status(cluster, "prog").get("progress") == "50/100 (50%)")
+
+
+def test_reported_steps_become_the_stages_loss_history(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    """Each new step a worker reports becomes a point of ``status.stages[].history`` (what ``ftctl plot --job``
+    and the console draw); a report without a usable loss adds nothing."""
+
+    def sft() -> dict[str, Any]:
+        return next(iter(ftj_status(cluster, "hist").get("stages") or []), {})
+
+    cluster.create(minimal("hist"))
+    wait_child(cluster, "Job", "hist-sft")
+    reports = [
+        {"step": 5, "totalSteps": 20, "loss": 2.0, "learningRate": 1e-4, "epoch": 0.25},
+        {"step": 10, "totalSteps": 20, "loss": 1.5, "learningRate": 8e-5, "epoch": 0.5},
+        {"step": 11, "totalSteps": 20, "loss": "NaN", "learningRate": None, "epoch": None},  # untrusted: no point
+        {"step": 15, "totalSteps": 20, "loss": 1.2, "learningRate": 6e-5, "epoch": 0.75},
+    ]
+    for report in reports:
+        cluster.patch_status(FTJ, "hist", {"reported": {"sft": report}})
+        cluster.wait_for(lambda s=report["step"]: (sft().get("progress") or {}).get("step") == s)
+    history = cluster.wait_for(lambda: (h := sft().get("history")) and len(h) == 3 and h)
+    assert [(p["step"], p["loss"], p["learningRate"]) for p in history] == [
+        (5, 2.0, 1e-4),
+        (10, 1.5, 8e-5),
+        (15, 1.2, 6e-5),
+    ]
+    assert sft()["progress"]["learningRate"] == 6e-5
 
 
 # ------------------------------------------------------------------------------------------------ RBAC

@@ -22,25 +22,18 @@ import kopf
 import pytest
 import yaml
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 from finetune_operator.controller.runtime import OperatorConfig
 
 from .emulator import EmulatorServer
+from .emulator.players import PLAYERS, RESOURCE, player
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
 CRDS = ROOT / "crds"
 
-#: Resource names (as the emulator resolves them) of each workload kind.
-RESOURCE = {
-    "Job": "jobs.batch",
-    "PyTorchJob": "pytorchjobs.kubeflow.org",
-    "DeepSpeedJob": "deepspeedjobs.batch.tensorstack.dev",
-    "Deployment": "deployments.apps",
-    "ConfigMap": "configmaps",
-    "Service": "services",
-}
 FTJ = "finetunejobs.finetune.dev"
 
 
@@ -76,50 +69,17 @@ def minimal(name: str = "tiny", *, backend: str = "job", **spec_changes: Any) ->
 
 
 def succeed(server: EmulatorServer, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
-    """Mark a workload finished successfully, as its controller would."""
-    if kind == "Job":
-        status = {
-            "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
-                {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
-            ],
-            "succeeded": 1,
-            "completionTime": "2026-01-01T00:10:00Z",
-        }
-    elif kind == "PyTorchJob":
-        status = {
-            "conditions": [
-                {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
-                {"type": "Running", "status": "False", "reason": "PyTorchJobRunning"},
-                {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"},
-            ],
-            "completionTime": "2026-01-01T00:10:00Z",
-        }
-    elif kind == "DeepSpeedJob":
-        status = {"phase": "Succeeded", "conditions": [{"type": "Completed", "status": "True"}]}
-    elif kind == "Deployment":
+    """Mark a workload finished successfully, as its controller would (tests/emulator/players.py)."""
+    if kind == "Deployment":
         return make_available(server, name, namespace)
-    else:
-        raise ValueError(kind)
-    return server.patch_status(RESOURCE[kind], name, status, namespace)
+    return server.patch_status(RESOURCE[kind], name, player(kind).succeeded(), namespace)
 
 
 def fail_child(
     server: EmulatorServer, kind: str, name: str, namespace: str = "default", reason: str = "BackoffLimitExceeded"
 ) -> dict[str, Any]:
     """Mark a workload failed, as its controller would."""
-    if kind == "Job":
-        status: dict[str, Any] = {
-            "conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": "exit code 7"}],
-            "failed": 1,
-        }
-    elif kind == "PyTorchJob":
-        status = {"conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": "exit code 7"}]}
-    elif kind == "DeepSpeedJob":
-        status = {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True", "reason": reason}]}
-    else:
-        raise ValueError(kind)
-    return server.patch_status(RESOURCE[kind], name, status, namespace)
+    return server.patch_status(RESOURCE[kind], name, player(kind).failed(reason, "exit code 7"), namespace)
 
 
 def make_available(server: EmulatorServer, name: str, namespace: str = "default") -> dict[str, Any]:
@@ -331,7 +291,7 @@ def operator(cluster: EmulatorServer) -> Iterator[OperatorThread]:
 # ------------------------------------------------------------------------------------------ harness self-checks
 
 
-@pytest.mark.parametrize("kind", ["Job", "PyTorchJob", "DeepSpeedJob"])
+@pytest.mark.parametrize("kind", [b.kind for b in backends.REGISTRY.values()])
 def test_player_writes_what_the_operator_reads(kind: str) -> None:
     body = {"kind": kind, "metadata": {"name": "x"}, "spec": {}}
 
@@ -343,3 +303,8 @@ def test_player_writes_what_the_operator_reads(kind: str) -> None:
     failed = ch.interpret(fail_child(Fake(), kind, "x", reason="Boom"))  # type: ignore[arg-type]
     assert failed.phase == ch.Phase.FAILED
     assert failed.reason == "Boom"
+
+
+def test_every_backend_has_a_player() -> None:
+    """A new backend is played in every operator test at once, or this names what is missing."""
+    assert {b.kind for b in backends.REGISTRY.values()} <= set(PLAYERS)

@@ -23,6 +23,7 @@ import yaml
 from finetune_operator.controller.runtime import OperatorConfig, make_render, make_validate
 
 from .emulator import EmulatorServer
+from .emulator.players import PLAYERS, RESOURCE, player
 from .test_operator_harness import CRDS, EXAMPLES, ftj_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,12 +33,8 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def success_patch(kind: str) -> dict[str, Any]:
-    if kind == "Job":
-        return {"status": {"conditions": [{"type": "Complete", "status": "True", "reason": "CompletionsReached"}]}}
-    if kind == "PyTorchJob":
-        return {"status": {"conditions": [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}]}}
-    if kind == "DeepSpeedJob":
-        return {"status": {"phase": "Succeeded"}}
+    if kind in PLAYERS:
+        return {"status": player(kind).succeeded()}
     return {
         "status": {
             "replicas": 1,
@@ -46,14 +43,6 @@ def success_patch(kind: str) -> dict[str, Any]:
             "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
         }
     }
-
-
-RESOURCE = {
-    "Job": "jobs.batch",
-    "PyTorchJob": "pytorchjobs.kubeflow.org",
-    "DeepSpeedJob": "deepspeedjobs.batch.tensorstack.dev",
-    "Deployment": "deployments.apps",
-}
 
 
 def free_port() -> int:

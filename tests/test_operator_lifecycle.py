@@ -15,6 +15,7 @@ from finetune_operator.controller.runtime import OperatorConfig, make_render, ma
 
 from . import test_operator_harness as harness
 from .emulator import EmulatorServer
+from .emulator.players import RESOURCE
 from .test_operator_harness import (
     FTJ,
     OperatorThread,
@@ -46,6 +47,7 @@ def plan_of(doc: dict[str, Any]) -> Any:
         ("03-", "PyTorchJob"),
         ("04-", "DeepSpeedJob"),
         ("06-", "PyTorchJob"),
+        ("07-", "TrainJob"),
     ],
 )
 def test_pipeline_runs_stage_by_stage_to_the_end(
@@ -103,18 +105,7 @@ def test_pipeline_runs_stage_by_stage_to_the_end(
     # Every child is owned by the FineTuneJob (garbage collection) and carries our labels.
     uid = cluster.get(FTJ, name, ns)["metadata"]["uid"]
     for kind, child in children(cluster, name, ns):
-        obj = cluster.get(
-            {
-                "Job": "jobs.batch",
-                "PyTorchJob": "pytorchjobs.kubeflow.org",
-                "DeepSpeedJob": "deepspeedjobs.batch.tensorstack.dev",
-                "Deployment": "deployments.apps",
-                "ConfigMap": "configmaps",
-                "Service": "services",
-            }[kind],
-            child,
-            ns,
-        )
+        obj = cluster.get(RESOURCE[kind], child, ns)
         refs = obj["metadata"]["ownerReferences"]
         assert refs == [
             {

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator import backends
 from tests.install_tools import EXAMPLES, ROOT, find_helm, render_chart
 from tests.operator_session import Session, session
 from tests.rbac_check import Grant, Permission, Request, evaluate, grants_for, permissions, rule_allows
@@ -35,9 +36,7 @@ _ADOPTION = (
 #: Permissions used on paths whose occurrence depends on timing: exempt from the "unused" check (they may or
 #: may not be used in a given run), never from the "allowed" check.
 RACE_PATHS: dict[Permission, str] = {
-    Permission("batch", "jobs", "get"): _ADOPTION,
-    Permission("kubeflow.org", "pytorchjobs", "get"): _ADOPTION,
-    Permission("batch.tensorstack.dev", "deepspeedjobs", "get"): _ADOPTION,
+    **{Permission(b.api_version.rpartition("/")[0], b.plural, "get"): _ADOPTION for b in backends.REGISTRY.values()},
     Permission("apps", "deployments", "get"): _ADOPTION,
     Permission("", "configmaps", "get"): _ADOPTION,
     Permission("", "services", "get"): _ADOPTION,
@@ -48,6 +47,7 @@ EXPECTED_FINAL_STATES = {
     "ml/qwen-qlora": "Succeeded",
     "research/mistral-full-sft": "Serving",
     "ml/assistant-dpo": "Serving",
+    "ml/llama-support-trainer": "Succeeded",
 }
 
 

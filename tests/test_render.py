@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pydantic
 import pytest
 import yaml
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
 from finetune_operator.api.naming import is_dns_label
 from finetune_operator.api.types import DeepSpeedSpec, FineTuneJob
@@ -43,6 +45,8 @@ from finetune_operator.validation import load_documents, validate
 ROOT = Path(__file__).resolve().parent.parent
 #: The numbered, documented examples (other files in the folder, such as the local demo, belong to their areas).
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("[0-9][0-9]-*.yaml"))
+#: The contract example: every step, serve included.
+CONTRACT = next(p for p in EXAMPLES if p.name.startswith("06-"))
 GOLDEN = Path(__file__).parent / "golden"
 CRDS = Path(__file__).parent / "fixtures" / "crds"
 #: Kubernetes version the core objects are validated against (kubernetes-validate bundles 1.25-1.37).
@@ -92,7 +96,7 @@ def _pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_examples_exist() -> None:
-    assert [p.name[:2] for p in EXAMPLES] == ["01", "02", "03", "04", "05", "06"]
+    assert [p.name[:2] for p in EXAMPLES] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 def test_golden(example: Path) -> None:
@@ -129,7 +133,7 @@ def test_deterministic(example: Path) -> None:
 
 def test_deterministic_across_processes() -> None:
     """Python's per-process hash seed must not leak into the output (set iteration, dict-of-sets...)."""
-    path = EXAMPLES[-1]
+    path = CONTRACT
     code = (
         "import sys; from finetune_operator.validation import load_documents, validate;"
         "from finetune_operator.render import render_yaml;"
@@ -157,7 +161,7 @@ EVIL = "x\n---\nkind: Secret\nmetadata: {name: stolen}\n"
 
 @pytest.mark.parametrize("where", ["servedModelName", "datasetSubPath", "template", "servedEnv"])
 def test_injection_creates_no_object(where: str) -> None:
-    raw = _raw(EXAMPLES[-1])  # the contract example: every step, serve included
+    raw = _raw(CONTRACT)  # the contract example: every step, serve included
     baseline = render(FineTuneJob.model_validate(raw))
     evil = copy.deepcopy(raw)
     if where == "servedModelName":
@@ -200,7 +204,9 @@ def test_injection_creates_no_object(where: str) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 CORE = [(i, o) for i, o in ALL_OBJECTS if o["apiVersion"] in ("v1", "batch/v1", "apps/v1")]
-CUSTOM = [(i, o) for i, o in ALL_OBJECTS if o["kind"] in ("PyTorchJob", "DeepSpeedJob")]
+#: Workload kinds of the backends that are custom resources (every backend but batch/v1 Job).
+CUSTOM_KINDS = {b.kind for b in backends.REGISTRY.values() if b.api_version != "batch/v1"}
+CUSTOM = [(i, o) for i, o in ALL_OBJECTS if o["kind"] in CUSTOM_KINDS]
 
 
 @pytest.mark.parametrize(("ident", "obj"), CORE, ids=[i for i, _ in CORE])
@@ -230,11 +236,16 @@ def _crd_schema(file: str) -> dict[str, Any]:
     return schema
 
 
-CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "DeepSpeedJob": "batch.tensorstack.dev_deepspeedjobs.yaml"}
+#: The vendored upstream schema of every custom backend kind (tests/fixtures/crds/README.md says where from).
+CRD_FILES = {
+    "PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
+    "DeepSpeedJob": "batch.tensorstack.dev_deepspeedjobs.yaml",
+    "TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
+}
 
 
-def test_both_custom_kinds_are_rendered() -> None:
-    assert {o["kind"] for _, o in CUSTOM} == {"PyTorchJob", "DeepSpeedJob"}
+def test_every_custom_kind_is_rendered_and_has_a_vendored_schema() -> None:
+    assert {o["kind"] for _, o in CUSTOM} == CUSTOM_KINDS == set(CRD_FILES)
 
 
 @pytest.mark.parametrize(("ident", "obj"), CUSTOM, ids=[i for i, _ in CUSTOM])
@@ -243,6 +254,8 @@ def test_custom_workloads_match_upstream_crd(ident: str, obj: dict[str, Any]) ->
     assert obj["apiVersion"] == f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}"
     assert obj["kind"] == crd["spec"]["names"]["kind"]
     jsonschema.Draft202012Validator(_crd_schema(CRD_FILES[obj["kind"]])).validate(obj)
+    for rule in crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].get("x-kubernetes-validations") or []:
+        assert _cel(rule["rule"], obj), f"{rule['message']} ({ident})"
     for tpl in _pod_templates(obj):
         kubernetes_validate.validate(
             {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": tpl},
@@ -263,6 +276,20 @@ def test_crd_schema_catches_a_misspelt_field() -> None:
     bad["spec"]["config"]["slotPerWorker"] = bad["spec"]["config"].pop("slotsPerWorker")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(_crd_schema(CRD_FILES["DeepSpeedJob"])).validate(bad)
+    (_, tj) = next((i, o) for i, o in CUSTOM if o["kind"] == "TrainJob")
+    bad = copy.deepcopy(tj)
+    bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
+        "spec"
+    ]["template"]["spec"]["priorityClassName"] = "high"  # not patchable in Trainer v2
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(_crd_schema(CRD_FILES["TrainJob"])).validate(bad)
+
+
+def _cel(expr: str, obj: dict[str, Any]) -> bool:
+    """Evaluate one of a CRD's top-level CEL rules (``self`` is the object) with a real CEL interpreter."""
+    env = celpy.Environment()
+    program = env.program(env.compile(expr))
+    return bool(program.evaluate({"self": celpy.json_to_cel(obj)}))
 
 
 @pytest.mark.parametrize(("ident", "obj"), ALL_OBJECTS, ids=[i for i, _ in ALL_OBJECTS])
@@ -289,7 +316,7 @@ def _mounts(tpl: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_training_pods_mount_model_and_data_read_only() -> None:
-    job = _example(EXAMPLES[-1])
+    job = _example(CONTRACT)
     plan = render(job)
     for step in plan.steps:
         if step.kind != "train":
@@ -387,7 +414,7 @@ def test_restricted_security_context_except_deepspeedjob() -> None:
 
 
 def test_gpu_limits() -> None:
-    plan = render(_example(EXAMPLES[-1]))
+    plan = render(_example(CONTRACT))
     master = plan.step("sft").workload["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert master["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
     merge = plan.step("merge").workload["spec"]["template"]["spec"]["containers"][0]["resources"]
@@ -397,7 +424,7 @@ def test_gpu_limits() -> None:
 
 
 def test_scheduling_and_kueue() -> None:
-    plan = render(_example(EXAMPLES[-1]))
+    plan = render(_example(CONTRACT))
     for step in plan.steps:
         wl = step.workload
         if step.kind == "serve":
@@ -528,7 +555,7 @@ def _files(path: Path, resolver: PathResolver | None = None) -> dict[str, Any]:
 
 
 def test_lora_after_lora_stacks_adapters() -> None:
-    files = _files(EXAMPLES[-1])
+    files = _files(CONTRACT)
     out = "/mnt/volumes/finetune-outputs/qwen2-support"
     assert "adapter_name_or_path" not in files["sft.yaml"]
     assert files["dpo.yaml"]["adapter_name_or_path"] == f"{out}/sft"
@@ -572,7 +599,7 @@ def test_qlora_config_and_merge_unquantized() -> None:
 
 
 def test_zero3_lora_continues_the_single_earlier_adapter() -> None:
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     raw["spec"]["stages"][1]["deepspeed"] = {"zeroStage": 3}
     job = validate(raw)
     ch = lf.chain(job, PathResolver())
@@ -583,15 +610,15 @@ def test_zero3_lora_continues_the_single_earlier_adapter() -> None:
 
 
 def test_impossible_chains_raise_render_error() -> None:
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     raw["spec"]["stages"][1]["method"] = "full"
     with pytest.raises(RenderError, match="full"):
         render(FineTuneJob.model_validate(raw))
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     raw["spec"]["merge"]["enabled"] = False
     with pytest.raises(RenderError, match="stacked"):
         render(FineTuneJob.model_validate(raw))
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     raw["spec"]["stages"][1]["name"] = "merge"
     with pytest.raises(RenderError, match="reserved"):
         render(FineTuneJob.model_validate(raw))
@@ -606,18 +633,18 @@ def test_dataset_info_format() -> None:
             "columns": {"prompt": "question", "query": "context", "response": "answer", "system": "persona"},
         }
     }
-    info = _files(EXAMPLES[-1])["dataset_info.json"]
+    info = _files(CONTRACT)["dataset_info.json"]
     assert info["support_prefs"]["ranking"] is True
     assert info["support_chat"]["tags"]["role_tag"] == "role"
 
 
 def test_local_resolver_reuses_the_same_configs(tmp_path: Path) -> None:
     res = PathResolver(volume_root=str(tmp_path / "vol"), config_dir=str(tmp_path / "cfg"))
-    files = _files(EXAMPLES[-1], res)
+    files = _files(CONTRACT, res)
     assert files["sft.yaml"]["output_dir"] == f"{tmp_path}/vol/finetune-outputs/qwen2-support/sft"
     assert files["sft.yaml"]["dataset_dir"] == f"{tmp_path}/cfg"
     assert files["dataset_info.json"]["support_chat"]["file_name"] == f"{tmp_path}/vol/data/support/chat.jsonl"
-    pod = _files(EXAMPLES[-1])
+    pod = _files(CONTRACT)
     strip = {"model_name_or_path", "adapter_name_or_path", "output_dir", "dataset_dir", "deepspeed"}
     assert {k: v for k, v in files["dpo.yaml"].items() if k not in strip} == {
         k: v for k, v in pod["dpo.yaml"].items() if k not in strip
@@ -645,7 +672,7 @@ def test_owned_args_cannot_be_overridden() -> None:
 
 
 def test_serve_merged_mode() -> None:
-    job = _example(EXAMPLES[-1])
+    job = _example(CONTRACT)
     cmd = vllm_command(job)
     assert cmd.mode == "merged"
     assert cmd.args[0] == "/mnt/volumes/finetune-outputs/qwen2-support/merged"
@@ -718,7 +745,7 @@ def test_serve_command_with_local_resolver(tmp_path: Path) -> None:
 
 
 def test_rollout_hash_ignores_replicas() -> None:
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     base = render(validate(raw)).step("serve").workload["spec"]["template"]["metadata"]["annotations"]
     raw["spec"]["serve"]["replicas"] = 3
     scaled = render(validate(raw)).step("serve").workload["spec"]["template"]["metadata"]["annotations"]
@@ -765,13 +792,13 @@ def _ftctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[
 
 
 def test_cli_render_stdout_matches_golden() -> None:
-    res = _ftctl("render", "-f", str(EXAMPLES[-1]))
+    res = _ftctl("render", "-f", str(CONTRACT))
     assert res.returncode == 0, res.stderr
-    assert res.stdout == (GOLDEN / f"{EXAMPLES[-1].stem}.yaml").read_text()
+    assert res.stdout == (GOLDEN / f"{CONTRACT.stem}.yaml").read_text()
 
 
 def test_cli_render_to_dir(tmp_path: Path) -> None:
-    res = _ftctl("render", "-f", str(EXAMPLES[-1]), "-o", str(tmp_path))
+    res = _ftctl("render", "-f", str(CONTRACT), "-o", str(tmp_path))
     assert res.returncode == 0, res.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
@@ -783,7 +810,7 @@ def test_cli_render_to_dir(tmp_path: Path) -> None:
         "05-serve.yaml",
     ]
     joined = "".join((tmp_path / n).read_text() for n in names)
-    assert joined == (GOLDEN / f"{EXAMPLES[-1].stem}.yaml").read_text()
+    assert joined == (GOLDEN / f"{CONTRACT.stem}.yaml").read_text()
 
 
 def test_cli_render_invalid_spec(tmp_path: Path) -> None:
@@ -816,7 +843,7 @@ def test_cli_render_stdin() -> None:
 
 
 def test_long_names_stay_valid() -> None:
-    raw = _raw(EXAMPLES[-1])
+    raw = _raw(CONTRACT)
     raw["metadata"]["name"] = "a" * 63
     raw["spec"]["stages"][0]["name"] = "s" * 40
     raw["spec"]["backend"] = "job"  # Indexed Job: pod hostnames are <job>-<index>
@@ -965,7 +992,7 @@ def _run_scoped_names(plan: Any) -> list[str]:
     return [o["metadata"]["name"] for o in plan.objects() if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"]
 
 
-@pytest.mark.parametrize("path", [EXAMPLES[3], EXAMPLES[-1]], ids=["deepspeedjob", "pytorchjob"])
+@pytest.mark.parametrize("path", [EXAMPLES[3], CONTRACT], ids=["deepspeedjob", "pytorchjob"])
 def test_run_id_versions_outputs_and_run_scoped_names(path: Path) -> None:
     plain, run1, run2 = render(_with_run(path, None)), render(_with_run(path, "r1")), render(_with_run(path, "r2"))
     job = _with_run(path, "r1")
@@ -1016,7 +1043,7 @@ def test_run_id_lora_mode_serves_the_runs_adapter() -> None:
 
 
 def test_long_run_scoped_names_stay_dns_labels() -> None:
-    doc = _raw(EXAMPLES[-1])
+    doc = _raw(CONTRACT)
     doc["metadata"]["name"] = "a" * 40
     doc["spec"]["runId"] = "b" * 20
     plan = render(validate(doc))

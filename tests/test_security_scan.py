@@ -35,6 +35,7 @@ CHART_VALUES: dict[str, dict[str, Any]] = {
     "default": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
     "netpol-monitoring": {"networkPolicy": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+    "console": {"console": {"enabled": True}, "networkPolicy": {"enabled": True}},
 }
 EXAMPLE_FILES = sorted(EXAMPLES.glob("0*.yaml"))
 NATIVE_KINDS = {"Pod", "Job", "Deployment", "StatefulSet", "DaemonSet", "CronJob", "ReplicaSet"}

@@ -10,6 +10,38 @@ from finetune_operator.worker.envmap import DistributedEnvError, apply_env, map_
 
 # (id, backend, pod environment, force_torchrun, expected mode, primary, expected variables (None: removed))
 CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = [
+    # Kubeflow Trainer v2, torch-distributed runtime: the torch plugin's PET_* (node rank = Job completion index,
+    # master = <trainjob>-node-0-0.<trainjob>, port 29400); FT_NPROC_PER_NODE is overridden by PET_NPROC_PER_NODE.
+    (
+        "trainjob-rank0", "trainjob",
+        {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "0",
+         "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft", "PET_MASTER_PORT": "29400", "FT_NPROC_PER_NODE": "1"},
+        False, "torchrun", True,
+        {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "0", "NPROC_PER_NODE": "4",
+         "MASTER_ADDR": "tj-sft-node-0-0.tj-sft", "MASTER_PORT": "29400"},
+    ),
+    (
+        "trainjob-rank1", "trainjob",
+        {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
+         "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft", "PET_MASTER_PORT": "29400"},
+        False, "torchrun", False,
+        {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1", "MASTER_PORT": "29400"},
+    ),
+    (
+        "trainjob-one-node-one-process", "trainjob",
+        {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+         "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft", "PET_MASTER_PORT": "29400"},
+        False, "single", True,
+        {"FORCE_TORCHRUN": None, "NNODES": None},
+    ),
+    (
+        "trainjob-auto-nproc-falls-back", "trainjob",
+        {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "0", "FT_NPROC_PER_NODE": "2",
+         "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "29400"},
+        False, "torchrun", True,
+        {"NPROC_PER_NODE": "2"},
+    ),
+
     (
         "job-single", "job", {"FT_NPROC_PER_NODE": "1"}, False, "single", True,
         {"FORCE_TORCHRUN": None, "NNODES": None, "NPROC_PER_NODE": None},

@@ -68,7 +68,7 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
-from . import errors, patching, selectors, tables
+from . import errors, patching, proxy, selectors, tables
 from .errors import ApiError
 
 ALL_VERBS = frozenset({'create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch'})
@@ -270,6 +270,9 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     #: may raise ``ApiError`` to reject the request before anything is stored, or record/trigger test events
     #: (e.g. stop the operator after its N-th write). They must not block.
     hooks: list[Callable[[RequestRecord, Any], None]] = attrs.field(factory=list, init=False)
+    #: Where a Service's port answers, for the Service proxy (the test plays kube-proxy): ``(namespace, name,
+    #: port) -> 'http://127.0.0.1:N'`` (see :mod:`tests.emulator.proxy`).
+    service_backends: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
     state_lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     changed: threading.Condition = attrs.field(init=False)
     loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
@@ -469,6 +472,8 @@ class FidelityEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         body = await raw.read()
+        if (proxied := proxy.match(raw.path)) is not None:
+            return await self._serve_service_proxy(raw, proxied, body)
         route = parse_route(raw.path)
         query = dict(raw.query)
         verb = self._verb(raw.method, route, query)
@@ -493,6 +498,23 @@ class FidelityEmulator(kmock.KubernetesEmulator):
             response = aiohttp.web.json_response(status.status(), status=500)
         if meta_index is not None:
             self.request_log_meta[meta_index] = self.request_log_meta[meta_index]._replace(code=response.status)
+        return response
+
+    async def _serve_service_proxy(
+        self, raw: aiohttp.web.BaseRequest, m: re.Match[str], body: bytes
+    ) -> aiohttp.web.StreamResponse:
+        """``services/NAME[:PORT]/proxy/...``: see :mod:`tests.emulator.proxy` (the test plays the endpoints)."""
+        name = m['svc'].partition(':')[0]
+        rec = RequestRecord(proxy.proxy_verb(raw.method), '', 'v1', 'services', 'proxy', m['ns'], name)
+        self.request_log.append(rec)
+        self.request_log_meta.append(RequestMeta(raw.headers.get('User-Agent', ''), 0))
+        index = len(self.request_log_meta) - 1
+        try:
+            service = self.find('', 'services', m['ns'], name)
+            response = await proxy.forward(raw, m, service, self.service_backends, body)
+        except ApiError as e:
+            response = aiohttp.web.json_response(e.status(), status=e.code, headers=e.headers)
+        self.request_log_meta[index] = self.request_log_meta[index]._replace(code=response.status)
         return response
 
     @staticmethod

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import aiohttp.web
 import yaml
 
+from finetune_operator import backends
+
 from . import patching
 from .emulator import CRD_KEY, FidelityEmulator, Route
 from .errors import ApiError
@@ -37,20 +39,32 @@ T = TypeVar('T')
 
 DEFAULT_NAMESPACES = ('default', 'kube-system', 'kube-public', 'kube-node-lease')
 
-#: Resources of other projects' controllers our operator creates (declared as their CRDs would).
-EXTRA_RESOURCES: tuple[dict[str, Any], ...] = (
+#: Discovery details of the upstream CRDs (printer columns, short names), by kind.
+_CRD_DETAILS: dict[str, dict[str, Any]] = {
     # The printer columns of Kubeflow's own PyTorchJob CRD (training-operator manifests).
-    {'resource': 'kubeflow.org/v1/pytorchjobs', 'kind': 'PyTorchJob', 'categories': ['kubeflow'],
-     'printer_columns': [
-         {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
-         {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
-     ]},
-    {'resource': 'batch.tensorstack.dev/v1beta1/deepspeedjobs', 'kind': 'DeepSpeedJob', 'shortnames': ['dj']},
+    'PyTorchJob': {'categories': ['kubeflow'], 'printer_columns': [
+        {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
+        {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+    ]},
+    'DeepSpeedJob': {'shortnames': ['dj']},
+    # Kubeflow Trainer v2's TrainJob CRD (tests/fixtures/crds/trainer.kubeflow.org_trainjobs.yaml).
+    'TrainJob': {'printer_columns': [
+        {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
+        {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+    ]},
+}
+
+#: Resources of other projects' controllers our operator creates (declared as their CRDs would): every training
+#: backend's workload that is not built into Kubernetes, from the backend registry.
+EXTRA_RESOURCES: tuple[dict[str, Any], ...] = tuple(
+    {'resource': f'{b.api_version}/{b.plural}', 'kind': b.kind, **_CRD_DETAILS.get(b.kind, {})}
+    for b in backends.REGISTRY.values()
+    if b.api_version != 'batch/v1'  # built in: kmock's bundle has it
 )
 
 
 def make_emulator(**kwargs: Any) -> FidelityEmulator:
-    """An emulator with the built-in resources (kmock's bundle) plus PyTorchJob and DeepSpeedJob."""
+    """An emulator with the built-in resources (kmock's bundle) plus every backend's custom workload kind."""
     emulator = FidelityEmulator(**kwargs)
     with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources.read_binary
         warnings.simplefilter('ignore', DeprecationWarning)

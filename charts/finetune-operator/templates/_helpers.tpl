@@ -97,7 +97,7 @@ chart's arguments) and fails on a request these rules deny and on a permission n
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# Training workloads of the three backends. Watched (label-selected) to follow them; patched to suspend and
+# Training workloads of the four backends. Watched (label-selected) to follow them; patched to suspend and
 # resume; deleted and re-created to retry a failed stage.
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -107,6 +107,9 @@ chart's arguments) and fails on a request these rules deny and on a permission n
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["batch.tensorstack.dev"]
   resources: ["deepspeedjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The vLLM Deployment: watched for availability, patched to scale to spec.serve.replicas.
 - apiGroups: ["apps"]
@@ -129,4 +132,21 @@ chart's arguments) and fails on a request these rules deny and on a permission n
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end -}}
+
+{{/* The web console's labels (component=console: never selected by the operator's Service). */}}
+{{- define "finetune-operator.consoleSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: console
+{{- end -}}
+{{- define "finetune-operator.consoleLabels" -}}
+{{ include "finetune-operator.consoleSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+app.kubernetes.io/part-of: finetune-operator
+helm.sh/chart: {{ include "finetune-operator.chart" . | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

@@ -22,7 +22,8 @@ from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTER
 from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
 from finetune_operator.api.patterns import ENV_NAME_PATTERN, IMAGE_PATTERN, SERVED_MODEL_NAME_PATTERN
 
-Backend = Literal["job", "pytorchjob", "deepspeedjob"]
+#: The training backends: exactly the names of finetune_operator.backends.REGISTRY (checked when that loads).
+Backend = Literal["job", "pytorchjob", "deepspeedjob", "trainjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
 StageType = Literal["pt", "sft", "rm", "dpo", "kto"]
@@ -309,12 +310,25 @@ class SchedulingSpec(_Model):
     """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
 
 
+class TrainingRuntimeRef(_Model):
+    """The Kubeflow Trainer v2 runtime a TrainJob uses (``backend: trainjob``)."""
+
+    name: str = Field(default="torch-distributed", min_length=1, max_length=253)
+    """Runtime name; ``torch-distributed`` is the PyTorch runtime Trainer v2 installs."""
+    kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    """``ClusterTrainingRuntime`` (cluster-wide) or ``TrainingRuntime`` (in the FineTuneJob's namespace)."""
+
+
 class FineTuneJobSpec(_Model):
     """Desired state: a base model, datasets and stages; optionally merge and serve."""
 
     backend: Backend | None = None
-    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow) or ``deepspeedjob`` (T9k).
-    Default: job when every stage has one node, else pytorchjob."""
+    """Workload kind for training: ``job`` (batch/v1), ``pytorchjob`` (Kubeflow training-operator v1),
+    ``deepspeedjob`` (T9k) or ``trainjob`` (Kubeflow Trainer v2). Default: job when every stage has one node,
+    else pytorchjob."""
+    training_runtime: TrainingRuntimeRef | None = None
+    """Trainer v2 runtime of ``backend: trainjob`` (default: the ``torch-distributed``
+    ClusterTrainingRuntime); only valid with that backend."""
     image: str | None = Field(default=None, max_length=512, pattern=IMAGE_PATTERN)
     """Worker image (LLaMA-Factory); the operator's default when omitted (the operator may allow only some
     images)."""
@@ -403,8 +417,25 @@ class StageProgress(_Model):
     """Current (fractional) epoch."""
     eta: str | None = None
     """Estimated time remaining (e.g. ``0:12:34``)."""
+    learning_rate: float | None = None
+    """Learning rate at the reported step."""
     update_time: str | None = None
     """When the worker reported (RFC 3339)."""
+
+
+class LossPoint(_Model):
+    """One point of a stage's loss history; a merged point stands for ``samples`` reports (their mean)."""
+
+    step: int = Field(ge=0)
+    """Optimizer step (the last step of the reports this point merges)."""
+    loss: float | None = None
+    """Training loss (mean over the merged reports)."""
+    learning_rate: float | None = None
+    """Learning rate (mean over the merged reports)."""
+    epoch: float | None = None
+    """Fractional epoch at ``step``."""
+    samples: int = Field(default=1, ge=1)
+    """How many worker reports this point merges."""
 
 
 class StageStatus(_Model):
@@ -430,6 +461,8 @@ class StageStatus(_Model):
     """Last message (the child's failure reason, ...)."""
     progress: StageProgress | None = None
     """Training progress."""
+    history: list[LossPoint] | None = Field(default=None, max_length=200)
+    """Loss history of a training stage: at most 200 points, older points merged so the curve keeps its shape."""
 
 
 class Outputs(_Model):

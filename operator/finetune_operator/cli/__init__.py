@@ -23,7 +23,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("render", "render", "render every manifest of a FineTuneJob's pipeline (offline, deterministic)"),
     ("crd", "crd", "print the FineTuneJob CustomResourceDefinition generated from the API types"),
     ("run", "run", "run a FineTuneJob on this machine (--local) with the same worker code"),
-    ("plot", "plot", "write a stage's loss curve as a PNG"),
+    ("plot", "plot", "write a stage's loss curve as a PNG (from a stage folder or a job's status)"),
+    ("chat", "chat", "chat with a FineTuneJob's served model in the terminal (streaming)"),
+    ("console", "console", "serve the web console: jobs, loss curves, chat playground"),
     ("operator", "operator", "run the kopf operator"),
     ("worker", "worker", "run one pipeline step inside a pod (download, train, merge)"),
 )

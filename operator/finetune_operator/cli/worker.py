@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from finetune_operator.errors import WorkerError
+from finetune_operator.worker.envmap import BACKENDS
 
 #: Kubernetes reads a container's termination message from here (terminationMessagePath).
 TERMINATION_LOG = "/dev/termination-log"
@@ -148,7 +149,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--config", required=True, help="the stage's LLaMA-Factory YAML")
     t.add_argument(
         "--backend",
-        choices=("job", "pytorchjob", "deepspeedjob", "local"),
+        choices=BACKENDS,
         help="workload kind whose distributed environment to map (default: $FT_BACKEND or job)",
     )
     t.add_argument("--stage", help="stage name for progress reports (default: $FT_STAGE or the output folder)")

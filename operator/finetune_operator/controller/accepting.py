@@ -2,8 +2,8 @@
 
 Decisions that live here (:meth:`Accepting._decide`, first thing every reconcile does):
 
-* **Terminal jobs** stay as they are: a failed pipeline stays failed (its children remain for inspection), a
-  finished one without serving is done (its workloads may even be gone, ``ttlSecondsAfterFinished``).
+* **Nothing is decided from status** here: a failed or finished pipeline is recognised from its children by
+  the walk over the steps (status may be written by worker pods, so it is a record, not evidence).
 * **A new ``spec.runId``** re-runs the pipeline, even a failed or finished one (:meth:`Accepting._start_run`).
 * **Which spec runs**: before the first child, the current one (recorded in annotation
   ``finetune.dev/accepted-spec`` by :meth:`Accepting._accept`); afterwards the accepted one with the current
@@ -41,8 +41,6 @@ class Decision(enum.Enum):
 
     #: Drive the plan of the accepted spec.
     DRIVE = "drive"
-    #: Failed or finished: nothing to do.
-    TERMINAL = "terminal"
     #: A new run was set up: drive it from a fresh read at once.
     RUN_STARTED = "run-started"
     #: The spec is invalid: reported in status, no children.
@@ -66,22 +64,8 @@ class Accepting(StatusWriter):
         spec = ctx.ftj.get("spec") or {}
         # A new spec.runId re-runs the pipeline, even a failed or finished one.
         new_run = accepted is not None and specs.is_new_run(accepted, spec)
-        key = (ctx.namespace, ctx.name)
-
-        if (
-            not new_run
-            and st.condition_true(old_status, c.ConditionType.FAILED)
-            and ((st.get_condition(old_status, c.ConditionType.FAILED) or {}).get("reason") != Reason.INVALID_SPEC)
-        ):
-            self.states[key] = c.State.FAILED
-            return Acceptance(Decision.TERMINAL)
-        if (
-            not new_run
-            and old_status.get("state") == c.State.SUCCEEDED
-            and old_status.get("observedGeneration") == meta.get("generation")
-        ):
-            self.states[key] = c.State.SUCCEEDED
-            return Acceptance(Decision.TERMINAL)
+        # No shortcut for "Failed" or "Succeeded" read back from status: status can be written by worker pods,
+        # so whether the pipeline failed or finished is decided again from its children (see stepping.py).
 
         verdict = SpecVerdict()
         run_refused: str | None = None

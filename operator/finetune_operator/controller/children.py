@@ -1,105 +1,60 @@
-"""Reading and writing the children a FineTuneJob owns: pure functions, one table per workload kind.
+"""Reading and writing the children a FineTuneJob owns: pure functions over the backend registry.
 
 The operator never keeps its own idea of "how a stage is doing": it reads the child's status every time
-(level-based). Each workload kind reports completion differently, so this module turns every kind into one
-:class:`ChildStatus` and knows, per kind, where ``suspend`` lives:
-
-================================  ===============================================  ==============================
-kind                              done / failed                                     suspend field
-================================  ===============================================  ==============================
-batch/v1 Job                      conditions Complete|SuccessCriteriaMet / Failed   ``spec.suspend``
-kubeflow.org/v1 PyTorchJob        conditions Succeeded / Failed (Suspended)         ``spec.runPolicy.suspend``
-batch.tensorstack.dev DeepSpeedJob ``status.phase`` Succeeded/Failed/Paused, and    pause mode (``spec.runMode.pause``)
-                                  conditions as a fallback
-apps/v1 Deployment                condition Available and availableReplicas > 0     (not suspended: scaled)
-================================  ===============================================  ==============================
-
-Where the suspend switch lives is the renderer's knowledge (:func:`finetune_operator.render.suspend_path`);
-this module only reads and patches it. Nothing here talks to the API, so every rule is covered by table-driven tests.
+(level-based). Each workload kind reports completion differently; its backend module
+(:mod:`finetune_operator.backends`) turns it into one :class:`ChildStatus` and knows where ``suspend`` lives.
+This module adds the one child that is no backend, the vLLM Deployment (available = condition Available and
+availableReplicas > 0; not suspended but scaled), and the REST plurals and watched resources, all derived from
+the registry. Nothing here talks to the API, so every rule is covered by table-driven tests.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
-from finetune_operator.render.workloads import suspend_path
+from finetune_operator.backends.base import (
+    ChildStatus as ChildStatus,
+)
+from finetune_operator.backends.base import (
+    Phase as Phase,
+)
+from finetune_operator.backends.base import (
+    api_group,
+    api_version_only,
+    cond_status,
+    conditions,
+    true_condition,
+)
 
 #: Annotation the operator puts on a workload it suspended because the user asked (``spec.suspend``). With
 #: Kueue, a workload without it is suspended by Kueue's admission and must be left alone.
 ANNOTATION_SUSPENDED_BY_USER: Final = f"{c.GROUP}/suspended-by-user"
 
 
-class Phase:
-    """What a child is doing, whatever its kind."""
-
-    PENDING: Final = "Pending"
-    RUNNING: Final = "Running"
-    SUSPENDED: Final = "Suspended"
-    SUCCEEDED: Final = "Succeeded"
-    FAILED: Final = "Failed"
-
-
-@dataclass(frozen=True)
-class ChildStatus:
-    """The interpretation of one child's status."""
-
-    phase: str
-    #: The child's own reason (``BackoffLimitExceeded``, ``PyTorchJobFailed`` ...), empty when none.
-    reason: str = ""
-    message: str = ""
-    #: The workload's suspend flag is set (by us, or by Kueue while it waits for admission).
-    suspended: bool = False
-    #: Deployments: ready replicas.
-    available_replicas: int = 0
-
-
-#: (apiVersion, kind) -> REST plural. Only kinds the operator creates.
+#: (apiVersion, kind) -> REST plural. Only kinds the operator creates: its own, every backend's workload.
 PLURALS: Final[dict[tuple[str, str], str]] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Event"): "events",
-    ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
-    ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
-    ("batch.tensorstack.dev/v1beta1", "DeepSpeedJob"): "deepspeedjobs",
+    **{(b.api_version, b.kind): b.plural for b in backends.REGISTRY.values()},
     (c.API_VERSION, c.KIND): c.PLURAL,
 }
 
-#: The watched workload resources: (group, version, plural). Deployments are the serving step.
+#: The watched child resources: (group, version, plural): every backend's workload, and the serving Deployment.
 WATCHED: Final[tuple[tuple[str, str, str], ...]] = (
-    ("batch", "v1", "jobs"),
-    ("kubeflow.org", "v1", "pytorchjobs"),
-    ("batch.tensorstack.dev", "v1beta1", "deepspeedjobs"),
+    *((api_group(b.api_version), api_version_only(b.api_version), b.plural) for b in backends.REGISTRY.values()),
     ("apps", "v1", "deployments"),
 )
 
 
-def _conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """The child's conditions by type (the last one of a type wins)."""
-    out: dict[str, Mapping[str, Any]] = {}
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if isinstance(cond, Mapping) and "type" in cond:
-            out[str(cond["type"])] = cond
-    return out
-
-
-def _true(conds: Mapping[str, Mapping[str, Any]], *types: str) -> Mapping[str, Any] | None:
-    for t in types:
-        cond = conds.get(t)
-        if cond is not None and cond.get("status") == "True":
-            return cond
-    return None
-
-
 def _suspend_path(kind: Any) -> tuple[str, ...] | None:
-    try:
-        return suspend_path(str(kind))
-    except KeyError:
-        return None
+    backend = backends.by_kind(str(kind))
+    return backend.suspend_path if backend is not None else None
 
 
 def is_suspended(obj: Mapping[str, Any]) -> bool:
@@ -157,104 +112,27 @@ def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
 
 
 def interpret(obj: Mapping[str, Any]) -> ChildStatus:
-    """Turn any child's status into a :class:`ChildStatus`."""
+    """Turn any child's status into a :class:`ChildStatus` (its backend's reading, or the Deployment's)."""
     kind = obj.get("kind")
-    if kind == "Job":
-        return _job(obj)
-    if kind == "PyTorchJob":
-        return _pytorchjob(obj)
-    if kind == "DeepSpeedJob":
-        return _deepspeedjob(obj)
     if kind == "Deployment":
         return _deployment(obj)
-    raise ValueError(f"unsupported workload kind {kind!r}")
-
-
-def _cond_status(phase: str, cond: Mapping[str, Any], *, suspended: bool = False) -> ChildStatus:
-    return ChildStatus(phase, str(cond.get("reason") or ""), str(cond.get("message") or ""), suspended)
-
-
-def _job(obj: Mapping[str, Any]) -> ChildStatus:
-    conds = _conditions(obj)
-    suspended = is_suspended(obj)
-    done = _true(conds, "Complete", "SuccessCriteriaMet")
-    if done is not None:
-        return _cond_status(Phase.SUCCEEDED, done)
-    failed = _true(conds, "Failed")
-    if failed is not None:
-        return _cond_status(Phase.FAILED, failed)
-    if suspended:
-        cond = conds.get("Suspended") or {}
-        return _cond_status(Phase.SUSPENDED, cond, suspended=True)
-    status = obj.get("status") or {}
-    if int(status.get("active") or 0) > 0 or status.get("startTime"):
-        return ChildStatus(Phase.RUNNING)
-    return ChildStatus(Phase.PENDING)
-
-
-def _pytorchjob(obj: Mapping[str, Any]) -> ChildStatus:
-    conds = _conditions(obj)
-    suspended = is_suspended(obj)
-    done = _true(conds, "Succeeded")
-    if done is not None:
-        return _cond_status(Phase.SUCCEEDED, done)
-    failed = _true(conds, "Failed")
-    if failed is not None:
-        return _cond_status(Phase.FAILED, failed)
-    susp = _true(conds, "Suspended")
-    if suspended or susp is not None:
-        return _cond_status(Phase.SUSPENDED, susp or {}, suspended=suspended)
-    running = _true(conds, "Running", "Restarting")
-    if running is not None:
-        return _cond_status(Phase.RUNNING, running)
-    return ChildStatus(Phase.PENDING)
-
-
-_DSJ_PHASES: Final = {
-    "Succeeded": Phase.SUCCEEDED,
-    "Failed": Phase.FAILED,
-    "Running": Phase.RUNNING,
-    "Resuming": Phase.RUNNING,
-    "Paused": Phase.SUSPENDED,
-    "Pending": Phase.PENDING,
-}
-
-
-def _deepspeedjob(obj: Mapping[str, Any]) -> ChildStatus:
-    """T9k DeepSpeedJob: ``status.phase`` (Pending, Running, Paused, Resuming, Succeeded, Failed, Unknown)."""
-    status = obj.get("status") or {}
-    conds = _conditions(obj)
-    suspended = is_suspended(obj)
-    phase = _DSJ_PHASES.get(str(status.get("phase") or ""))
-    if phase is None:
-        # Older controllers only set conditions.
-        if _true(conds, "Completed", "Complete", "Succeeded") is not None:
-            phase = Phase.SUCCEEDED
-        elif _true(conds, "Failed") is not None:
-            phase = Phase.FAILED
-        elif _true(conds, "Running") is not None:
-            phase = Phase.RUNNING
-        else:
-            phase = Phase.PENDING
-    if phase in (Phase.PENDING, Phase.RUNNING) and suspended:
-        phase = Phase.SUSPENDED
-    cond = _true(conds, "Failed") if phase == Phase.FAILED else None
-    if cond is not None:
-        return _cond_status(phase, cond, suspended=suspended)
-    return ChildStatus(phase, reason=f"DeepSpeedJob{phase}" if phase == Phase.FAILED else "", suspended=suspended)
+    backend = backends.by_kind(str(kind))
+    if backend is None:
+        raise ValueError(f"unsupported workload kind {kind!r}")
+    return backend.interpret(obj)
 
 
 def _deployment(obj: Mapping[str, Any]) -> ChildStatus:
     """Available = condition Available True and at least one available replica."""
     status = obj.get("status") or {}
-    conds = _conditions(obj)
+    conds = conditions(obj)
     available = int(status.get("availableReplicas") or 0)
-    avail_cond = _true(conds, "Available")
+    avail_cond = true_condition(conds, "Available")
     if avail_cond is not None and available > 0:
         return ChildStatus(Phase.RUNNING, "MinimumReplicasAvailable", "", available_replicas=available)
     progressing = conds.get("Progressing") or {}
     if progressing.get("status") == "False":
-        return _cond_status(Phase.PENDING, progressing)
+        return cond_status(Phase.PENDING, progressing)
     return ChildStatus(Phase.PENDING, "", "", available_replicas=available)
 
 

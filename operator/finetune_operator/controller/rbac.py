@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from finetune_operator import backends
 from finetune_operator.api import constants as c
 
 #: (apiGroup, resources, verbs)
@@ -15,8 +16,12 @@ RULES: Final[tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = (
     (c.GROUP, (c.PLURAL,), ("get", "list", "watch", "patch")),
     (c.GROUP, (f"{c.PLURAL}/status",), ("get", "patch")),
     ("batch", ("jobs",), ("get", "list", "watch", "create", "patch", "delete")),
-    ("kubeflow.org", ("pytorchjobs",), ("get", "list", "watch", "create", "patch", "delete")),
-    ("batch.tensorstack.dev", ("deepspeedjobs",), ("get", "list", "watch", "create", "patch", "delete")),
+    *(
+        (r.api_groups[0], r.resources, r.verbs)
+        for b in backends.REGISTRY.values()
+        for r in b.rules()
+        if r.resources != ("jobs",)
+    ),
     ("apps", ("deployments",), ("get", "list", "watch", "create", "patch", "delete")),
     ("", ("configmaps", "services"), ("get", "create")),
     ("", ("events",), ("create",)),

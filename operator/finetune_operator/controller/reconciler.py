@@ -59,6 +59,7 @@ from finetune_operator.controller.context import (
 )
 from finetune_operator.controller.kube import ApiError, Conflict, NotFound, Unavailable, fresh_reads
 from finetune_operator.controller.serving import Serving
+from finetune_operator.controller.stepping import Evidence, fresh_stage
 from finetune_operator.render.plan import Plan
 
 __all__ = ["EventSink", "Reconciler", "ReconcilerConfig", "_with_deletions"]
@@ -123,11 +124,19 @@ class Reconciler(Serving):
         summary_kw: dict[str, Any] = {"serve_enabled": any(s.kind == "serve" for s in plan.steps)}
         summary_kw["serving_previous"] = await self._serving_previous(ctx, job, plan, stages)
         current: str | None = None
+        evidence = Evidence(self, ctx, plan)
         for i, step in enumerate(plan.steps):
             sst = stages[i]
-            if sst.state == StageState.SUCCEEDED:
-                continue
+            if sst.state == StageState.SUCCEEDED and step.kind != "serve":
+                if await evidence.proves_succeeded(i):
+                    continue
+                if await evidence.child(i) is None:
+                    stages[i] = sst = fresh_stage(step)  # a success nothing proves: the step was never run
             current = step.name
+            # Steps after the current one have not started in this run, whatever status says.
+            for j in range(i + 1, len(plan.steps)):
+                if plan.steps[j].kind != "serve" and (stages[j].state != StageState.PENDING or stages[j].attempts):
+                    stages[j] = fresh_stage(plan.steps[j])
             try:
                 if step.kind == "serve":
                     summary_kw["serving"], summary_kw["rolling"] = await self._serve(ctx, job, step, sst)

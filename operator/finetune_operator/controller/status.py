@@ -77,7 +77,7 @@ def set_condition(
 
 # ------------------------------------------------------------------------------------------------ progress
 
-_PROGRESS_KEYS = ("step", "totalSteps", "percent", "loss", "epoch", "eta", "updateTime")
+_PROGRESS_KEYS = ("step", "totalSteps", "percent", "loss", "epoch", "eta", "learningRate", "updateTime")
 
 
 def fold_progress(reported: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -91,10 +91,43 @@ def fold_progress(reported: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out or None
 
 
-def typed_progress(reported: Mapping[str, Any] | None) -> StageProgress | None:
-    """:func:`fold_progress` as a :class:`StageProgress`; a key whose value has the wrong type is dropped
-    (the status schema types ``reported``, but the model is also what protects the columns)."""
-    folded = fold_progress(reported)
+#: What a worker may report, per key: (types, lowest, highest) for numbers, (str, max length) for strings.
+#: Worker input is untrusted: a value outside these bounds is dropped, never shown or computed with.
+_REPORT_BOUNDS: dict[str, tuple[Any, ...]] = {
+    "step": ((int,), 0, 2**53),
+    "totalSteps": ((int,), 0, 2**53),
+    "percent": ((int, float), 0.0, 100.0),
+    "loss": ((int, float), -1e30, 1e30),
+    "epoch": ((int, float), 0.0, 1e9),
+    "learningRate": ((int, float), 0.0, 1e3),
+    "eta": ((str,), 64),
+    "updateTime": ((str,), 64),
+}
+
+
+def _in_bounds(key: str, value: Any) -> bool:
+    bounds = _REPORT_BOUNDS.get(key)
+    if bounds is None or isinstance(value, bool) or not isinstance(value, bounds[0]):
+        return False
+    if isinstance(value, str):
+        return len(value) <= bounds[1] and value.isprintable()
+    return bool(bounds[1] <= value <= bounds[2])
+
+
+def bounded_report(reported: Any) -> dict[str, Any] | None:
+    """The keys of a worker's report that have the right type and lie within bounds (None without a report)."""
+    if not isinstance(reported, Mapping):
+        return None
+    return {str(k): v for k, v in reported.items() if _in_bounds(str(k), v)}
+
+
+def typed_progress(reported: Any) -> StageProgress | None:
+    """A worker's report as a :class:`StageProgress`: known keys of the right type within bounds only.
+
+    ``status.reported`` is written by worker pods and therefore untrusted: it only ever feeds the progress
+    display (``stages[].progress``, the printer columns), never a decision.
+    """
+    folded = fold_progress(bounded_report(reported))
     if folded is None:
         return None
     good: dict[str, Any] = {}
@@ -154,7 +187,8 @@ PROGRESS_FIELDS = ("progress", "loss")
 def strip_progress(status: Mapping[str, Any]) -> dict[str, Any]:
     """``status`` without progress-only fields: two statuses equal after this differ only in progress."""
     out = {k: v for k, v in status.items() if k not in PROGRESS_FIELDS and k != "reported"}
-    out["stages"] = [{k: v for k, v in s.items() if k != "progress"} for s in status.get("stages") or []]
+    stages = status.get("stages") or []
+    out["stages"] = [{k: v for k, v in s.items() if k not in ("progress", "history")} for s in stages]
     return out
 
 

@@ -2,6 +2,8 @@
 
 Decisions that live here:
 
+* **Which steps are done** (:class:`Evidence`): decided from the children, never from status alone (worker
+  pods may write status; what they report is only shown as progress, within bounds).
 * **The stages' status** from the plan and the previous status (:meth:`Stepping._stage_statuses`).
 * **Create or adopt** (:meth:`Stepping._create`): children have deterministic names, so creating one twice is
   a 409, never a duplicate; an existing child is adopted only when it carries our labels and a controller
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api.constants import Reason, StageState
+from finetune_operator.api.history import add_point, point_from_report
 from finetune_operator.api.types import FineTuneJob, StageStatus
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import metrics
@@ -29,6 +32,55 @@ from finetune_operator.controller.accepting import Accepting
 from finetune_operator.controller.context import Blocked, Ctx, StepOutcome
 from finetune_operator.controller.kube import AlreadyExists, fresh_reads
 from finetune_operator.render.plan import Plan, Step
+
+
+def fresh_stage(step: Step) -> StageStatus:
+    """The status of a step that has not started (what a new plan's stages begin with)."""
+    return StageStatus(
+        name=step.name,
+        type=step.type,
+        workload_kind=step.workload["kind"],
+        workload_name=step.workload["metadata"]["name"],
+        state=StageState.PENDING,
+        attempts=0,
+    )
+
+
+class Evidence:
+    """What the children prove about the steps of one plan, read lazily once per reconcile.
+
+    Status is a record, not evidence: worker pods may write it. A step counts as succeeded when
+
+    * its workload exists, is ours and says so (written by the Job/PyTorchJob/DeepSpeedJob controller); or
+    * its workload is gone (``ttlSecondsAfterFinished``, or deleted by hand) and a *later* step's child exists:
+      the operator creates a step's objects only after it saw every earlier step succeed; or
+    * no child of the plan exists at all (every workload expired): the record stands, since no workload of the
+      pipeline is left running that could have written it.
+    """
+
+    def __init__(self, owner: Stepping, ctx: Ctx, plan: Plan) -> None:
+        self._owner, self._ctx, self._plan = owner, ctx, plan
+        self._children: dict[int, dict[str, Any] | None] = {}
+
+    async def child(self, i: int) -> dict[str, Any] | None:
+        """Step ``i``'s workload if it exists and is ours (not being deleted)."""
+        if i not in self._children:
+            wl, uid = self._plan.steps[i].workload, self._ctx.uid
+            kube, ns = self._owner.kube, self._ctx.namespace
+            found = await kube.get(wl["apiVersion"], wl["kind"], ns, wl["metadata"]["name"])
+            if found is not None and (found["metadata"].get("deletionTimestamp") or not ch.is_ours(found, uid)):
+                found = None
+            self._children[i] = found
+        return self._children[i]
+
+    async def proves_succeeded(self, i: int) -> bool:
+        found = await self.child(i)
+        if found is not None:
+            return ch.interpret(found).phase == ch.Phase.SUCCEEDED
+        later = [await self.child(j) for j in range(i + 1, len(self._plan.steps))]
+        if any(x is not None for x in later):
+            return True
+        return all([await self.child(j) is None for j in range(i)])
 
 
 class Stepping(Accepting):
@@ -48,9 +100,13 @@ class Stepping(Accepting):
             sst.workload_name = step.workload["metadata"]["name"]
             sst.state = sst.state  # always written (marks the field set)
             sst.attempts = sst.attempts
-            progress = st.typed_progress(reported.get(step.name) if isinstance(reported, Mapping) else None)
+            report = reported.get(step.name) if isinstance(reported, Mapping) else None
+            progress = st.typed_progress(report)
             if progress is not None:
                 sst.progress = progress
+            if step.kind == "train" and (point := point_from_report(st.bounded_report(report))) is not None:
+                # The loss curve in status: each new reported step becomes a point, merged down to a bound.
+                sst.history = add_point(sst.history or [], point)
             out.append(sst)
         return out
 
@@ -82,6 +138,10 @@ class Stepping(Accepting):
         if child is not None and child["metadata"].get("deletionTimestamp"):
             raise Blocked(f"waiting for the old {wl['kind']} {wl['metadata']['name']} to be deleted", warn=False)
 
+        if child is None and sst.state == StageState.FAILED:
+            # Failed for good and its workload since deleted: the pipeline stays failed (failing closed: a
+            # forged failure can only stop the job whose pod wrote it, which that pod could do by exiting).
+            return StepOutcome.FAILED
         if child is None:
             attempts = sst.attempts
             if sst.state == StageState.RETRYING or attempts == 0:

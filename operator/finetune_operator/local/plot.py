@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -36,22 +37,30 @@ def read_losses(stage_dir: str | os.PathLike[str]) -> list[tuple[int, float]]:
 
 def plot_loss(stage_dir: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None) -> Path:
     """Write the loss curve of ``stage_dir`` to ``out`` (PNG); returns the path."""
+    points = read_losses(stage_dir)
+    if not points:
+        raise ValueError(f"{stage_dir}: the trainer log has no loss values yet")
+    return plot_series({Path(stage_dir).name: points}, out, title or f"{Path(stage_dir).name}: training loss")
+
+
+def plot_series(series: Mapping[str, Sequence[tuple[int, float]]], out: str | os.PathLike[str], title: str) -> Path:
+    """Write one curve per named series of ``(step, loss)`` to ``out`` (PNG); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display in pods and CI
     import matplotlib.pyplot as plt
 
-    points = read_losses(stage_dir)
-    if not points:
-        raise ValueError(f"{stage_dir}: the trainer log has no loss values yet")
-    steps = [s for s, _ in points]
-    losses = [v for _, v in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
-        ax.plot(steps, losses, marker="o" if len(points) < 50 else None, linewidth=1.5)
+        for name, points in series.items():
+            steps = [s for s, _ in points]
+            losses = [v for _, v in points]
+            ax.plot(steps, losses, marker="o" if len(points) < 50 else None, linewidth=1.5, label=name)
+        if len(series) > 1:
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.set_title(title or f"{Path(stage_dir).name}: training loss")
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         target = Path(out)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from finetune_operator.api.types import VolumeRef
+from finetune_operator.api.types import FineTuneJob, StageSpec, VolumeRef
 
 StepKind = Literal["download", "train", "merge", "serve"]
 
@@ -84,3 +84,30 @@ class Plan:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """Everything a training backend (:mod:`finetune_operator.backends`) needs to build one stage's objects."""
+
+    job: FineTuneJob
+    stage: StageSpec
+    image: str
+    #: ServiceAccount of the pod that reports progress (rank 0); the others mount no token.
+    service_account: str
+    #: Pod-level retries (``spec.retries``, or 0 when the operator retries by re-creating).
+    backoff_limit: int
+    resolver: PathResolver = field(default_factory=PathResolver)
+
+    @property
+    def nodes(self) -> int:
+        return self.stage.resources.nodes if self.stage.resources else 1
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.stage.resources.gpus_per_node if self.stage.resources else 1
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Processes per node: one per GPU, at least one (CPU)."""
+        return max(self.gpus_per_node, 1)

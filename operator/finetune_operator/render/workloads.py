@@ -1,32 +1,13 @@
-"""Workloads: download Job, training workloads per backend, merge Job; and where each kind keeps ``suspend``.
+"""Workloads: the download and merge Jobs, the pieces every training backend shares, and the dispatch to them.
 
-Training backends (``spec.backend``):
+The training workload of a stage is built by its backend (:mod:`finetune_operator.backends`: Job, PyTorchJob,
+DeepSpeedJob, TrainJob); this module keeps what they share: :func:`train_pod` (the training pod template with the
+``FT_*`` environment), :func:`batch_job`, the Kueue label and the created-suspended rule. Kueue: with
+``spec.scheduling.queueName`` workloads of kinds Kueue integrates get ``kueue.x-k8s.io/queue-name`` and are
+created suspended (Kueue unsuspends them on admission).
 
-``job`` (batch/v1)
-    One node: a plain Job. ``nodes > 1``: an Indexed Job (``completionMode: Indexed``, one pod per node) and a
-    headless Service; pod ``<job>-0`` is reachable as ``<job>-0.<service>`` and is the rendezvous master
-    (``FT_MASTER_ADDR``); the worker maps ``JOB_COMPLETION_INDEX`` to the node rank.
-    ``podFailurePolicy`` fails fast on exit codes a retry cannot fix and does not count disruptions
-    (preemption, node drain) against ``backoffLimit``.
-``pytorchjob`` (kubeflow.org/v1)
-    ``Master`` (1 replica, rank 0, the only pod that reports progress) + ``Worker`` (nodes - 1);
-    ``nprocPerNode`` (a string in the v1 API); the training operator injects MASTER_ADDR, MASTER_PORT,
-    WORLD_SIZE, RANK and PET_*; ``runPolicy`` carries suspend, backoffLimit, ttlSecondsAfterFinished,
-    cleanPodPolicy and, with the Volcano scheduler, a gang ``schedulingPolicy``.
-``deepspeedjob`` (batch.tensorstack.dev/v1beta1, kind ``DeepSpeedJob``)
-    T9k's API reference spells the kind ``DeepSpeedJob`` (some of its guides write ``DeepspeedJob``) and the
-    slot count ``config.slotsPerWorker`` (one guide example writes ``slotPerWorker``); we follow the API
-    reference. The controller starts DeepSpeed's launcher over SSH, which starts ``slotsPerWorker`` processes
-    on every worker, each running ``config.run.exec`` with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR set:
-    so the worker trains in-process (``FT_BACKEND=deepspeedjob``) instead of starting torchrun itself.
-    ``localRank: false`` keeps the launcher from appending ``--local_rank=N`` to our argv (LOCAL_RANK is in
-    the environment). The launcher needs sshd and root (``/root/.ssh``), so these pods cannot be Pod Security
-    "restricted"; they keep RuntimeDefault seccomp only. There is no ``suspend``: T9k pauses with
-    ``spec.runMode.pause.enabled`` (replicas deleted, job kept).
-
-Kueue: with ``spec.scheduling.queueName`` batch Jobs and PyTorchJobs get ``kueue.x-k8s.io/queue-name`` and are
-created suspended (Kueue unsuspends them on admission). Kueue has no DeepSpeedJob integration, so those only
-honour ``spec.suspend``.
+The backends are imported lazily (inside :func:`train_objects` and :func:`suspend_path`): they build on this
+module, and this module is loaded with the ``render`` package.
 """
 
 from __future__ import annotations
@@ -34,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator.api import constants as c
-from finetune_operator.api.naming import service_name, workload_name
+from finetune_operator.api.naming import workload_name
 from finetune_operator.api.types import FineTuneJob, StageSpec
 from finetune_operator.errors import RenderError
 from finetune_operator.render import paths
@@ -44,9 +25,8 @@ from finetune_operator.render.meta import (
     COMPONENT_TRAIN,
     metadata,
     run_scope,
-    selector_labels,
 )
-from finetune_operator.render.plan import PathResolver
+from finetune_operator.render.plan import PathResolver, StageInput
 from finetune_operator.render.pods import (
     NON_RETRYABLE_EXIT_CODES,
     WORKER_CONTAINER,
@@ -58,10 +38,6 @@ from finetune_operator.render.pods import (
 )
 
 JOB_API = "batch/v1"
-PYTORCHJOB_API = "kubeflow.org/v1"
-PYTORCHJOB_KIND = "PyTorchJob"
-DEEPSPEEDJOB_API = "batch.tensorstack.dev/v1beta1"
-DEEPSPEEDJOB_KIND = "DeepSpeedJob"
 
 #: Rendezvous port of multi-node Indexed Jobs (torchrun's conventional port).
 MASTER_PORT = 29500
@@ -72,30 +48,29 @@ TTL_SECONDS_AFTER_FINISHED = 7 * 24 * 3600
 DOWNLOAD = "download"
 MERGE = "merge"
 
-#: Where ``suspend`` lives in each workload kind (see :func:`suspend_path`).
-_SUSPEND_PATHS: dict[str, tuple[str, ...]] = {
-    "Job": ("spec", "suspend"),
-    PYTORCHJOB_KIND: ("spec", "runPolicy", "suspend"),
-    DEEPSPEEDJOB_KIND: ("spec", "runMode", "pause", "enabled"),
-}
-
 
 def suspend_path(kind: str) -> tuple[str, ...]:
     """The path of the boolean that suspends a workload of ``kind``; set it to true/false to suspend/resume.
 
-    ``Job``: ``spec.suspend``. ``PyTorchJob``: ``spec.runPolicy.suspend``. ``DeepSpeedJob``: T9k has no
-    suspend; its pause mode ``spec.runMode.pause.enabled`` deletes the replicas and keeps the job, which is
-    what suspension means here (training resumes from the last checkpoint). Raises KeyError for other kinds
-    (a Deployment is "suspended" by scaling it, not by a flag).
+    Each backend knows its own (``Job``: ``spec.suspend``; ``PyTorchJob``: ``spec.runPolicy.suspend``;
+    ``DeepSpeedJob``: T9k's pause mode ``spec.runMode.pause.enabled``; ``TrainJob``: ``spec.suspend``). Raises
+    KeyError for other kinds (a Deployment is "suspended" by scaling it, not by a flag).
     """
-    return _SUSPEND_PATHS[kind]
+    from finetune_operator import backends
+
+    backend = backends.by_kind(kind)
+    if backend is None:
+        raise KeyError(kind)
+    return backend.suspend_path
 
 
-def _created_suspended(job: FineTuneJob, *, kueue: bool = True) -> bool:
+def created_suspended(job: FineTuneJob, *, kueue: bool = True) -> bool:
+    """Created suspended: the user asked (``spec.suspend``), or Kueue must admit it first (a queue name)."""
     return job.spec.suspend or (kueue and bool(job.spec.scheduling.queue_name))
 
 
-def _kueue_labels(job: FineTuneJob) -> dict[str, str]:
+def kueue_labels(job: FineTuneJob) -> dict[str, str]:
+    """Kueue's queue-name label when ``spec.scheduling.queueName`` is set."""
     q = job.spec.scheduling.queue_name
     return {c.LABEL_KUEUE_QUEUE: q} if q else {}
 
@@ -129,7 +104,7 @@ def batch_job(
     """A batch/v1 Job around ``template`` (Indexed when ``completions > 1``)."""
     spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
-        "suspend": _created_suspended(job),
+        "suspend": created_suspended(job),
         "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
         "podFailurePolicy": _pod_failure_policy(),
         "template": template,
@@ -139,7 +114,7 @@ def batch_job(
     return {
         "apiVersion": JOB_API,
         "kind": "Job",
-        "metadata": metadata(job, name, component, stage, **_kueue_labels(job)),
+        "metadata": metadata(job, name, component, stage, **kueue_labels(job)),
         "spec": spec,
     }
 
@@ -203,12 +178,9 @@ def _train_claims(job: FineTuneJob, stage: StageSpec) -> tuple[list[str], list[s
     return read, [job.spec.output.volume.claim_name]
 
 
-def _train_pod(
-    job: FineTuneJob,
-    stage: StageSpec,
-    image: str,
+def train_pod(
+    inp: StageInput,
     backend: str,
-    resolver: PathResolver,
     *,
     service_account: str | None,
     extra_env: list[dict[str, Any]] | None = None,
@@ -216,21 +188,26 @@ def _train_pod(
     restricted: bool = True,
     subdomain: str | None = None,
 ) -> dict[str, Any]:
+    """The pod template of a training stage's pods: the worker's ``train`` command, the ``FT_*`` environment
+    (``FT_BACKEND`` tells the worker which environment mapping applies), model and data read-only, the output
+    writable."""
+    job, stage = inp.job, inp.stage
     res = stage.resources
-    gpus = res.gpus_per_node if res is not None else 1
     read, write = _train_claims(job, stage)
-    env = worker_env(job, stage.name, backend, nproc_per_node=max(gpus, 1), redirect_home=restricted)
-    env.append({"name": "FT_NNODES", "value": str(res.nodes if res else 1)})
+    env = worker_env(job, stage.name, backend, nproc_per_node=inp.nproc_per_node, redirect_home=restricted)
+    env.append({"name": "FT_NNODES", "value": str(inp.nodes)})
     env += extra_env or []
     return pod_template(
         job,
         PodOptions(
             component=COMPONENT_TRAIN,
             stage=stage.name,
-            image=image,
-            command=worker_command("train", stage.name, config_dir=resolver.config_dir),
+            image=inp.image,
+            command=worker_command("train", stage.name, config_dir=inp.resolver.config_dir),
             env=env,
-            resources=Resources(gpus=gpus, cpu=res.cpu if res else None, memory=res.memory if res else None),
+            resources=Resources(
+                gpus=inp.gpus_per_node, cpu=res.cpu if res else None, memory=res.memory if res else None
+            ),
             read_claims=read,
             write_claims=write,
             service_account=service_account,
@@ -239,7 +216,7 @@ def _train_pod(
             read_only_root=restricted,
             hostname_subdomain=subdomain,
         ),
-        resolver,
+        inp.resolver,
     )
 
 
@@ -252,156 +229,25 @@ def train_objects(
     backoff_limit: int,
     resolver: PathResolver,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The objects of one training stage (in creation order) and which of them is the workload."""
-    backend = job.spec.resolved_backend()
-    nodes = stage.resources.nodes if stage.resources else 1
-    gpus = stage.resources.gpus_per_node if stage.resources else 1
-    name = workload_name(run_scope(job), stage.name)
-    if backend == "job":
-        if nodes == 1:
-            tpl = _train_pod(job, stage, image, backend, resolver, service_account=service_account)
-            wl = batch_job(job, name, COMPONENT_TRAIN, stage.name, tpl, backoff_limit=backoff_limit)
-            return [wl], wl
-        svc = service_name(run_scope(job), stage.name)
-        extra = [
-            {"name": "FT_WORKLOAD_NAME", "value": name},
-            {"name": "FT_HEADLESS_SERVICE", "value": svc},
-            {"name": "FT_MASTER_ADDR", "value": f"{name}-0.{svc}"},
-            {"name": "FT_MASTER_PORT", "value": str(MASTER_PORT)},
-        ]
-        tpl = _train_pod(
-            job, stage, image, backend, resolver, service_account=service_account, extra_env=extra, subdomain=svc
+    """The objects of one training stage (in creation order) and which of them is the workload: built by the
+    stage's backend (:mod:`finetune_operator.backends`)."""
+    from finetune_operator import backends
+
+    name = job.spec.resolved_backend()
+    try:
+        backend = backends.get(name)
+    except KeyError as exc:
+        raise RenderError(str(exc.args[0])) from None
+    return backend.build(
+        StageInput(
+            job=job,
+            stage=stage,
+            image=image,
+            service_account=service_account,
+            backoff_limit=backoff_limit,
+            resolver=resolver,
         )
-        tpl["spec"]["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
-        headless = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": metadata(job, svc, COMPONENT_TRAIN, stage.name),
-            "spec": {
-                "clusterIP": "None",
-                # Rendezvous happens before any pod could be "ready": publish addresses immediately.
-                "publishNotReadyAddresses": True,
-                "selector": selector_labels(job, COMPONENT_TRAIN, stage.name),
-                "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
-            },
-        }
-        # A lost pod breaks the whole rendezvous: every node restarts, so allow that many pod failures.
-        wl = batch_job(
-            job,
-            name,
-            COMPONENT_TRAIN,
-            stage.name,
-            tpl,
-            backoff_limit=backoff_limit * nodes,
-            completions=nodes,
-        )
-        return [headless, wl], wl
-    if backend == "pytorchjob":
-        return [wl := pytorch_job(job, stage, image, service_account, backoff_limit, resolver)], wl
-    if backend == "deepspeedjob":
-        return [wl := deepspeed_job(job, stage, image, service_account, backoff_limit, resolver, gpus)], wl
-    raise RenderError(f"unknown backend {backend!r}")
-
-
-def pytorch_job(
-    job: FineTuneJob,
-    stage: StageSpec,
-    image: str,
-    service_account: str,
-    backoff_limit: int,
-    resolver: PathResolver,
-) -> dict[str, Any]:
-    """A Kubeflow PyTorchJob: Master (rank 0, reports progress) + Worker replicas."""
-    nodes = stage.resources.nodes if stage.resources else 1
-    gpus = stage.resources.gpus_per_node if stage.resources else 1
-    # ExitCode: exit codes 1-127 (our worker errors) are permanent, signals (preemption, OOM kill) restart.
-    restart = "ExitCode"
-    replicas: dict[str, Any] = {
-        "Master": {
-            "replicas": 1,
-            "restartPolicy": restart,
-            "template": _train_pod(
-                job, stage, image, "pytorchjob", resolver, service_account=service_account, restart_policy="Never"
-            ),
-        }
-    }
-    if nodes > 1:
-        replicas["Worker"] = {
-            "replicas": nodes - 1,
-            "restartPolicy": restart,
-            "template": _train_pod(job, stage, image, "pytorchjob", resolver, service_account=None),
-        }
-    # Kubeflow's controller requires the container to be named "pytorch" to inject its environment.
-    for r in replicas.values():
-        r["template"]["spec"]["containers"][0]["name"] = "pytorch"
-    run_policy: dict[str, Any] = {
-        "backoffLimit": backoff_limit,
-        "cleanPodPolicy": "Running",
-        "suspend": _created_suspended(job),
-        "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
-    }
-    sched = job.spec.scheduling
-    if sched.scheduler_name == "volcano":
-        policy: dict[str, Any] = {"minAvailable": nodes}
-        if sched.priority_class_name:
-            policy["priorityClass"] = sched.priority_class_name
-        run_policy["schedulingPolicy"] = policy
-    return {
-        "apiVersion": PYTORCHJOB_API,
-        "kind": PYTORCHJOB_KIND,
-        "metadata": metadata(
-            job, workload_name(run_scope(job), stage.name), COMPONENT_TRAIN, stage.name, **_kueue_labels(job)
-        ),
-        "spec": {
-            "nprocPerNode": str(max(gpus, 1)),
-            "pytorchReplicaSpecs": replicas,
-            "runPolicy": run_policy,
-        },
-    }
-
-
-def deepspeed_job(
-    job: FineTuneJob,
-    stage: StageSpec,
-    image: str,
-    service_account: str,
-    backoff_limit: int,
-    resolver: PathResolver,
-    gpus: int,
-) -> dict[str, Any]:
-    """A T9k DeepSpeedJob (see the module docstring for the launch model)."""
-    nodes = stage.resources.nodes if stage.resources else 1
-    tpl = _train_pod(
-        job,
-        stage,
-        image,
-        "deepspeedjob",
-        resolver,
-        service_account=service_account,
-        restart_policy="Never",
-        restricted=False,
     )
-    # T9k picks the container named "worker" as the training container.
-    tpl["spec"]["containers"][0].pop("command", None)
-    spec: dict[str, Any] = {
-        "config": {
-            "slotsPerWorker": max(gpus, 1),
-            "localRank": False,
-            "run": {"exec": worker_command("train", stage.name, config_dir=resolver.config_dir)},
-        },
-        "worker": {"replicas": nodes, "restartPolicy": "ExitCode", "template": tpl},
-        "runPolicy": {"backoffLimit": backoff_limit, "cleanUpPolicy": "Unfinished"},
-    }
-    if job.spec.suspend:
-        spec["runMode"] = {"pause": {"enabled": True}}
-    if job.spec.scheduling.scheduler_name == "t9k-scheduler" and job.spec.scheduling.queue_name:
-        spec["scheduler"] = {"t9kScheduler": {"queue": job.spec.scheduling.queue_name}}
-    return {
-        "apiVersion": DEEPSPEEDJOB_API,
-        "kind": DEEPSPEEDJOB_KIND,
-        "metadata": metadata(job, workload_name(run_scope(job), stage.name), COMPONENT_TRAIN, stage.name),
-        "spec": spec,
-    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Progress:
     epoch: float | None = None
     eta: str | None = None
     elapsed: str | None = None
+    learning_rate: float | None = None
 
     @property
     def percent(self) -> float | None:
@@ -71,6 +72,7 @@ class Progress:
             "loss": self.loss,
             "epoch": self.epoch,
             "eta": self.eta,
+            "learningRate": self.learning_rate,
             "updateTime": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         return out
@@ -93,6 +95,7 @@ def parse_record(record: Mapping[str, Any]) -> Progress | None:
     total = record.get("total_steps")
     loss = record.get("loss")
     epoch = record.get("epoch")
+    lr = record.get("lr")
     return Progress(
         step=step,
         total_steps=total if isinstance(total, int) else None,
@@ -100,6 +103,7 @@ def parse_record(record: Mapping[str, Any]) -> Progress | None:
         epoch=float(epoch) if isinstance(epoch, (int, float)) else None,
         eta=record.get("remaining_time") if isinstance(record.get("remaining_time"), str) else None,
         elapsed=record.get("elapsed_time") if isinstance(record.get("elapsed_time"), str) else None,
+        learning_rate=float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None,
     )
 
 

@@ -12,6 +12,7 @@ module             decides
 ``resources``      CPU/memory quantities
 ``serve``          vLLM sizing, operator-owned flags, serving adapters without merge
 ``scheduling``     queue, priority class, node selector, tolerations
+``backend``        what the chosen backend's workload API cannot express (TrainJob names, runtime)
 ``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, bounded, combinations
 ``policy``         the install's policy: allowed images, ``trust_remote_code``
 =================  ===============================================================================
@@ -22,6 +23,7 @@ from __future__ import annotations
 from finetune_operator.validation.registry import RULES
 from finetune_operator.validation.rules import (
     arguments,
+    backend,
     datasets,
     model,
     names,
@@ -34,6 +36,6 @@ from finetune_operator.validation.rules import (
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, arguments, policy)
+ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, backend, arguments, policy)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))

@@ -1,0 +1,94 @@
+"""What the controllers of the workload kinds write into their objects' status, for tests that play them.
+
+No kube-apiserver, no Job controller, no Kubeflow or T9k controller runs here, so the tests write the statuses
+those controllers would write. One table per kind, keyed by the backend registry (a backend without a player
+fails tests/test_operator_harness.py::test_every_backend_has_a_player), so a new backend is played everywhere
+at once. The shapes follow the upstream controllers: batch/v1 Job (``Complete``/``SuccessCriteriaMet``/
+``Failed``), Kubeflow training-operator v1 (``Created``/``Running``/``Succeeded``/``Failed`` with
+``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (``Created`` ``JobsCreationSucceeded``,
+``Complete`` ``JobSetCompleted``, ``Failed`` ``JobSetFailed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator import backends
+
+DONE_AT = "2026-01-01T00:10:00Z"
+
+
+@dataclass(frozen=True)
+class Player:
+    """Statuses one workload controller writes."""
+
+    #: The workload ran to completion.
+    succeeded: Callable[[], dict[str, Any]]
+    #: The workload failed for good (``reason`` is the controller's reason).
+    failed: Callable[[str, str], dict[str, Any]]
+
+
+def _cond(type_: str, reason: str, message: str = "", status: str = "True") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+PLAYERS: dict[str, Player] = {
+    "Job": Player(
+        succeeded=lambda: {
+            "conditions": [
+                _cond("SuccessCriteriaMet", "CompletionsReached"),
+                _cond("Complete", "CompletionsReached"),
+            ],
+            "succeeded": 1,
+            "completionTime": DONE_AT,
+        },
+        failed=lambda reason, message: {"conditions": [_cond("Failed", reason, message)], "failed": 1},
+    ),
+    "PyTorchJob": Player(
+        succeeded=lambda: {
+            "conditions": [
+                _cond("Created", "PyTorchJobCreated"),
+                _cond("Running", "PyTorchJobRunning", status="False"),
+                _cond("Succeeded", "PyTorchJobSucceeded", "done"),
+            ],
+            "completionTime": DONE_AT,
+        },
+        failed=lambda reason, message: {"conditions": [_cond("Failed", reason, message)]},
+    ),
+    "DeepSpeedJob": Player(
+        succeeded=lambda: {"phase": "Succeeded", "conditions": [{"type": "Completed", "status": "True"}]},
+        failed=lambda reason, message: {"phase": "Failed", "conditions": [_cond("Failed", reason, message)]},
+    ),
+    "TrainJob": Player(
+        succeeded=lambda: {
+            "conditions": [
+                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
+                _cond("Complete", "JobSetCompleted", "jobset completed successfully"),
+            ]
+        },
+        failed=lambda reason, message: {
+            "conditions": [
+                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
+                _cond("Failed", reason, message),
+            ]
+        },
+    ),
+}
+
+#: Resource names (as the emulator resolves them: ``plural.group``) of every kind the operator creates.
+RESOURCE: dict[str, str] = {
+    **{b.kind: f"{b.plural}.{b.api_version.rpartition('/')[0]}" for b in backends.REGISTRY.values()},
+    "Deployment": "deployments.apps",
+    "ConfigMap": "configmaps",
+    "Service": "services",
+}
+
+
+def player(kind: str) -> Player:
+    """The player of ``kind`` (KeyError naming the kind when there is none)."""
+    try:
+        return PLAYERS[kind]
+    except KeyError:
+        raise KeyError(f"no player for workload kind {kind!r}: add it to tests/emulator/players.py") from None
