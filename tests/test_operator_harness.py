@@ -157,9 +157,14 @@ def wait_event(
 # ------------------------------------------------------------------------------------------ the operator
 
 
+#: The examples' own registry (example 04 runs a custom worker image): the test install allows it.
+EXAMPLE_IMAGE_PREFIXES = ("registry.example.com/",)
+
+
 def fast_config(**overrides: Any) -> OperatorConfig:
     """Small intervals so tests wait for events, not for timers."""
     kw: dict[str, Any] = {
+        "allowed_image_prefixes": EXAMPLE_IMAGE_PREFIXES,
         "resync_interval": 0.5,
         "drift_interval": 0.5,
         "progress_interval": 0.3,

@@ -24,7 +24,7 @@ from finetune_operator.controller.runtime import OperatorConfig, make_render, ma
 
 from .emulator import EmulatorServer
 from .emulator.players import PLAYERS, RESOURCE, player
-from .test_operator_harness import CRDS, EXAMPLES, ftj_status
+from .test_operator_harness import CRDS, EXAMPLE_IMAGE_PREFIXES, EXAMPLES, ftj_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = next(EXAMPLES.glob("04-*.yaml"))
@@ -54,7 +54,13 @@ def free_port() -> int:
 @pytest.fixture()
 def operator_process(kube_env: dict[str, str], tmp_path: pathlib.Path) -> Iterator[subprocess.Popen[str]]:
     """``ftctl operator`` in its own process, logging to a file (shown when a test fails)."""
-    env = dict(kube_env, FT_RESYNC_SECONDS="2", FT_PROGRESS_INTERVAL_SECONDS="0.5")
+    # The example runs a worker image of the examples' registry: this install allows it.
+    env = dict(
+        kube_env,
+        FT_RESYNC_SECONDS="2",
+        FT_PROGRESS_INTERVAL_SECONDS="0.5",
+        FT_ALLOWED_IMAGE_PREFIXES=",".join(EXAMPLE_IMAGE_PREFIXES),
+    )
     log = (tmp_path / "operator.log").open("w")
     ftctl = [sys.executable, "-c", "from finetune_operator.cli import run; run()"]
     ports = {"liveness": free_port(), "metrics": free_port()}
@@ -93,7 +99,8 @@ def test_kubectl_apply_and_wait_for_ready(
     )
     kubectl("apply", "-f", str(EXAMPLE))
 
-    plan = make_render(OperatorConfig())(make_validate()(doc))
+    config = OperatorConfig(allowed_image_prefixes=EXAMPLE_IMAGE_PREFIXES)
+    plan = make_render(config)(make_validate(config)(doc))
     for step in plan.steps:
         kind, child = step.workload["kind"], step.workload["metadata"]["name"]
         emulator_server.wait_for_object(RESOURCE[kind], child, ns, timeout=30)
