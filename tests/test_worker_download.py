@@ -73,14 +73,50 @@ def test_download_is_atomic_resumes_and_is_never_repeated(tmp_path: Path, monkey
     assert not again.ran and len(ok.calls) == 1  # complete: never fetched again
 
 
-def test_unmarked_model_folder_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_the_product_did_not_create_is_never_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder without our marker may be anyone's data: refuse, naming it, and touch nothing."""
     target = tmp_path / "qwen"
     target.mkdir()
     (target / "config.json").write_text("{}")
-    (target / "stale.bin").write_text("half")
+    (target / "notes.txt").write_text("a user's file")
+    fetch = FakeFetch()
+    monkeypatch.setitem(download.FETCHERS, "huggingface", fetch)
+    with pytest.raises(DownloadError, match="not created by the download") as info:
+        download.run_download(source="org/qwen", model_dir=target, environ={})
+    assert str(target) in str(info.value) and "notes.txt" in str(info.value)
+    assert (target / "notes.txt").read_text() == "a user's file" and (target / "config.json").exists()
+    assert fetch.calls == []  # refused before fetching anything
+    assert not target.with_name(".qwen.partial").exists()
+
+
+def test_a_dataset_under_the_model_folder_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported case: model subPath ``team`` and a dataset under ``team/data/`` on the same claim."""
+    claim = tmp_path / "claim"
+    (claim / "team" / "data").mkdir(parents=True)
+    (claim / "team" / "data" / "chat.jsonl").write_text('{"messages": []}\n')
     monkeypatch.setitem(download.FETCHERS, "huggingface", FakeFetch())
-    download.run_download(source="org/qwen", model_dir=target, environ={})
-    assert not (target / "stale.bin").exists()
+    with pytest.raises(DownloadError):
+        download.run_download(source="org/qwen", model_dir=claim / "team", environ={})
+    assert (claim / "team" / "data" / "chat.jsonl").read_text() == '{"messages": []}\n'
+
+
+def test_the_whole_claim_is_never_the_download_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No subPath: the model folder is the claim's mount point; its content (and the claim) must survive."""
+    claim = tmp_path / "claim"
+    (claim / "other-team").mkdir(parents=True)
+    (claim / "other-team" / "weights.bin").write_bytes(b"\1" * 16)
+    monkeypatch.setitem(download.FETCHERS, "huggingface", FakeFetch())
+    monkeypatch.setattr(download.os.path, "ismount", lambda p: Path(p) == claim)
+    with pytest.raises(DownloadError, match="root of a volume"):
+        download.run_download(source="org/qwen", model_dir=claim, environ={})
+    assert (claim / "other-team" / "weights.bin").read_bytes() == b"\1" * 16
+
+
+def test_an_empty_folder_is_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "qwen"
+    target.mkdir()
+    monkeypatch.setitem(download.FETCHERS, "huggingface", FakeFetch())
+    assert download.run_download(source="org/qwen", model_dir=target, environ={}).ran
     assert markers.read_marker(target, markers.DOWNLOAD_COMPLETE) is not None
 
 
@@ -122,7 +158,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         prefix = f"/{self.repo}/resolve/"
         if not self.path.startswith(prefix):
             return None
-        _rev, _, name = self.path[len(prefix):].partition("/")
+        _rev, _, name = self.path[len(prefix) :].partition("/")
         return (name, FILES[name]) if name in FILES else None
 
     def _send_file_headers(self, name: str, data: bytes) -> None:
@@ -144,8 +180,10 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         type(self).requests.append(("GET", self.path, self.headers.get("Authorization")))
         if self.path.startswith(f"/api/models/{self.repo}/tree/"):
-            tree = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                    for n, d in FILES.items()]
+            tree = [
+                {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                for n, d in FILES.items()
+            ]
             body = json.dumps(tree).encode()
         elif self.path.startswith(f"/api/models/{self.repo}/revision/"):
             body = json.dumps({"id": self.repo, "sha": SHA, "siblings": [{"rfilename": n} for n in FILES]}).encode()
@@ -184,11 +222,24 @@ def fake_hub() -> Iterator[str]:
 
 
 def _ftctl_download(hub: str, cfg: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_secret_token",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
-           "PATH": "/usr/bin:/bin", "FT_TERMINATION_LOG": str(tmp_path / "termination-log")}
-    return subprocess.run([FTCTL, "worker", "download", "--config", str(cfg)], env=env, capture_output=True,
-                          text=True, timeout=180, check=False)
+    env = {
+        "HF_ENDPOINT": hub,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_TOKEN": "hf_secret_token",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        "PATH": "/usr/bin:/bin",
+        "FT_TERMINATION_LOG": str(tmp_path / "termination-log"),
+    }
+    return subprocess.run(
+        [FTCTL, "worker", "download", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def test_ftctl_worker_download_with_huggingface_hub(fake_hub: str, tmp_path: Path) -> None:

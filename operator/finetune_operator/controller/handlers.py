@@ -20,11 +20,19 @@ Settings chosen in :func:`configure`:
   handlers we do not have); the progress storage points at our own annotation prefix so that nothing
   ``kopf.zalando.org/*`` appears should a future handler need state.
 * ``execution.max_workers``: the handlers are async, no thread pool needed beyond kopf's default.
+* ``networking.error_backoffs``: a :class:`CappedBackoff` without end. kopf retries a failing API request
+  once per element and escalates after the last one; with its default (9 attempts, ~54 s) an API outage of a
+  minute ended the resource observer and with it the process. A Deployment restarting its pod is no cure (the
+  restart meets the same outage, and a crash loop backs off for minutes), so the operator waits it out:
+  exponential delays up to ``api_retry_max`` seconds, for as long as the outage lasts, then converges
+  (every reconcile is level-based). Our own API client and work queue retry the same way (capped backoff).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -60,6 +68,24 @@ class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return None
 
 
+class CappedBackoff:
+    """kopf's ``error_backoffs`` that never run out: ``initial``, doubling up to ``cap``, with jitter.
+
+    kopf counts attempts only when the backoffs are ``Sized``; this is iterable and not sized, so a request
+    is retried for as long as it fails. Each request iterates afresh (it starts again at ``initial``).
+    """
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial = initial
+        self.cap = max(cap, initial)
+
+    def __iter__(self) -> Iterator[float]:
+        delay = self.initial
+        while True:
+            yield delay * random.uniform(0.5, 1.0)
+            delay = min(delay * 2, self.cap)
+
+
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """Apply the operator's kopf settings (see the module docstring for the why of each)."""
     settings.posting.reporting_component = c.MANAGER
@@ -67,6 +93,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.watching.client_timeout = config.watch_timeout + 30
     settings.watching.connect_timeout = 30
     settings.watching.reconnect_backoff = 1.0
+    settings.networking.error_backoffs = CappedBackoff(config.api_retry_initial, config.api_retry_max)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = NoDiffBaseStorage(prefix=c.GROUP)
     settings.persistence.finalizer = f"{c.GROUP}/finalizer"

@@ -71,6 +71,10 @@ class OperatorConfig:
     kubeconfig: str | None = None
     #: Seconds a watch request stays open before kopf reconnects (kopf's ``server_timeout``).
     watch_timeout: float = 300.0
+    #: First delay before kopf retries a failed API request; doubled per attempt (``FT_API_RETRY_SECONDS``).
+    api_retry_initial: float = 1.0
+    #: Longest delay between retries; retries never stop during an outage (``FT_API_RETRY_MAX_SECONDS``).
+    api_retry_max: float = 30.0
     #: Images FineTuneJobs may use besides the two defaults (``FT_ALLOWED_IMAGES``, comma-separated; ``*``:
     #: any image).
     allowed_images: tuple[str, ...] = ()
@@ -103,6 +107,8 @@ class OperatorConfig:
             "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
             "drift_interval": _env_float(e, "FT_DRIFT_SECONDS", 300.0),
             "workers": int(_env_float(e, "FT_RECONCILE_WORKERS", 16)),
+            "api_retry_initial": _env_float(e, "FT_API_RETRY_SECONDS", 1.0),
+            "api_retry_max": _env_float(e, "FT_API_RETRY_MAX_SECONDS", 30.0),
         }
         if e.get("FT_METRICS_PORT"):
             kw["metrics_port"] = int(e["FT_METRICS_PORT"])

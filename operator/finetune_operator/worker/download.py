@@ -2,8 +2,14 @@
 
 The model is fetched into a hidden sibling folder ``.<name>.partial`` and renamed into place after the
 completion marker was written into it, so the model folder that training reads is either absent or complete.
-A restarted download reuses the partial folder (the hub clients skip files they already have); a model folder
-without the marker (an interrupted older tool, a manual copy) is never trusted: it is replaced.
+A restarted download reuses the partial folder (the hub clients skip files they already have).
+
+Nothing is deleted that the download did not create: its own ``.partial`` staging folder, or a model folder
+holding its completion marker (an earlier download of another source or revision), is replaced; an empty
+folder is filled; any other non-empty folder (a manual copy, another tool's download, a dataset, the root of a
+volume) is refused with an error naming it, before anything is fetched. Validation refuses the specs that
+would point the download there (``model.volume`` equal to the claim root or containing a dataset or the
+output); this check is what protects the data should one slip through.
 
 Tokens come from the environment only (``HF_TOKEN``; ``MODELSCOPE_API_TOKEN`` for ModelScope), which the
 renderer fills from a ``secretKeyRef``; they are never logged and never written to the marker.
@@ -63,6 +69,30 @@ class DownloadResult:
     ran: bool
 
 
+def _check_target(target: Path) -> bool:
+    """Whether ``target`` is an earlier download of ours to replace; raise if it is anything else but empty."""
+    if os.path.ismount(target):
+        raise DownloadError(
+            f"model folder {target} is the root of a volume: the download needs a folder of its own "
+            "(set spec.model.volume.subPath)"
+        )
+    if not target.exists() and not target.is_symlink():
+        return False
+    if target.is_symlink() or not target.is_dir():
+        raise DownloadError(f"model folder {target} exists and is not a folder; it is left alone")
+    if markers.read_marker(target, markers.DOWNLOAD_COMPLETE) is not None:
+        return True
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return False
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise DownloadError(
+        f"model folder {target} is not empty and was not created by the download ({shown}); it is left alone. "
+        "Empty it or point spec.model.volume.subPath at a folder of its own; or, if it already holds the model, "
+        "remove spec.model.source"
+    )
+
+
 def run_download(
     *,
     source: str,
@@ -80,6 +110,7 @@ def run_download(
         return DownloadResult(model_dir=target, summary=done, ran=False)
     if hub not in FETCHERS:
         raise WorkerError(f"unknown hub {hub!r} (expected one of {', '.join(sorted(FETCHERS))})")
+    replace = _check_target(target)
     token = env.get(TOKEN_ENV[hub]) or (env.get("HUGGING_FACE_HUB_TOKEN") if hub == "huggingface" else None)
     partial = target.with_name(f".{target.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
@@ -108,8 +139,10 @@ def run_download(
     }
     shutil.rmtree(partial / ".cache", ignore_errors=True)
     markers.write_marker(partial, summary, markers.DOWNLOAD_COMPLETE)
-    if target.exists():
-        log.warning("%s exists without a completion marker: replacing it", target)
+    if replace:
+        log.warning("%s holds an earlier download of another model: replacing it", target)
         shutil.rmtree(target)
+    elif target.is_dir():
+        target.rmdir()  # empty (checked above); fails rather than delete anything that appeared since
     os.replace(partial, target)
     return DownloadResult(model_dir=target, summary=summary, ran=True)
