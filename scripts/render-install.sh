@@ -16,6 +16,8 @@ RELEASE="finetune-operator"
 HELM="${HELM:-$ROOT/.tools/helm}"
 [[ -x "$HELM" ]] || "$ROOT/scripts/get-helm.sh" >/dev/null
 
+"${PYTHON:-$ROOT/.venv/bin/python}" -m finetune_operator.controller.rbac --root "$ROOT" >/dev/null
+
 render() {
   cat <<HEADER
 # finetune-operator: everything needed to run the operator, for \`kubectl apply -f\` (server-side apply

@@ -121,3 +121,29 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
     found = [o for o in by_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
     return found[0]
+
+
+# ------------------------------------------------------------------------------------------ installed RBAC
+
+#: The operator's ServiceAccount as the chart installs it (release finetune-operator in finetune-system).
+OPERATOR_SA = ("finetune-system", "finetune-operator")
+#: The training pods' ServiceAccount (chart value worker.serviceAccountName).
+WORKER_SA_NAME = "finetune-worker"
+#: Bearer tokens the tests give the operator and workers; the emulator maps them to the ServiceAccounts.
+OPERATOR_TOKEN = "operator-serviceaccount-token"
+
+_CHART_CACHE: dict[str, list[dict[str, Any]]] = {}
+
+
+def installed_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The chart rendered with ``values`` as Helm installs it (once per process and values set)."""
+    import json
+    import tempfile
+
+    key = json.dumps(values or {}, sort_keys=True)
+    if key not in _CHART_CACHE:
+        with tempfile.TemporaryDirectory(prefix="ft-chart-") as tmp:
+            _CHART_CACHE[key] = render_chart(
+                find_helm(), values or {}, tmp_path=Path(tmp), namespace=OPERATOR_SA[0], release="finetune-operator"
+            )
+    return _CHART_CACHE[key]

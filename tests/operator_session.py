@@ -37,7 +37,7 @@ from finetune_operator.api import constants as c
 from tests.emulator import EmulatorServer, RequestRecord
 from tests.emulator.players import PLAYERS, RESOURCE
 from tests.emulator.players import player as play
-from tests.install_tools import EXAMPLES, ROOT, find_helm, one, render_chart
+from tests.install_tools import EXAMPLES, OPERATOR_SA, OPERATOR_TOKEN, ROOT, find_helm, one, render_chart
 
 CANARY = "hf_CANARY-7f3c9e1d-never-print-me"
 #: Example 04 runs a worker image of its own registry: the install allows it, as an admin would.
@@ -203,7 +203,10 @@ def record_session(mode: str) -> Session:
                 )
             health_port, metrics_port = _free_port(), _free_port()
             cmd, chart_env = operator_command(chart_objects, health_port, metrics_port)
-            env = server.env(server.kubeconfig(tmp / "kubeconfig"))
+            # The operator runs as the chart's ServiceAccount: the emulator refuses (403) what the chart rendered
+            # for this mode does not grant it, so a missing rule fails the scenario itself.
+            server.enforce_rbac(chart_objects, {OPERATOR_TOKEN: OPERATOR_SA})
+            env = server.env(server.kubeconfig(tmp / "kubeconfig", token=OPERATOR_TOKEN))
             env.update(chart_env)
             # Small intervals so that the scenario waits for events, not for timers.
             env.update({"FT_RESYNC_SECONDS": "0.5", "FT_PROGRESS_INTERVAL_SECONDS": "0.2", "PYTHONUNBUFFERED": "1"})

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from finetune_operator.api import constants
+from finetune_operator.controller import rbac
 from tests.install_tools import (
     CHART,
     CHART_CRD_FILE,
@@ -423,6 +424,26 @@ def test_chart_crd_is_a_copy_of_the_generated_crd() -> None:
     assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), (
         "charts/finetune-operator/crds/ is out of date: run scripts/render-install.sh"
     )
+
+
+def test_rbac_rule_templates_are_generated_from_the_one_definition() -> None:
+    """charts/.../_rbac_rules.tpl is generated from finetune_operator/controller/rbac.py: regenerate, never edit."""
+    committed = (ROOT / rbac.CHART_FILE).read_text(encoding="utf-8")
+    assert committed == rbac.chart_template(), "stale: run python -m finetune_operator.controller.rbac"
+
+
+def test_chart_grants_exactly_the_rules_of_the_one_definition(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Both install modes and the worker Role carry the generated rules, nothing else."""
+    objects = rendered["default"]
+    role = next(o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "finetune-operator")
+    assert role["rules"] == [r.to_k8s() for r in (*rbac.NAMESPACED_RULES, *rbac.CLUSTER_RULES)]
+    worker = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "finetune-worker")
+    assert worker["rules"] == [r.to_k8s() for r in rbac.WORKER_RULES]
+    namespaced = rendered["namespaced"]
+    roles = [o for o in namespaced if o["kind"] == "Role" and o["metadata"]["name"] == "finetune-operator"]
+    assert roles and all(r["rules"] == [x.to_k8s() for x in rbac.NAMESPACED_RULES] for r in roles)
+    cluster = next(o for o in namespaced if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-cluster"))
+    assert cluster["rules"] == [r.to_k8s() for r in (*rbac.CLUSTER_RULES, *rbac.NAMESPACE_WATCH_RULES)]
 
 
 def test_install_yaml_is_the_chart_rendered_with_default_values(helm: Path) -> None:

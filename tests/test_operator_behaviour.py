@@ -254,8 +254,10 @@ def test_deleted_children_are_recreated(cluster: EmulatorServer, operator: Opera
     assert ch.attempt_of(again) == 1  # drift repair is not a retry
     wait_event(cluster, "drift", c.Reason.CHILD_RECREATED)
 
-    # The ConfigMap has no status events of its own: the resync timer notices it is gone.
+    # The ConfigMap has no status events of its own: the resync timer's drift check notices it is gone (the tick
+    # is asked for here; the timer itself is at its long default).
     cluster.delete("configmaps", "drift-config")
+    operator.resync("drift", deep=True)
     cluster.wait_for_object("configmaps", "drift-config", timeout=15)
     assert ftj_status(cluster, "drift")["stages"][0]["attempts"] == 1
 
@@ -375,7 +377,27 @@ def test_a_missing_workload_kind_is_reported_and_recovered(cluster: EmulatorServ
     (event,) = wait_event(cluster, "nokind", "CreateFailed")
     assert event[0] == "Warning" and "PyTorchJob" in event[2]
     cluster.emulator.faults.remove(fault)  # the training operator gets installed
+    operator.resync("nokind", deep=False)  # the slow retry of a refused create (refused_interval), brought forward
     wait_child(cluster, "PyTorchJob", "nokind-sft")
     cluster.wait_for(lambda: "message" not in ftj_status(cluster, "nokind")["stages"][0])
     wait_event(cluster, "nokind", c.Reason.STAGE_STARTED)
     assert len([e for e in events(cluster, "nokind") if e[1] == "CreateFailed"]) == 1  # not one per retry
+
+
+# ------------------------------------------------------------------------------------------------ watches
+
+
+def test_a_child_status_change_is_acted_on_faster_than_the_resync_period(cluster: EmulatorServer) -> None:
+    """With a resync period of an hour, only the watch on the workload can move the pipeline on within the
+    test's timeout: disabling the child-event handler fails this test."""
+    op = harness.OperatorThread(harness.fast_config(resync_interval=3600.0, drift_interval=3600.0)).start()
+    try:
+        cluster.create(minimal("watched"))
+        wait_child(cluster, "Job", "watched-sft")
+        reconciles = op.reconciles("watched")
+        succeed(cluster, "Job", "watched-sft")
+        status = wait_state(cluster, "watched", "Succeeded", timeout=20)
+        assert status["stages"][0]["state"] == "Succeeded"
+        assert op.reconciles("watched") > reconciles  # the watch event, not a timer, triggered the look
+    finally:
+        op.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import pathlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from finetune_operator.controller.runtime import OperatorConfig
 
 from .emulator import EmulatorServer
 from .emulator.players import PLAYERS, RESOURCE, player
+from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
@@ -162,11 +164,11 @@ EXAMPLE_IMAGE_PREFIXES = ("registry.example.com/",)
 
 
 def fast_config(**overrides: Any) -> OperatorConfig:
-    """Small intervals so tests wait for events, not for timers."""
+    """The operator's default (long) resync and drift intervals, so that every reaction a test waits for comes
+    from a watch event (a broken watch fails the tests instead of being covered by a resync); where a test wants
+    "another look" it asks for one (:meth:`OperatorThread.wait_reconciled`). Short progress interval only."""
     kw: dict[str, Any] = {
         "allowed_image_prefixes": EXAMPLE_IMAGE_PREFIXES,
-        "resync_interval": 0.5,
-        "drift_interval": 0.5,
         "progress_interval": 0.3,
         "workers": 4,
         "watch_timeout": 30,
@@ -258,12 +260,33 @@ class OperatorThread:
         with self._reconciled:
             return self._reconciles.get((namespace, name), 0)
 
-    def wait_reconciled(self, name: str, times: int = 2, namespace: str = "default", timeout: float = 30) -> None:
-        """Wait until FineTuneJob ``name`` has been reconciled ``times`` more times (e.g. by the resync)."""
-        with self._reconciled:
-            target = self._reconciles.get((namespace, name), 0) + times
-            ok = self._reconciled.wait_for(lambda: self._reconciles.get((namespace, name), 0) >= target, timeout)
-        assert ok, f"{namespace}/{name} was not reconciled {times} more times within {timeout} s"
+    def wait_reconciled(
+        self, name: str, times: int = 2, namespace: str = "default", timeout: float = 30, *, deep: bool = True
+    ) -> None:
+        """Make the operator look at FineTuneJob ``name`` ``times`` more times, one after the other, as resync
+        ticks would (``deep``: with the drift check's fresh reads), and wait for each look to finish."""
+        for _ in range(times):
+            with self._reconciled:
+                target = self._reconciles.get((namespace, name), 0) + 1
+            self.resync(name, namespace, deep=deep)
+            with self._reconciled:
+                ok = self._reconciled.wait_for(
+                    lambda t=target: self._reconciles.get((namespace, name), 0) >= t, timeout  # type: ignore[misc]
+                )
+            assert ok, f"{namespace}/{name} was not reconciled again within {timeout} s"
+
+    def resync(self, name: str, namespace: str = "default", *, deep: bool = True) -> None:
+        """What one resync tick does for one job (the timer itself is left at its long default)."""
+        assert self._loop is not None
+        controller = self.controller
+        key = (namespace, name)
+
+        def tick() -> None:
+            if deep:
+                controller._deep.add(key)
+            controller.queue.add_after(key, 0.0)
+
+        self._loop.call_soon_threadsafe(tick)
 
     def stop(self, timeout: float = 20) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
@@ -276,10 +299,27 @@ class OperatorThread:
 
 
 @pytest.fixture()
-def cluster(emulator_server: EmulatorServer, use_kubeconfig: pathlib.Path) -> EmulatorServer:
-    """The emulator with our CRD applied and KUBECONFIG pointing at it."""
+def cluster(
+    emulator_server: EmulatorServer,
+    use_kubeconfig: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> EmulatorServer:
+    """The emulator with our CRD applied, the chart's RBAC enforced for the operator's ServiceAccount, and this
+    process's KUBECONFIG (what the in-process operator uses) carrying that ServiceAccount's token.
+
+    Every request the operator makes is checked against what the installed chart (default values: the
+    cluster-wide install) grants it, and refused with 403 otherwise; the test's own requests are unrestricted.
+    """
     emulator_server.apply_crd(CRDS)
     emulator_server.ensure_namespace("ml")
+    emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
+    operator_config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
+    monkeypatch.setenv("KUBECONFIG", str(operator_config))
+    for module_name in ("kubernetes.config.kube_config", "kubernetes_asyncio.config.kube_config"):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            monkeypatch.setattr(module, "KUBE_CONFIG_DEFAULT_LOCATION", str(operator_config))
     return emulator_server
 
 

@@ -24,6 +24,7 @@ from finetune_operator.controller.runtime import OperatorConfig, make_render, ma
 
 from .emulator import EmulatorServer
 from .emulator.players import PLAYERS, RESOURCE, player
+from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
 from .test_operator_harness import CRDS, EXAMPLE_IMAGE_PREFIXES, EXAMPLES, ftj_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,11 +53,17 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def operator_process(kube_env: dict[str, str], tmp_path: pathlib.Path) -> Iterator[subprocess.Popen[str]]:
-    """``ftctl operator`` in its own process, logging to a file (shown when a test fails)."""
+def operator_process(
+    emulator_server: EmulatorServer, kube_env: dict[str, str], tmp_path: pathlib.Path
+) -> Iterator[subprocess.Popen[str]]:
+    """``ftctl operator`` in its own process as the chart's ServiceAccount (RBAC enforced by the emulator),
+    logging to a file (shown when a test fails); kubectl stays an admin."""
+    emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
+    config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
     # The example runs a worker image of the examples' registry: this install allows it.
     env = dict(
         kube_env,
+        KUBECONFIG=str(config),
         FT_RESYNC_SECONDS="2",
         FT_PROGRESS_INTERVAL_SECONDS="0.5",
         FT_ALLOWED_IMAGE_PREFIXES=",".join(EXAMPLE_IMAGE_PREFIXES),
@@ -155,7 +162,9 @@ def test_kopf_run_module_works_too(
 ) -> None:
     """``kopf run -m finetune_operator.controller.handlers`` is the same operator, configured from env vars."""
     emulator_server.apply_crd(CRDS)
-    env = dict(kube_env, FT_WORKER_IMAGE="registry.example.com/worker:test")
+    emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
+    config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
+    env = dict(kube_env, KUBECONFIG=str(config), FT_WORKER_IMAGE="registry.example.com/worker:test")
     log = (tmp_path / "kopf.log").open("w")
     cmd = [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.controller.handlers", "--standalone", "-A"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)

@@ -246,3 +246,41 @@ def test_a_new_run_without_serving_removes_the_previous_server(
     final = wait_state(cluster, "unserve", "Succeeded")
     assert final["outputs"]["adapters"] == ["/mnt/volumes/outputs/unserve/r2/sft"]
     assert condition(final, "Ready")["status"] == "True" and "endpoint" not in final["outputs"]
+
+
+def _revoke(cluster: EmulatorServer, group: str, resource: str, verb: str) -> None:
+    """Take ``verb`` on ``group``/``resource`` out of the installed ClusterRole (an older or edited chart)."""
+    auth = cluster.emulator.authorizer
+    for obj in auth.objects:
+        if obj["kind"] == "ClusterRole":
+            for rule in obj.get("rules") or []:
+                if group in rule["apiGroups"] and resource in rule["resources"]:
+                    rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+
+
+def test_a_refused_request_is_a_condition_and_one_warning_not_a_silent_retry_loop(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    """The re-run bug on a cluster whose RBAC lacks ``delete`` on Deployments: the 403 is reported in status
+    (Progressing=False, reason Forbidden, the API server's message) with one Warning event, and retried slowly."""
+    cluster.create(minimal("norbac", serve=SERVE))
+    wait_child(cluster, "Job", "norbac-sft")
+    succeed(cluster, "Job", "norbac-sft")
+    cluster.wait_for_object("deployments.apps", "norbac-serve")
+    finish_rollout(cluster, "norbac-serve")
+    wait_state(cluster, "norbac", "Serving")
+
+    _revoke(cluster, "apps", "deployments", "delete")
+    cluster.patch(FTJ, "norbac", {"spec": {"runId": "r2", "serve": {"enabled": False}}})
+    status = cluster.wait_for(
+        lambda: (cond := condition(ftj_status(cluster, "norbac"), "Progressing")).get("reason") == "Forbidden" and cond,
+        message="the refusal never reached status",
+    )
+    assert status["status"] == "False"
+    assert 'cannot delete resource "deployments" in API group "apps"' in status["message"]
+    (denied,) = {(u, r.verb, r.resource) for u, r in cluster.emulator.authorizer.denied}
+    assert denied == ("system:serviceaccount:finetune-system:finetune-operator", "delete", "deployments")
+    operator.wait_reconciled("norbac", times=3)  # resyncs come and go: still one event, no hot loop
+    warnings = [e for e in events(cluster, "norbac") if e[1] == "Forbidden"]
+    assert len(warnings) == 1 and warnings[0][0] == "Warning"
+    assert cluster.get("deployments.apps", "norbac-serve") is not None  # nothing half-done

@@ -26,7 +26,15 @@ from tests.rbac_check import Grant, Permission, Request, evaluate, grants_for, p
 OPERATOR_SA = ("finetune-operator", "finetune-system")
 
 #: Permissions granted although no recorded request used them, each with its reason. Keep it empty if you can.
-ALLOWED_UNUSED: dict[Permission, str] = {}
+_RERUN_UNSERVED = (
+    "deleting the previous run's vLLM Deployment and Service when a new spec.runId disables serving; exercised "
+    "by tests/test_operator_rerun.py::test_a_new_run_without_serving_removes_the_previous_server, under the "
+    "same chart RBAC enforced by the emulator"
+)
+ALLOWED_UNUSED: dict[Permission, str] = {
+    Permission("apps", "deployments", "delete"): _RERUN_UNSERVED,
+    Permission("", "services", "delete"): _RERUN_UNSERVED,
+}
 
 _ADOPTION = (
     "read with a fresh GET only when a create answers 409 AlreadyExists (a lost response or a restart), "

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from finetune_operator.worker.progress import Progress, StatusReporter, TrainerLogFollower, parse_record
+from tests.install_tools import WORKER_SA_NAME, installed_chart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,8 +95,11 @@ def _ftj(name: str) -> dict[str, Any]:
 
 @pytest.fixture()
 def ftj_server(emulator_server: Any) -> Any:
+    """The emulator with a FineTuneJob, and the worker token bound to the chart's finetune-worker ServiceAccount:
+    the reporter gets exactly what the installed chart grants the worker (403 for anything else)."""
     emulator_server.apply_crd(ROOT / "crds")
     emulator_server.create(_ftj("demo"), "default")
+    emulator_server.enforce_rbac(installed_chart(), {"node-0-token": ("default", WORKER_SA_NAME)})
     return emulator_server
 
 
@@ -123,6 +127,25 @@ def test_reporter_patches_only_the_status_subresource(ftj_server: Any, tmp_path:
     writes = [r for r in ftj_server.emulator.request_log if r.verb not in ("get", "list", "watch")]
     ours = [r for r in writes if r.resource == "finetunejobs" and r.verb == "patch"]
     assert ours and all(r.subresource == "status" and r.name == "demo" for r in ours)
+    assert not ftj_server.emulator.authorizer.denied  # the chart's worker Role grants exactly this
+
+
+def test_worker_token_gets_403_outside_its_role(ftj_server: Any, tmp_path: Path) -> None:
+    """The emulator enforces the chart's worker Role: reading or changing the spec is refused as on a cluster."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{ftj_server.url}/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs/demo"
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer node-0-token"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 403
+    body = json.loads(caught.value.read())
+    assert body["kind"] == "Status" and body["reason"] == "Forbidden"
+    assert body["message"] == (
+        'finetunejobs.finetune.dev "demo" is forbidden: User "system:serviceaccount:default:finetune-worker" '
+        'cannot get resource "finetunejobs" in API group "finetune.dev" in the namespace "default"'
+    )
 
 
 def test_reporter_rate_limits_and_flushes(ftj_server: Any, tmp_path: Path) -> None:

@@ -273,6 +273,8 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     #: Where a Service's port answers, for the Service proxy (the test plays kube-proxy): ``(namespace, name,
     #: port) -> 'http://127.0.0.1:N'`` (see :mod:`tests.emulator.proxy`).
     service_backends: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
+    #: RBAC enforcement for the tokens it knows (:class:`tests.emulator.rbac.Authorizer`); None: allow all.
+    authorizer: Any = attrs.field(default=None, init=False)
     state_lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     changed: threading.Condition = attrs.field(init=False)
     loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
@@ -571,6 +573,10 @@ class FidelityEmulator(kmock.KubernetesEmulator):
     ) -> aiohttp.web.StreamResponse:
         data = self._decode(raw, body)
         request = self._kmock_request(raw, route, verb, data, body)
+        if rec is not None and self.authorizer is not None:
+            denied = self.authorizer.check(raw.headers.get('Authorization'), rec)
+            if denied is not None:
+                raise denied
         if rec is not None:
             for hook in list(self.hooks):
                 hook(rec, data)

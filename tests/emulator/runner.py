@@ -296,13 +296,28 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ client configuration
 
-    def kubeconfig(self, path: str | os.PathLike[str], namespace: str = 'default') -> pathlib.Path:
-        """Write a kubeconfig for this server (token auth; any token is accepted)."""
+    def enforce_rbac(self, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, tuple[str, str]]) -> Any:
+        """Enforce the RBAC objects of an install for ``tokens`` (token -> (namespace, ServiceAccount)); other
+        tokens stay unrestricted. Returns the :class:`tests.emulator.rbac.Authorizer` (its ``denied`` list)."""
+        from .rbac import Authorizer
+
+        auth = self.emulator.authorizer
+        if auth is None:
+            auth = self.emulator.authorizer = Authorizer()
+        auth.install(objects)
+        for token, (namespace, account) in tokens.items():
+            auth.bind_token(token, namespace, account)
+        return auth
+
+    def kubeconfig(self, path: str | os.PathLike[str], namespace: str = 'default',
+                   token: str = 'emulator-token') -> pathlib.Path:
+        """Write a kubeconfig for this server (token auth; any token is accepted unless ``enforce_rbac`` bound
+        it to a ServiceAccount)."""
         config = {
             'apiVersion': 'v1',
             'kind': 'Config',
             'clusters': [{'name': 'emulator', 'cluster': {'server': self.url}}],
-            'users': [{'name': 'tester', 'user': {'token': 'emulator-token'}}],
+            'users': [{'name': 'tester', 'user': {'token': token}}],
             'contexts': [{'name': 'emulator',
                           'context': {'cluster': 'emulator', 'user': 'tester', 'namespace': namespace}}],
             'current-context': 'emulator',

@@ -81,58 +81,8 @@ helm.sh/chart: {{ include "finetune-operator.chart" . | quote }}
 {{- end -}}
 {{- end -}}
 
-{{/*
-Rules of the operator on namespaced objects. One definition for the ClusterRole (all-namespaces mode) and
-the per-namespace Roles (watchNamespaces mode), so both modes grant exactly the same. Exactly what the
-operator uses: tests/test_rbac.py records every API request of an operator session (started with this
-chart's arguments) and fails on a request these rules deny and on a permission no request used.
-*/}}
-{{- define "finetune-operator.namespacedRules" -}}
-# FineTuneJobs: kopf lists and watches them; the reconciler reads one, and records the accepted spec in an
-# annotation (patch) before creating the first child.
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
-# Status: state, conditions, stages, outputs.
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status"]
-  verbs: ["patch"]
-# Training workloads of the four backends. Watched (label-selected) to follow them; patched to suspend and
-# resume; deleted and re-created to retry a failed stage.
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["kubeflow.org"]
-  resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["batch.tensorstack.dev"]
-  resources: ["deepspeedjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["trainer.kubeflow.org"]
-  resources: ["trainjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The vLLM Deployment: watched for availability, patched to scale to spec.serve.replicas.
-- apiGroups: ["apps"]
-  resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# Generated LLaMA-Factory configs, the headless Services of multi-node Jobs and the vLLM Service: created
-# once (create-or-get); their content is a function of the accepted spec, so they are never patched.
-- apiGroups: [""]
-  resources: ["configmaps", "services"]
-  verbs: ["get", "create"]
-# Events about FineTuneJobs (stage started/succeeded/retrying, serving, ...).
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-{{- end -}}
-
-{{/* Read-only access to cluster-scoped objects the kopf framework observes. */}}
-{{- define "finetune-operator.clusterRules" -}}
-# kopf watches CustomResourceDefinitions to notice when a watched resource appears or disappears.
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-{{- end -}}
+{{/* The RBAC rules (namespacedRules, clusterRules, namespaceWatchRules, workerRules) are generated into
+_rbac_rules.tpl from the operator's one definition (finetune_operator/controller/rbac.py). */}}
 
 {{/* The web console's labels (component=console: never selected by the operator's Service). */}}
 {{- define "finetune-operator.consoleSelectorLabels" -}}

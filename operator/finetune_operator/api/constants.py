@@ -92,6 +92,7 @@ class Reason:
     PENDING: Final = "Pending"
     RUN_STARTED: Final = "RunStarted"
     ROLLING_OUT: Final = "RollingOut"
+    FORBIDDEN: Final = "Forbidden"
 
 
 class State:

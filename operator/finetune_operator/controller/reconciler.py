@@ -41,6 +41,7 @@ deleted once the operator is uninstalled.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from finetune_operator.api import constants as c
@@ -63,6 +64,8 @@ from finetune_operator.controller.stepping import Evidence, fresh_stage
 from finetune_operator.render.plan import Plan
 
 __all__ = ["EventSink", "Reconciler", "ReconcilerConfig", "_with_deletions"]
+
+log = logging.getLogger(__name__)
 
 #: Kept importable under its old name (tests of the patch builder use it).
 _with_deletions = with_deletions
@@ -91,7 +94,59 @@ class Reconciler(Serving):
                 continue
             except NotFound:
                 return None  # the FineTuneJob was deleted under us
+            except ApiError as exc:
+                if exc.status != 403:
+                    raise
+                return await self._forbidden(namespace, name, exc)
         raise Conflict(409, "Conflict", f"{namespace}/{name}: status kept changing under the operator")
+
+    async def _forbidden(self, namespace: str, name: str, exc: ApiError) -> float:
+        """A request the operator's RBAC does not grant: say so where users look, and retry slowly.
+
+        Retrying at once would only repeat the refusal (a silent hot loop); the fix is an RBAC change, which
+        the next slow retry picks up. The condition is ``Progressing=False`` with reason ``Forbidden`` and the
+        API server's message; the Warning event is posted once per distinct message (the condition is the
+        record of whether it was already said, so a restart does not repeat it).
+        """
+        message = (
+            f"the API server refused a request of the operator: {exc.message or exc} (grant it in the "
+            "operator's RBAC: the chart's rules come from finetune_operator/controller/rbac.py)"
+        )
+        log.warning("%s/%s: %s", namespace, name, message)
+        try:
+            ftj = await self.kube.get(c.API_VERSION, c.KIND, namespace, name)
+            if ftj is None:
+                return self.config.refused_interval
+            ctx = Ctx(ftj, self.clock())
+            conditions = [dict(x) for x in (ftj.get("status") or {}).get("conditions") or []]
+            said = any(
+                x.get("type") == c.ConditionType.PROGRESSING
+                and x.get("reason") == Reason.FORBIDDEN
+                and x.get("message") == message
+                for x in conditions
+            )
+            if not said:
+                generation = ftj["metadata"].get("generation")
+                st.set_condition(
+                    conditions,
+                    c.ConditionType.PROGRESSING,
+                    False,
+                    Reason.FORBIDDEN,
+                    message,
+                    now=ctx.stamp,
+                    generation=generation,
+                )
+                patch = {
+                    "metadata": {"resourceVersion": ftj["metadata"].get("resourceVersion")},
+                    "status": {"conditions": conditions},
+                }
+                ctx.ftj = await self.kube.patch(c.API_VERSION, c.KIND, namespace, name, patch, subresource="status")
+                self._note_own_write(ctx)
+                ctx.events.append(st.Event("Warning", Reason.FORBIDDEN, message))
+                self._post(ctx)
+        except ApiError:
+            log.warning("%s/%s: could not report the refusal in status", namespace, name, exc_info=True)
+        return self.config.refused_interval
 
     async def _reconcile(self, namespace: str, name: str, *, deep: bool) -> float | None:
         ftj = await self.kube.get(c.API_VERSION, c.KIND, namespace, name)
