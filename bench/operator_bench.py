@@ -17,7 +17,12 @@ Phase 2 creates ``--idle`` FineTuneJobs whose first workload is created and then
 every one is Running and one full resync has passed, and reports the operator's RSS.
 
 The operator runs as its own process (``ftctl operator``), exactly as deployed; the emulator runs in this
-process (it shares the machine's cores with the operator, so figures are conservative).
+process (it shares the machine's cores with the operator, so figures are conservative). CPU is reported for
+both, from the first create to the last ``Serving``: the operator's per hand-off, and its share of the total.
+``FT_BENCH_OPERATOR_PYTHON`` runs the operator with another interpreter: one whose environment has only the
+runtime dependencies (``pip install .``) measures the memory of the operator image, without the test tools'
+Kubernetes client libraries that kopf imports whenever they are installed. ``FT_BENCH_PROFILE=FILE`` writes a
+cProfile of the operator per phase (``FILE.pipelines``, ``FILE.idle``).
 """
 
 from __future__ import annotations
@@ -85,10 +90,10 @@ def finetunejob(name: str, namespace: str, *, full: bool) -> dict[str, Any]:
     }
 
 
-def proc_status(pid: int) -> dict[str, int]:
+def proc_status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (peak) of a process, in bytes; CPU seconds (user + system) as ``cpu``."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    out = {"cpu": (int(fields[11]) + int(fields[12])) // os.sysconf("SC_CLK_TCK")}
+    out: dict[str, float] = {"cpu": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
@@ -146,16 +151,20 @@ class Player:
         self._thread.join(10)
 
 
-def start_operator(kubeconfig: pathlib.Path, env_extra: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
+def start_operator(
+    kubeconfig: pathlib.Path, env_extra: dict[str, str], log: pathlib.Path, phase: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, KUBECONFIG=str(kubeconfig), **env_extra)
     code = "from finetune_operator.cli import run; run()"
-    profile = os.environ.get("FT_BENCH_PROFILE")  # write a cProfile of the operator process here
+    python = os.environ.get("FT_BENCH_OPERATOR_PYTHON") or sys.executable
+    profile = os.environ.get("FT_BENCH_PROFILE")  # write a cProfile of the operator process: FILE.<phase>
     if profile:
+        profile = f"{profile}.{phase}"
         code = (
             "import atexit, cProfile; from finetune_operator.cli import run; p = cProfile.Profile(); "
             f"atexit.register(lambda: (p.disable(), p.dump_stats({profile!r}))); p.enable(); run()"
         )
-    cmd = [sys.executable, "-c", code, "operator", "--all-namespaces"]
+    cmd = [python, "-c", code, "operator", "--all-namespaces"]
     return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -189,16 +198,18 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
     ns = "bench"
     server.ensure_namespace(ns)
     player = Player(server, play=True)
-    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": "60"}, tmp / "operator-pipelines.log")
+    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": "60"}, tmp / "operator-pipelines.log", "pipelines")
     try:
         warm_up(server, ns)
         first_request = len(server.emulator.request_log)
+        cpu0, bench_cpu0 = proc_status(proc.pid)["cpu"], time.process_time()
         t0 = time.monotonic()
         for i in range(n):
             server.create(finetunejob(f"ftj-{i:04d}", ns, full=True))
         wait_until(lambda: states(server, ns).get("Serving", 0) >= n, 900, "not every pipeline reached Serving", 0.5)
         total = time.monotonic() - t0
         mem = proc_status(proc.pid)
+        cpu, bench_cpu = mem["cpu"] - cpu0, time.process_time() - bench_cpu0
         # Events are posted after the transitions they describe: let the operator go quiet before counting.
         seen = -1
         while seen != len(server.emulator.request_log):
@@ -221,6 +232,7 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
                 handoffs.append(max(0.0, created - done))
     handoffs.sort()
     verbs = Counter(r.verb for r in log)
+    detail = Counter(f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}" for r in log)
     return {
         "jobs": n,
         "handoffs": len(handoffs),
@@ -229,10 +241,14 @@ def pipelines(n: int, tmp: pathlib.Path) -> dict[str, Any]:
         "handoff_max_s": round(handoffs[-1], 4),
         "total_s": round(total, 2),
         "operator_peak_rss_mb": round(mem["VmHWM"] / 2**20, 1),
-        "operator_cpu_s": mem["cpu"],
-        "bench_process_cpu_s": round(time.process_time(), 1),
+        "operator_cpu_s": round(cpu, 2),
+        "operator_cpu_per_handoff_ms": round(1000 * cpu / max(1, len(handoffs)), 2),
+        "emulator_and_player_cpu_s": round(bench_cpu, 2),
+        "operator_cpu_share": round(cpu / max(1e-9, cpu + bench_cpu), 2),
+        "load_average": os.getloadavg()[0],
         "api_requests_per_job": round(len(log) / n, 1),
         "api_requests_per_job_by_verb": {v: round(c / n, 2) for v, c in sorted(verbs.items())},
+        "api_requests_per_job_by_resource": {v: round(c / n, 2) for v, c in sorted(detail.items())},
     }
 
 
@@ -241,7 +257,7 @@ def idle(n: int, tmp: pathlib.Path, resync: float) -> dict[str, Any]:
     ns = "idle"
     server.ensure_namespace(ns)
     player = Player(server, play=False)
-    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": str(resync)}, tmp / "operator-idle.log")
+    proc = start_operator(kubeconfig, {"FT_RESYNC_SECONDS": str(resync)}, tmp / "operator-idle.log", "idle")
     try:
         warm_up(server, ns)
         t0 = time.monotonic()
@@ -289,7 +305,12 @@ def main() -> int:
     )
     print(f"  total time              {p['total_s']:.1f} s")
     print(f"  operator peak RSS       {p['operator_peak_rss_mb']:.1f} MB")
-    print(f"  CPU seconds             operator {p['operator_cpu_s']}, emulator+player {p['bench_process_cpu_s']}")
+    print(
+        f"  CPU seconds             operator {p['operator_cpu_s']}"
+        f" ({p['operator_cpu_per_handoff_ms']} ms per hand-off),"
+        f" emulator+player {p['emulator_and_player_cpu_s']} (operator share {p['operator_cpu_share']:.0%})"
+    )
+    print(f"  load average (1 min)    {p['load_average']:.1f} at the end")
     print(f"  API requests per job    {p['api_requests_per_job']}  {p['api_requests_per_job_by_verb']}")
     if "idle" in results:
         i = results["idle"]

@@ -124,7 +124,7 @@ def test_enums_and_bounds_from_the_types(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     stage = spec["stages"]["items"]["properties"]
     assert spec["backend"]["enum"] == list(backends.REGISTRY)  # the registry is the one list of backends
-    assert stage["type"]["enum"] == ["pt", "sft", "rm", "dpo", "kto"]
+    assert stage["type"]["enum"] == ["pt", "sft", "rm", "ppo", "dpo", "kto"]
     assert stage["method"]["enum"] == ["full", "freeze", "lora", "qlora"]
     assert stage["deepspeed"]["properties"]["zeroStage"] == {
         "description": "ZeRO stage 0-3.", "maximum": 3, "minimum": 0, "type": "integer"}
@@ -170,7 +170,7 @@ def test_base_spec_matches_the_crd_schema(schema: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("mutate", "where"), [
-    (put("spec.stages[0].type", "ppo"), "spec.stages.0.type"),
+    (put("spec.stages[0].type", "grpo"), "spec.stages.0.type"),
     (put("spec.stages[0].deepspeed", {"zeroStage": 5}), "spec.stages.0.deepspeed.zeroStage"),
     (put("spec.retries", -1), "spec.retries"),
     (put("spec.stages[0].resources.memory", "16GB"), "spec.stages.0.resources.memory"),

@@ -610,6 +610,10 @@ KOPF_OPERATOR = textwrap.dedent("""\
     import kopf
     import kubernetes
 
+    @kopf.on.login()  # explicit: the test runs this operator with a registry of its own (no fallback logins)
+    def login(**kwargs):
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup()
     def configure(settings, **_):
         settings.watching.server_timeout = 30
@@ -638,11 +642,17 @@ KOPF_OPERATOR = textwrap.dedent("""\
 
 
 def test_kopf_operator_smoke(emulator_server: EmulatorServer, widgets: pathlib.Path, use_kubeconfig: pathlib.Path,
-                             tmp_path: pathlib.Path) -> None:
+                             tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> None:
+    import kopf
     from kopf.testing import KopfRunner
 
     operator = tmp_path / 'widget_operator.py'
     operator.write_text(KOPF_OPERATOR)
+    # A registry of its own: kopf's default one is process-wide, and an earlier test in this process may have
+    # imported finetune-operator's handlers into it (they would run here too, with their settings).
+    previous = kopf.get_default_registry()
+    kopf.set_default_registry(kopf.OperatorRegistry())
+    request.addfinalizer(lambda: kopf.set_default_registry(previous))
     with KopfRunner(['run', '--all-namespaces', '--standalone', str(operator)], timeout=60) as runner:
         emulator_server.create(widget('w', size=3))
         child = emulator_server.wait_for_object('configmaps', 'w-child', timeout=20)

@@ -216,6 +216,7 @@ def test_a_run_start_interrupted_before_the_spec_is_accepted_resumes_once(
         lambda: ((s := ftj_status(cluster, "crash")).get("stages") or [{}])[0].get("attempts") == 1 and s
     )
     assert status["run"] == "r2" and condition(status, "SpecAccepted")["status"] == "True"
+    wait_event(cluster, "crash", c.Reason.RUN_STARTED)  # Events are posted after the status write
     assert [e[1] for e in events(cluster, "crash")].count(c.Reason.RUN_STARTED) == 1  # reset once
     succeed(cluster, "Job", "crash-r2-sft")
     assert wait_state(cluster, "crash", "Succeeded")["outputs"]["adapters"] == ["/mnt/volumes/outputs/crash/r2/sft"]

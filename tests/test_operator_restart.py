@@ -166,7 +166,8 @@ async def drive(
 
 @pytest.fixture()
 async def kube(cluster: EmulatorServer, use_kubeconfig: pathlib.Path) -> Any:
-    request, close = await connect(kubeconfig=str(use_kubeconfig))
+    assert use_kubeconfig.is_file()  # exported as $KUBECONFIG, which the login reads
+    request, close = await connect(in_cluster=False)
     yield RestKube(request, backoff=0.01)
     await close()
 

@@ -431,12 +431,14 @@ async def test_queue_dedupes_and_never_runs_a_key_twice_at_once() -> None:
     running: set[str] = set()
     calls: list[str] = []
     gate = asyncio.Event()
+    first_started = asyncio.Event()
 
     async def handler(key: str) -> float | None:
         assert key not in running, "concurrent reconcile of one key"
         running.add(key)
         calls.append(key)
         if len(calls) == 1:
+            first_started.set()
             await gate.wait()
         running.discard(key)
         return None
@@ -445,7 +447,7 @@ async def test_queue_dedupes_and_never_runs_a_key_twice_at_once() -> None:
     q.start()
     try:
         q.add("a")
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(first_started.wait(), 5)  # "a" is being processed now
         for _ in range(5):
             q.add("a")  # arrives while "a" is being processed: one more run afterwards, not five
         q.add("b")
@@ -460,21 +462,22 @@ async def test_queue_dedupes_and_never_runs_a_key_twice_at_once() -> None:
 async def test_queue_requeues_after_errors_with_backoff_and_after_requested_delays() -> None:
     seen: list[str] = []
     errors: list[BaseException] = []
+    third = asyncio.Event()
 
     async def handler(key: str) -> float | None:
         seen.append(key)
         if len(seen) == 1:
             raise RuntimeError("transient")
+        if len(seen) == 3:
+            third.set()
         return 0.01 if len(seen) == 2 else None
 
     q: WorkQueue[str] = WorkQueue(handler, workers=1, backoff=0.01, on_error=lambda k, e: errors.append(e))
     q.start()
     try:
         q.add("x")
-        for _ in range(200):
-            if len(seen) >= 3:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(third.wait(), 5)  # after the error's backoff and the requested delay
+        await asyncio.wait_for(q.wait_idle(), 5)
     finally:
         await q.stop()
     assert seen == ["x", "x", "x"] and [str(e) for e in errors] == ["transient"]

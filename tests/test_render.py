@@ -96,7 +96,9 @@ def _pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_examples_exist() -> None:
-    assert [p.name[:2] for p in EXAMPLES] == ["01", "02", "03", "04", "05", "06", "07"]
+    numbers = [p.name[:2] for p in EXAMPLES]
+    assert {"01", "02", "03", "04", "05", "06", "07"} <= set(numbers)
+    assert len(numbers) == len(set(numbers)), "two examples share a number"
 
 
 def test_golden(example: Path) -> None:
@@ -438,7 +440,9 @@ def test_scheduling_and_kueue() -> None:
         assert node is True, f"{step.name} must be created suspended for Kueue"
         for tpl in _pod_templates(wl):
             spec = tpl["spec"]
-            assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+            # GPU placement only for pods that request GPUs (download and merge use none).
+            gpu = step.kind not in ("download", "merge")
+            assert spec.get("nodeSelector") == ({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} if gpu else None)
             assert spec["priorityClassName"] == "training"
             assert spec["schedulerName"] == "volcano"
     run_policy = plan.step("sft").workload["spec"]["runPolicy"]

@@ -124,7 +124,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("wrong-api-version", put("apiVersion", "finetune.dev/v1"), "apiVersion", "unsupported value"),
     ("wrong-kind", put("kind", "FinetuneJob"), "kind", "FineTuneJob"),
     ("unknown-backend", put("spec.backend", "pytorch"), "spec.backend", "did you mean 'pytorchjob'"),
-    ("unknown-stage-type", put("spec.stages[0].type", "ppo"), "spec.stages[0].type", "unsupported value 'ppo'"),
+    ("unknown-stage-type", put("spec.stages[0].type", "grpo"), "spec.stages[0].type", "unsupported value 'grpo'"),
     ("unknown-method", put("spec.stages[0].method", "dora"), "spec.stages[0].method", "unsupported value"),
     ("unknown-formatting", put("spec.datasets[0].formatting", "openai"), "spec.datasets[0].formatting",
      "sharegpt"),

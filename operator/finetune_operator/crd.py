@@ -64,6 +64,16 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "spec.serve.args[]": {"maxLength": 4096},
     "spec.scheduling.nodeSelector": {"maxProperties": 64},
     "spec.scheduling.nodeSelector{}": {"maxLength": 63},
+    **{
+        f"{step}.nodeSelector{suffix}": bound
+        for step in (
+            "spec.model.downloadScheduling",
+            "spec.stages[].scheduling",
+            "spec.merge.scheduling",
+            "spec.serve.scheduling",
+        )
+        for suffix, bound in (("", {"maxProperties": 64}), ("{}", {"maxLength": 63}))
+    },
     # Bounds for the CEL cost estimate of the "started" check (download + 16 stages + merge + serve fit).
     "status.stages": {"maxItems": 64},
 }
@@ -152,7 +162,7 @@ CEL_RULES: dict[str, list[CelRule]] = {
         (
             f"self.stages.all(s, s.type in {_PREFERENCE} || "
             "s.datasets.all(n, !self.datasets.exists(d, d.name == n && has(d.ranking) && d.ranking)))",
-            "pt, sft and kto stages cannot train on ranking datasets",
+            "pt, sft, ppo and kto stages cannot train on ranking datasets",
             ".stages",
         ),
         (
@@ -160,6 +170,23 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "has(d.columns) && has(d.columns.ktoTag))))",
             "kto stages need datasets with a columns.ktoTag label column",
             ".stages",
+        ),
+        (
+            "self.stages.all(s, !has(s.startFrom) || s.startFrom == 'base' || "
+            "self.stages.exists(t, t.name == s.startFrom))",
+            "startFrom must be base or the name of an earlier stage",
+            ".stages",
+        ),
+        (
+            "self.stages.all(s, !has(s.rewardModel) || !has(s.rewardModel.stage) || "
+            "self.stages.exists(t, t.name == s.rewardModel.stage && t.type == 'rm'))",
+            "rewardModel.stage must name an rm stage",
+            ".stages",
+        ),
+        (
+            "!has(self.merge) || !has(self.merge.stage) || self.stages.exists(t, t.name == self.merge.stage)",
+            "merge.stage must name a stage",
+            ".merge.stage",
         ),
     ],
     # Transition rules at the root, because "started" is in the old object's status: before the operator
@@ -177,6 +204,27 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "stage names download, merge, merged and serve are reserved",
             ".name",
         ),
+        (
+            "self.type == 'ppo' ? has(self.rewardModel) : !has(self.rewardModel)",
+            "ppo stages need a rewardModel, and only they take one",
+            ".rewardModel",
+        ),
+        (
+            "!has(self.reference) || self.type in ['ppo', 'dpo', 'kto']",
+            "reference applies to ppo, dpo and kto stages only",
+            ".reference",
+        ),
+        (
+            "!has(self.startFrom) || self.startFrom != self.name",
+            "a stage cannot start from itself",
+            ".startFrom",
+        ),
+    ],
+    "spec.stages[].rewardModel": [
+        ("has(self.stage) != has(self.volume)", "set exactly one of stage and volume", None),
+    ],
+    "spec.stages[].reference": [
+        ("has(self.stage) != has(self.volume)", "set exactly one of stage and volume", None),
     ],
     "spec.datasets[]": [
         (

@@ -11,10 +11,12 @@ checks) live in :mod:`finetune_operator.validation`, which reports every problem
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from finetune_operator.api.checkpointing import DURATION_PATTERN, MIN_GRACE_SECONDS, parse_duration
 
 # Re-exported: older imports read the patterns from here; api.patterns is their one home.
 from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
@@ -26,7 +28,7 @@ from finetune_operator.api.patterns import ENV_NAME_PATTERN, IMAGE_PATTERN, SERV
 Backend = Literal["job", "pytorchjob", "deepspeedjob", "trainjob"]
 Hub = Literal["huggingface", "modelscope"]
 Formatting = Literal["sharegpt", "alpaca"]
-StageType = Literal["pt", "sft", "rm", "dpo", "kto"]
+StageType = Literal["pt", "sft", "rm", "ppo", "dpo", "kto"]
 Method = Literal["full", "freeze", "lora", "qlora"]
 
 #: Stages trained on preference pairs (``ranking: true`` datasets); the others need plain data.
@@ -65,6 +67,87 @@ class SecretKeyRef(_Model):
     """Key inside the Secret."""
 
 
+class Toleration(_Model):
+    """A pod toleration (as in the Pod API)."""
+
+    key: str | None = Field(default=None, max_length=317)
+    """Taint key."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value (with Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect; all effects when omitted."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class NodeSelectorRequirement(_Model):
+    """A node label requirement (as in the Pod API)."""
+
+    key: str = Field(min_length=1, max_length=317)
+    """Node label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    """How the label is compared with ``values``."""
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
+    """Values (none with Exists/DoesNotExist, one integer with Gt/Lt)."""
+
+
+class NodeSelectorTerm(_Model):
+    """Requirements that must all hold (as in the Pod API)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(min_length=1, max_length=32)
+    """Node label requirements."""
+
+
+class NodeSelector(_Model):
+    """Terms of which at least one must hold."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16)
+    """Alternatives."""
+
+
+class PreferredSchedulingTerm(_Model):
+    """A weighted preference for nodes."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight 1-100."""
+    preference: NodeSelectorTerm
+    """The preferred nodes."""
+
+
+class NodeAffinity(_Model):
+    """Node affinity (as in the Pod API)."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    """Nodes the pod may run on."""
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16
+    )
+    """Nodes the pod prefers."""
+
+
+class Affinity(_Model):
+    """Pod affinity rules; node affinity is what placing training, merge and serving needs."""
+
+    node_affinity: NodeAffinity | None = None
+    """Node affinity."""
+
+
+class StepScheduling(_Model):
+    """Scheduling of one step's pods, merged over ``spec.scheduling``: ``nodeSelector`` keys override the job's,
+    ``tolerations`` are added to the job's, ``affinity`` and ``priorityClassName`` replace the job's."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels this step's pods require (over the job's)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations added to the job's."""
+    affinity: Affinity | None = None
+    """Affinity of this step's pods (replaces the job's)."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of this step's pods (replaces the job's)."""
+
+
 class ModelSpec(_Model):
     """The base model."""
 
@@ -81,6 +164,8 @@ class ModelSpec(_Model):
     """LLaMA-Factory chat template (``qwen``, ``llama3``, ...)."""
     token_secret_ref: SecretKeyRef | None = None
     """Hub token for gated models, passed to the download pod as an environment variable only."""
+    download_scheduling: StepScheduling | None = None
+    """Scheduling of the download pod, over ``spec.scheduling``."""
 
 
 class DatasetColumns(_Model):
@@ -187,13 +272,55 @@ class ResourcesSpec(_Model):
     """Memory request and limit of each pod (a Kubernetes quantity)."""
 
 
+class CheckpointSpec(_Model):
+    """Checkpoints beyond LLaMA-Factory's ``save_steps``: on preemption, and on a clock."""
+
+    every: str | None = Field(default=None, max_length=16, pattern=DURATION_PATTERN)
+    """Also save a checkpoint whenever this much time has passed since the last one (``30m``, ``1h``,
+    ``90s``): an alternative to ``args.save_steps`` whose time per step is hard to guess."""
+    on_preemption: bool = True
+    """On SIGTERM (preemption, eviction, a drained node) the trainer saves a checkpoint at the next step
+    boundary and exits, so that the retry resumes from it; false stops at once (the last ``save_steps``
+    checkpoint is resumed)."""
+    termination_grace_period_seconds: int | None = Field(default=None, ge=MIN_GRACE_SECONDS, le=86400)
+    """The training pods' ``terminationGracePeriodSeconds`` (60 when omitted): time to finish the step in
+    flight and write the checkpoint. Size it to one step plus one checkpoint of your model."""
+
+    @field_validator("every")
+    @classmethod
+    def _every_is_positive(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
+class ModelRef(_Model):
+    """A model a stage uses besides the one it trains: the result of an earlier stage, or a model on a volume.
+    Exactly one of ``stage`` and ``volume``."""
+
+    stage: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """Name of an earlier stage whose result is used (for ``rewardModel``: an ``rm`` stage)."""
+    volume: VolumeRef | None = None
+    """A full model folder on a volume (for ``rewardModel``: a model with a value head, as an ``rm`` stage
+    with method full writes)."""
+
+
 class StageSpec(_Model):
     """One training stage, run by ``llamafactory-cli train``."""
 
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
     """Stage name (DNS label): used in child object names and output paths."""
     type: StageType
-    """LLaMA-Factory stage: pt, sft, rm, dpo or kto (ORPO/SimPO: type dpo with ``args.pref_loss``)."""
+    """LLaMA-Factory stage: pt, sft, rm, ppo, dpo or kto (ORPO/SimPO: type dpo with ``args.pref_loss``)."""
+    start_from: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """What the stage starts from: ``base`` (the base model) or the name of an earlier stage (its result:
+    model plus adapters). Default: the nearest earlier stage that is not ``rm``, else the base model; an
+    ``rm`` stage's reward model is never stacked into a later stage unless named here."""
+    reward_model: ModelRef | None = None
+    """ppo only (required there): the reward model, an earlier ``rm`` stage or a full model on a volume."""
+    reference: ModelRef | None = None
+    """ppo and dpo/kto: the frozen reference model. Default (LLaMA-Factory's): the model the stage starts
+    from (for LoRA, the policy with its adapter disabled)."""
     datasets: list[str] = Field(min_length=1, max_length=32)
     """Names of entries of ``spec.datasets`` to train on."""
     method: Method = "lora"
@@ -204,6 +331,10 @@ class StageSpec(_Model):
     """Generate a DeepSpeed ZeRO config for this stage."""
     resources: ResourcesSpec | None = None
     """Nodes, GPUs, CPU and memory; one node with one GPU when omitted."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of this stage's pods, over ``spec.scheduling``."""
+    checkpoint: CheckpointSpec | None = None
+    """Checkpoint on preemption (on by default) and every N minutes; the pods' grace period."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Any other LLaMA-Factory training argument (``learning_rate``, ``num_train_epochs``, ...). Arguments the
     operator owns (paths, model, dataset, stage, method, template, deepspeed) are rejected here."""
@@ -214,12 +345,16 @@ class MergeSpec(_Model):
 
     enabled: bool = False
     """Run the merge stage after training."""
+    stage: str | None = Field(default=None, min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """The stage whose result is merged (and served): the last stage that is not ``rm`` when omitted."""
     export_size: int = Field(default=5, ge=1, le=100)
     """Shard size of the exported model in GB."""
     export_device: Literal["cpu", "auto"] = "cpu"
     """Device used for merging."""
     resources: ResourcesSpec | None = None
     """CPU/memory of the merge pod (GPUs are not needed with exportDevice cpu)."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of the merge pod, over ``spec.scheduling``."""
 
 
 class EnvVarSource(_Model):
@@ -278,32 +413,22 @@ class ServeSpec(_Model):
     ``PYTHONPATH``, ...) are refused."""
     api_key_secret_ref: SecretKeyRef | None = None
     """A Secret key holding the API key clients must send (vLLM's ``VLLM_API_KEY``); no key when omitted."""
-
-
-class Toleration(_Model):
-    """A pod toleration (as in the Pod API)."""
-
-    key: str | None = Field(default=None, max_length=317)
-    """Taint key."""
-    operator: Literal["Exists", "Equal"] | None = None
-    """Exists or Equal."""
-    value: str | None = Field(default=None, max_length=63)
-    """Taint value (with Equal)."""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect; all effects when omitted."""
-    toleration_seconds: int | None = None
-    """How long a NoExecute taint is tolerated."""
+    scheduling: StepScheduling | None = None
+    """Scheduling of the vLLM pods, over ``spec.scheduling``."""
 
 
 class SchedulingSpec(_Model):
     """Where and how the workloads are scheduled."""
 
     node_selector: dict[str, str] = Field(default_factory=dict)
-    """Node labels every pod requires."""
+    """Node labels every pod requires, except that GPU labels (keys with ``nvidia.com/``, ``amd.com/``, ``gpu``
+    or ``accelerator``) apply only to pods that request GPUs: download and merge pods stay off GPU nodes."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    """Tolerations of every pod."""
+    """Tolerations of every pod (those of GPU taints only for pods that request GPUs)."""
     priority_class_name: str | None = Field(default=None, max_length=253)
     """PriorityClass of every pod."""
+    affinity: Affinity | None = None
+    """Affinity of every pod (a step's own ``scheduling.affinity`` replaces it)."""
     queue_name: str | None = Field(default=None, max_length=63)
     """Kueue LocalQueue: workloads get ``kueue.x-k8s.io/queue-name`` and are created suspended."""
     scheduler_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)

@@ -63,14 +63,16 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        # The login (kopf's, shared by the operator's client) reads $KUBECONFIG. Set before kopf is imported:
+        # the optional plugin-aware loader (kubernetes_asyncio) reads it once, at import.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+
     import kopf
 
     from finetune_operator.controller import handlers
     from finetune_operator.controller.runtime import OperatorConfig
 
-    if args.kubeconfig:
-        # kopf's own login reads $KUBECONFIG; the operator's client is given the file explicitly.
-        os.environ["KUBECONFIG"] = args.kubeconfig
     config = OperatorConfig.from_env(
         kubeconfig=args.kubeconfig,
         metrics_port=args.metrics_port,

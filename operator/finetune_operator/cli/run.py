@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         console.print(f"[red]error:[/red] {escape(str(exc.strerror or exc))}{escape(where)}", highlight=False)
         return EXIT_USAGE
-    if job.spec.serve.enabled and not args.no_serve:
+    if "serve" in result.deferred and not args.no_serve:
         return serve_local(job, opts, result, console)
     return 0
 

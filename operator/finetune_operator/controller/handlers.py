@@ -26,6 +26,10 @@ Settings chosen in :func:`configure`:
   restart meets the same outage, and a crash loop backs off for minutes), so the operator waits it out:
   exponential delays up to ``api_retry_max`` seconds, for as long as the outage lasts, then converges
   (every reconcile is level-based). Our own API client and work queue retry the same way (capped backoff).
+
+Login: one handler, :func:`login`, the same :func:`~finetune_operator.controller.kube.login` the operator's own
+client uses, so kopf's watches and the reconciler's requests run with the same credentials (and kopf does not
+fall back to its sync-client login, which needs the ``kubernetes`` package the operator no longer installs).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ import kopf
 
 from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
+from finetune_operator.controller import kube
 from finetune_operator.controller.runtime import Controller, OperatorConfig
 
 log = logging.getLogger(__name__)
+
 
 #: Key of the :class:`OperatorConfig` in kopf's memo (``ftctl operator`` and tests put one there).
 MEMO_CONFIG = "finetune_config"
@@ -104,13 +110,22 @@ def _controller(memo: Any) -> Controller | None:
     return ctl if isinstance(ctl, Controller) else None
 
 
+def _config(memo: Any) -> OperatorConfig:
+    config = memo.get(MEMO_CONFIG) if hasattr(memo, "get") else None
+    return config if isinstance(config, OperatorConfig) else OperatorConfig.from_env()
+
+
+@kopf.on.login()
+async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials: the same as the operator client's (:func:`~finetune_operator.controller.kube.login`)."""
+    return await kube.login(settings=settings, logger=logger, in_cluster=_config(memo).kubeconfig is None)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config = memo.get(MEMO_CONFIG)
-    if not isinstance(config, OperatorConfig):
-        config = OperatorConfig.from_env()
+    config = _config(memo)
     configure(settings, config)
-    controller = await Controller.create(config)
+    controller = await Controller.create(config, settings=settings)
     controller.start()
     memo[MEMO_CONTROLLER] = controller
     log.info("finetune-operator started (worker image %s, vLLM image %s)", config.worker_image, config.vllm_image)

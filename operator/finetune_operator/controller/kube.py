@@ -1,9 +1,20 @@
-"""A small async Kubernetes REST client for the reconciler: get, create, patch, delete of any kind we own.
+"""The operator's asynchronous Kubernetes client: get, create, patch, delete of any kind we own, as JSON.
 
-Why not the typed ``kubernetes_asyncio`` APIs: the reconciler handles five kinds in three API groups
-generically (rendered dicts in, dicts out), and the typed models would round-trip every object through
-generated classes. We keep ``kubernetes_asyncio`` for what it is good at, configuration and authentication
-(kubeconfig, in-cluster token, exec plugins), and send plain JSON through its ``ApiClient``.
+One client stack: kopf's. The operator authenticates with kopf's own login functions (the in-cluster
+ServiceAccount, then the kubeconfig; :func:`login`), and the same credentials serve kopf's watches (the
+``@kopf.on.login`` handler in :mod:`~finetune_operator.controller.handlers`) and this client, which sends plain
+JSON over an aiohttp session (aiohttp is kopf's HTTP library) built from the public
+:class:`kopf.ConnectionInfo` (``as_ssl_context()``, ``as_http_headers()``).
+
+Why not a generated Kubernetes client: the reconciler handles five kinds in three API groups generically
+(rendered dicts in, dicts out), so typed models would round-trip every object through generated classes, and
+``kubernetes_asyncio``'s REST client sends every request through aiohttp with ``trust_env`` on (a proxy and a
+``~/.netrc`` lookup in a thread per request). Its kubeconfig loader is still what handles a kubeconfig whose
+user needs an exec or auth-provider plugin (cloud CLIs), through kopf's ``login_via_async_client``.
+
+Memory: kopf imports every Kubernetes client library it finds installed (~40 MB for ``kubernetes_asyncio``,
+whose generated models all load at import; 7 MB more for the sync client). The sync client is therefore no
+dependency any more; ``bench/README.md`` measures an operator environment without either.
 
 Errors (a small hierarchy, so callers branch on meaning rather than status codes)::
 
@@ -24,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import importlib.util
 import json
 import logging
 import random
@@ -32,8 +44,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
-import aiohttp.helpers
-import yarl
+import kopf
 
 from finetune_operator.controller.children import PLURALS
 
@@ -159,7 +170,7 @@ class RestKube:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 status, resp_headers, payload = await self._request(method, url, headers, data)
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
                 err: ApiError = Unavailable(0, type(exc).__name__, str(exc))
                 retry_after = None
             else:
@@ -220,53 +231,105 @@ class RestKube:
             await self.call("DELETE", resource_path(api_version, kind, namespace, name), body=body)
 
 
-async def connect(
-    *, kubeconfig: str | None = None, context: str | None = None
-) -> tuple[RequestFn, Callable[[], Awaitable[None]]]:
-    """A request function authenticated like ``kubectl`` (in-cluster first, then kubeconfig), and its closer.
+#: kubeconfig users that kopf's minimal kubeconfig login cannot turn into credentials by itself.
+PLUGIN_USER_KEYS = ("exec", "auth-provider")
 
-    Uses ``kubernetes_asyncio``'s configuration loaders (token files, client certificates, exec plugins and
-    token refresh) and its aiohttp session.
+
+def _has_credentials(info: kopf.ConnectionInfo) -> bool:
+    return bool(info.token or info.username or info.certificate_path or info.certificate_data or info.scheme)
+
+
+async def login(
+    *, settings: kopf.OperatorSettings | None = None, logger: Any = None, in_cluster: bool = True
+) -> kopf.ConnectionInfo:
+    """The operator's credentials, like ``kubectl`` finds them: the in-cluster ServiceAccount first, then the
+    kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``, its current context).
+
+    Both come from kopf's public login functions. A kubeconfig user with an exec or auth-provider plugin yields
+    no credentials there; those are obtained through ``kubernetes_asyncio``'s loader (kopf's
+    ``login_via_async_client``) when that package is installed (it is a dependency; an environment without it
+    gets a warning instead).
+    Called again on a 401 (projected ServiceAccount tokens rotate; plugin tokens expire). ``in_cluster=False``
+    (``ftctl operator --kubeconfig``) skips the ServiceAccount.
     """
-    from kubernetes_asyncio import client, config
+    settings = settings if settings is not None else kopf.OperatorSettings()
+    logger = logger if logger is not None else log
+    info = kopf.login_with_service_account(settings=settings, logger=logger) if in_cluster else None
+    if info is None:
+        info = kopf.login_with_kubeconfig(settings=settings, logger=logger)
+        if info is not None and not _has_credentials(info):
+            if importlib.util.find_spec("kubernetes_asyncio") is None:
+                log.warning(
+                    "the kubeconfig user has no token or certificate; exec/auth-provider plugins need "
+                    "kubernetes_asyncio installed: continuing without credentials"
+                )
+            else:
+                info = await kopf.login_via_async_client(settings=settings, logger=logger) or info
+    if info is None:
+        raise kopf.LoginError("no credentials: not in a cluster (no ServiceAccount token) and no kubeconfig")
+    return info
 
-    configuration = client.Configuration()
-    try:
-        if kubeconfig is not None or context is not None:
-            raise config.ConfigException("explicit kubeconfig")
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-    api = client.ApiClient(configuration)
-    rest = api.rest_client
-    timeout = aiohttp.ClientTimeout(total=60)
-    host = str(configuration.host)
-    # The proxy (if any) is resolved once here. kubernetes_asyncio's session has trust_env=True, which makes
-    # aiohttp look up proxy variables and ~/.netrc in a thread for every single request.
-    proxy: str | None = rest.proxy or None
-    if not proxy:
-        with contextlib.suppress(LookupError):
-            proxy = str(aiohttp.helpers.get_env_proxy_for_url(yarl.URL(host))[0])
-    session = aiohttp.ClientSession(connector=rest.pool_manager.connector, connector_owner=False, trust_env=False)
+
+def _session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
+    # trust_env only when the operator's settings ask for it (kopf's ``networking.trust_env``): with it, aiohttp
+    # looks up proxy variables and ~/.netrc in a thread for every single request.
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+        timeout=aiohttp.ClientTimeout(total=60),
+        headers={"User-Agent": "finetune-operator"},
+    )
+
+
+class _Connection:
+    """The current credentials and their session; replaced (not mutated) after a 401."""
+
+    def __init__(self, info: kopf.ConnectionInfo) -> None:
+        self.info = info
+        self.session = _session(info)
+        self.server = info.server.rstrip("/")
+        self.auth = info.as_http_headers()
+
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        hdrs = {**headers, **self.auth}
+        async with self.session.request(method, self.server + url, headers=hdrs, data=body) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+
+async def connect(
+    *, settings: kopf.OperatorSettings | None = None, in_cluster: bool = True
+) -> tuple[RequestFn, Callable[[], Awaitable[None]]]:
+    """A request function authenticated by :func:`login`, and its closer.
+
+    On a 401 the credentials are obtained again (once for all requests that failed with the same ones: a
+    rotated token file, an expired plugin token) and the request is sent once more with them. Sessions of
+    replaced credentials are closed with the client (requests may still be running on them).
+    """
+    current = _Connection(await login(settings=settings, in_cluster=in_cluster))
+    replaced: list[_Connection] = []
+    relogin = asyncio.Lock()
 
     async def request(
         method: str, url: str, headers: Mapping[str, str], body: bytes | None
     ) -> tuple[int, dict[str, str], bytes]:
-        # Straight to the client's aiohttp session (its TLS context): ApiClient.call_api would walk and
-        # re-serialize every body through the generated-model sanitizer, for nothing.
-        hdrs = dict(headers)
-        await api.update_params_for_auth(hdrs, [], ["BearerToken"])
-        kwargs: dict[str, Any] = {"headers": hdrs, "data": body, "timeout": timeout}
-        if proxy:
-            kwargs["proxy"] = proxy
-        if rest.server_hostname:
-            kwargs["server_hostname"] = rest.server_hostname
-        async with session.request(method, host + url, **kwargs) as resp:
-            return resp.status, dict(resp.headers), await resp.read()
+        nonlocal current
+        used = current
+        answer = await used.send(method, url, headers, body)
+        if answer[0] != 401:
+            return answer
+        async with relogin:
+            if current is used:  # nobody has refreshed them meanwhile
+                log.info("401 from the API server: logging in again")
+                replaced.append(current)
+                current = _Connection(await login(settings=settings, in_cluster=in_cluster))
+        return await current.send(method, url, headers, body)
 
     async def close() -> None:
-        await session.close()
-        await api.close()
+        for conn in (*replaced, current):
+            await conn.session.close()
 
     return request, close
 
@@ -344,6 +407,8 @@ class CachingKube:
         meta = obj.get("metadata") or {}
         uid, rv = str(meta.get("uid") or ""), str(meta.get("resourceVersion") or "")
         current = self._objects.get(key)
+        if current is not None and current[0] == uid and rv and current[1] == rv:
+            return  # the watch's echo of our own write: the same object, already stored
         stale = current is not None and current[0] == uid and rv.isdigit() and current[1].isdigit()
         if stale and current is not None and int(rv) < int(current[1]):
             return  # a late watch event older than what our own write returned
@@ -359,6 +424,14 @@ class CachingKube:
 
     def __len__(self) -> int:
         return len(self._objects)
+
+    def peek(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The cached object, without asking the server (None when not cached): what the watch last said."""
+        entry = self._objects.get(self._key(kind, namespace, name))
+        if entry is None:
+            return None
+        cached: dict[str, Any] = json.loads(entry[2])
+        return cached
 
     # ------------------------------------------------------------------ Kube
 

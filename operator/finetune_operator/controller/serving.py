@@ -85,7 +85,13 @@ class Serving(Stepping):
         existed_before = sst.attempts > 0
         for obj in step.objects:
             meta = obj["metadata"]
-            found = await self.kube.get(obj["apiVersion"], obj["kind"], ctx.namespace, meta["name"])
+            # Serving never started: create straight away instead of reading first (two GETs per pipeline);
+            # a 409 adopts what exists when it is ours (a previous run's Deployment, then rolled below).
+            found = (
+                await self.kube.get(obj["apiVersion"], obj["kind"], ctx.namespace, meta["name"])
+                if existed_before
+                else None
+            )
             if found is not None and not ch.is_ours(found, ctx.uid):
                 raise Blocked(f"{obj['kind']} {meta['name']} exists but is not owned by this FineTuneJob", warn=True)
             if found is None:
@@ -97,7 +103,7 @@ class Serving(Stepping):
                             "Warning", Reason.CHILD_RECREATED, f"{obj['kind']} {meta['name']} was missing; recreated"
                         )
                     )
-            elif (
+            if (
                 obj is step.workload
                 and job.spec.run_id
                 and ((found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) != job.spec.run_id)

@@ -3,10 +3,11 @@
 The pipeline is the one the operator runs, minus Kubernetes: the renderer's config files
 (:func:`finetune_operator.render.config_files`) are generated with a :class:`PathResolver` whose claim roots are
 local folders (``<workdir>/<claim>`` unless ``--volume CLAIM=DIR``), written to
-``<workdir>/.finetune/<job>/config`` (what ``/etc/finetune`` holds in pods), and each step calls the same worker
-function a pod's ``ftctl worker <step>`` calls. So a spec that runs here runs on the cluster with the same
-LLaMA-Factory configs, and the resume/no-op/marker behaviour is the same too: re-running a finished local run
-does nothing; an interrupted one resumes from its last checkpoint.
+``<workdir>/.finetune/<job>/config`` (what ``/etc/finetune`` holds in pods), and the steps of the rendered
+plan run in plan order, each through the handler registered for its kind in :mod:`finetune_operator.local.steps`,
+which calls the same worker function a pod's ``ftctl worker <step>`` calls. So a spec that runs here runs on the
+cluster with the same LLaMA-Factory configs, and the resume/no-op/marker behaviour is the same too: re-running a
+finished local run does nothing; an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,18 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from finetune_operator.api.types import FineTuneJob
-from finetune_operator.errors import WorkerError
-from finetune_operator.render import RenderOptions, config_files, paths, render
-from finetune_operator.render import llamafactory as lf
+from finetune_operator.local import steps
+from finetune_operator.render import RenderOptions, config_files, render
 from finetune_operator.render.plan import PathResolver
-from finetune_operator.worker import progress as wprogress
 from finetune_operator.worker.markers import write_json_atomic
 
 #: Overrides of ``--smoke``: a couple of steps per stage, to check a spec end to end in seconds.
-SMOKE_OVERRIDES = ("max_steps=2", "max_samples=16", "save_steps=1000", "logging_steps=1")
+SMOKE_OVERRIDES: tuple[str, ...] = ("max_steps=2", "max_samples=16", "save_steps=1000", "logging_steps=1")
 
 
 @dataclass
@@ -54,6 +52,8 @@ class LocalResult:
     outputs: dict[str, Any]
     stages: dict[str, dict[str, Any]]
     wall_seconds: float
+    #: Steps handed to a later phase instead of run (``serve``: :func:`serve_local`).
+    deferred: tuple[str, ...] = ()
 
 
 def resolver_for(job: FineTuneJob, opts: LocalOptions) -> PathResolver:
@@ -92,94 +92,44 @@ def _stage_env(base: Mapping[str, str], nproc: int) -> dict[str, str]:
 
 
 def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = None) -> LocalResult:
-    """Run the whole pipeline of ``job`` locally; raises :class:`WorkerError` on the first failed step."""
-    from finetune_operator.worker.download import run_download
-    from finetune_operator.worker.merge import run_merge
-    from finetune_operator.worker.train import run_train
-
+    """Run every step of ``job``'s rendered plan locally, in plan order, each with the handler registered for
+    its kind (:mod:`finetune_operator.local.steps`). A plan with a kind of step that has no local handler is
+    refused before anything runs (:class:`~finetune_operator.local.steps.UnknownStepKind`); a failed step raises
+    its :class:`WorkerError`. Serving is deferred: the result says whether the plan has a serve step, and
+    ``ftctl run`` starts it with :func:`serve_local`."""
     console = console or Console(stderr=True)
     started = time.time()
     resolver = resolver_for(job, opts)
+    plan = render(job, RenderOptions(resolver=resolver))
+    steps.check_plan(plan)
     cfg_dir = write_configs(job, resolver)
     log_dir = cfg_dir.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    base_env = dict(os.environ if opts.environ is None else opts.environ)
-    plan = render(job, RenderOptions(resolver=resolver))
     console.print(f"[bold]{job.name}[/bold]: configs in {cfg_dir}, logs in {log_dir}")
-    stages: dict[str, dict[str, Any]] = {}
-
-    model = job.spec.model
-    if model.source:
-        with console.status(f"download {model.source}"):
-            dl = run_download(
-                source=model.source,
-                model_dir=paths.model_dir(job, resolver),
-                hub=model.hub,
-                revision=model.revision,
-                environ=base_env,
-            )
-        console.print(f"download: {dl.model_dir} ({'fetched' if dl.ran else 'already complete'})")
-
-    overrides = list(SMOKE_OVERRIDES) if opts.smoke else []
-    for stage in job.spec.stages:
-        nproc = opts.nproc or 1
-        env = _stage_env(base_env, nproc)
-        log_file = log_dir / f"{stage.name}.log"
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
-            task = bar.add_task(f"{stage.name} ({stage.type}, {stage.method})", total=None, loss="-")
-
-            def update(p: wprogress.Progress, _task: Any = task, _bar: Progress = bar) -> None:
-                _bar.update(
-                    _task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}" if p.loss is not None else "-"
-                )
-
-            try:
-                res = run_train(
-                    Path(cfg_dir) / f"{stage.name}.yaml",
-                    backend="local",
-                    stage=stage.name,
-                    environ=env,
-                    overrides=overrides,
-                    on_progress=update,
-                    log_file=log_file,
-                    report_status=False,
-                )
-            except WorkerError:
-                console.print(f"[red]stage {stage.name} failed[/red]; last lines of {log_file}:")
-                console.print(_tail(log_file), markup=False, highlight=False)
-                raise
-            if not res.ran:
-                bar.update(task, completed=1, total=1, loss=_fmt(res.summary.get("finalLoss")))
-        stages[stage.name] = {"outputDir": str(res.output_dir), "ran": res.ran, **res.summary}
-        console.print(
-            f"  {stage.name}: {res.output_dir} ({'trained' if res.ran else 'already complete'}, "
-            f"final loss {_fmt(res.summary.get('finalLoss'))})"
-        )
-
-    if (cfg_dir / "merge.yaml").exists() and lf.export_config(job, resolver) is not None:
-        log_file = log_dir / "merge.log"
-        with console.status("merge (llamafactory-cli export)"):
-            try:
-                mr = run_merge(cfg_dir / "merge.yaml", environ=_stage_env(base_env, 1), log_file=log_file)
-            except WorkerError:
-                console.print(f"[red]merge failed[/red]; last lines of {log_file}:")
-                console.print(_tail(log_file), markup=False, highlight=False)
-                raise
-        stages["merge"] = {"outputDir": str(mr.export_dir), "ran": mr.ran, **mr.summary}
-        console.print(f"  merge: {mr.export_dir} ({'merged' if mr.ran else 'already complete'})")
+    run = steps.LocalRun(
+        job=job,
+        resolver=resolver,
+        config_dir=cfg_dir,
+        log_dir=log_dir,
+        base_env=dict(os.environ if opts.environ is None else opts.environ),
+        console=console,
+        env=_stage_env,
+        nproc=opts.nproc or 1,
+        overrides=SMOKE_OVERRIDES if opts.smoke else (),
+    )
+    summaries: dict[str, dict[str, Any]] = {}
+    deferred: list[str] = []
+    for step in plan.steps:
+        outcome = steps.run_step(step, run)
+        if outcome.deferred:
+            deferred.append(step.name)
+        elif outcome.summary is not None:
+            summaries[step.name] = outcome.summary
 
     outputs = dict(plan.outputs)
     outputs.pop("endpoint", None)
     # What status.outputs would say, with local paths: for scripts (and the serve hand-off) to read.
-    write_json_atomic(cfg_dir.parent / "outputs.json", {"outputs": outputs, "stages": stages})
+    write_json_atomic(cfg_dir.parent / "outputs.json", {"outputs": outputs, "stages": summaries})
     console.print("[bold green]done[/bold green] in %.1f s" % (time.time() - started))
     if outputs.get("adapters"):
         console.print("  adapters:     " + ", ".join(outputs["adapters"]))
@@ -187,7 +137,13 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
         console.print(f"  merged model: {outputs['mergedModel']}")
     elif outputs.get("model"):
         console.print(f"  model:        {outputs['model']}")
-    return LocalResult(config_dir=cfg_dir, outputs=outputs, stages=stages, wall_seconds=time.time() - started)
+    return LocalResult(
+        config_dir=cfg_dir,
+        outputs=outputs,
+        stages=summaries,
+        wall_seconds=time.time() - started,
+        deferred=tuple(deferred),
+    )
 
 
 def serve_local(job: FineTuneJob, opts: LocalOptions, result: LocalResult, console: Console) -> int:
@@ -211,17 +167,6 @@ def serve_local(job: FineTuneJob, opts: LocalOptions, result: LocalResult, conso
     if opts.vllm:
         kwargs["vllm_cmd"] = opts.vllm
     return int(local_serve.serve(job, resolver, result.outputs, **kwargs))
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def parse_volumes(items: Sequence[str]) -> dict[str, str]:

@@ -4,8 +4,9 @@ These builders take a :class:`~finetune_operator.render.plan.PathResolver` and r
 operator (paths under ``/mnt/volumes`` and ``/etc/finetune``) and ``ftctl run --local`` (local folders) run
 byte-for-byte the same configuration; only the paths differ.
 
-Stage chaining (each stage starts from the result of the one before; the walk itself is
-:func:`finetune_operator.render.chain.walk`, which validation uses too):
+Stage chaining: each stage starts from the result of the stage it names (``startFrom``) or, by default, of the
+nearest earlier stage that is not ``rm``; the walk itself is :func:`finetune_operator.render.chain.walk`, which
+validation uses too:
 
 * LoRA after LoRA stacks adapters: ``adapter_name_or_path`` = the earlier adapters (in order) and
   ``create_new_adapter: true``. LLaMA-Factory merges the earlier adapters into the weights in memory and trains
@@ -24,10 +25,11 @@ Stage chaining (each stage starts from the result of the one before; the walk it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, StageSpec
+from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, ModelRef, StageSpec
 from finetune_operator.errors import RenderError
 from finetune_operator.render import chain as walker
 from finetune_operator.render import paths
@@ -63,6 +65,11 @@ OWNED_TRAIN_KEYS: frozenset[str] = frozenset(
         "lora_dropout",
         "lora_target",
         "export_dir",
+        "reward_model",
+        "reward_model_type",
+        "reward_model_adapters",
+        "ref_model",
+        "ref_model_adapters",
     }
 )
 
@@ -99,12 +106,14 @@ class Chain:
     """Adapters to apply to ``model``, in order (empty when the last stage was full/freeze)."""
     lora_ranks: tuple[int, ...]
     """LoRA rank of each of ``adapters`` (for vLLM's ``--max-lora-rank``)."""
+    results: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
+    """Each stage's result: (model, adapters), for the models a stage names (reward model, reference)."""
 
 
 def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
     """Walk ``spec.stages`` (:func:`finetune_operator.render.chain.walk`) and give each stage its paths."""
     stages = job.spec.stages
-    walked = walker.walk(stages)
+    walked = walker.walk(stages, job.spec.merge.stage)
     if walked.problems:
         raise RenderError(_problem_text(stages, walked.problems[0]))
     base = paths.model_dir(job, resolver)
@@ -127,11 +136,16 @@ def chain(job: FineTuneJob, resolver: PathResolver) -> Chain:
         model=model(walked.base),
         adapters=tuple(out[a] for a in walked.adapters),
         lora_ranks=walked.ranks,
+        results={
+            stages[i].name: (model(r.base), tuple(out[a] for a in r.adapters)) for i, r in enumerate(walked.results)
+        },
     )
 
 
 def _problem_text(stages: list[StageSpec], problem: walker.ChainProblem) -> str:
     stage = stages[problem.index]
+    if problem.problem is walker.Problem.BAD_REFERENCE:
+        return f"stage {stage.name!r}: {problem.message}"
     if problem.problem is walker.Problem.FULL_AFTER_LORA:
         return (
             f"stage {stage.name!r} ({stage.method}) follows LoRA stage(s): a full/freeze stage cannot "
@@ -204,7 +218,8 @@ def train_config(
 ) -> dict[str, Any]:
     """The ``llamafactory-cli train`` config of one stage (``<stage>.yaml``)."""
     stage = _stage(job, stage_name)
-    inp = (stage_chain or chain(job, resolver)).stages[stage.name]
+    ch = stage_chain or chain(job, resolver)
+    inp = ch.stages[stage.name]
     cfg: dict[str, Any] = dict(DEFAULT_TRAIN_ARGS)
     cfg.update({k: v for k, v in stage.args.items() if k not in OWNED_TRAIN_KEYS})
     cfg.update(
@@ -238,7 +253,45 @@ def train_config(
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:
         cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
+    if stage.reward_model is not None:
+        cfg.update(_reward_model(stage, inp, ch, resolver))
+    if stage.reference is not None:
+        model, adapters = _model_ref(stage.reference, ch, resolver)
+        cfg["ref_model"] = model
+        if adapters:
+            cfg["ref_model_adapters"] = ",".join(adapters)
     return cfg
+
+
+def _model_ref(ref: ModelRef, ch: Chain, resolver: PathResolver) -> tuple[str, tuple[str, ...]]:
+    """(model, adapters) of a model a stage names: an earlier stage's result, or a folder on a volume."""
+    if ref.volume is not None:
+        return resolver.path(ref.volume), ()
+    if ref.stage is None or ref.stage not in ch.results:
+        raise RenderError(f"unknown stage {ref.stage!r} in a model reference")
+    return ch.results[ref.stage]
+
+
+def _reward_model(stage: StageSpec, inp: StageInput, ch: Chain, resolver: PathResolver) -> dict[str, Any]:
+    """PPO's reward model. A LoRA ``rm`` stage trained from exactly what this LoRA policy starts from is loaded
+    as a second adapter on the policy's own weights (``reward_model_type: lora``: no second model in memory);
+    anything else is loaded as a separate model (``full``) with its adapters (``reward_model_adapters``)."""
+    ref = stage.reward_model
+    if ref is None:
+        return {}
+    model, adapters = _model_ref(ref, ch, resolver)
+    if (
+        ref.stage is not None
+        and stage.method in ADAPTER_METHODS
+        and (inp.create_new_adapter or not inp.adapters)
+        and adapters
+        and (model, adapters[:-1]) == (inp.model, inp.adapters)
+    ):
+        return {"reward_model": adapters[-1], "reward_model_type": "lora"}
+    out: dict[str, Any] = {"reward_model": model, "reward_model_type": "full"}
+    if adapters:
+        out["reward_model_adapters"] = ",".join(adapters)
+    return out
 
 
 def export_config(job: FineTuneJob, resolver: PathResolver, *, stage_chain: Chain | None = None) -> dict[str, Any]:

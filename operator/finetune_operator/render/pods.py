@@ -10,7 +10,8 @@ One function builds every pod so that the rules hold everywhere at once:
   capabilities dropped, RuntimeDefault seccomp, read-only root filesystem);
 * ``automountServiceAccountToken: false`` except for pods that report progress: those run as the
   ``finetune-worker`` ServiceAccount, whose Role can only patch ``finetunejobs/status``;
-* the scheduling fields of ``spec.scheduling`` and the standard labels.
+* the scheduling fields of ``spec.scheduling`` merged with the step's own (:mod:`.scheduling`), and the
+  standard labels.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from finetune_operator.api.checkpointing import DEFAULT_GRACE_SECONDS
 from finetune_operator.api.naming import child_name, config_map_name, is_dns_label, short_hash
 from finetune_operator.api.types import FineTuneJob
+from finetune_operator.render import scheduling
 from finetune_operator.render.meta import labels, run_scope
 from finetune_operator.render.plan import CONFIG_DIR, PathResolver
 
@@ -154,21 +157,6 @@ def restricted_pod_context() -> dict[str, Any]:
     }
 
 
-def scheduling_fields(job: FineTuneJob) -> dict[str, Any]:
-    """nodeSelector, tolerations, priorityClassName and schedulerName of ``spec.scheduling``."""
-    sched = job.spec.scheduling
-    out: dict[str, Any] = {}
-    if sched.node_selector:
-        out["nodeSelector"] = dict(sched.node_selector)
-    if sched.tolerations:
-        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
-    if sched.priority_class_name:
-        out["priorityClassName"] = sched.priority_class_name
-    if sched.scheduler_name:
-        out["schedulerName"] = sched.scheduler_name
-    return out
-
-
 @dataclass(frozen=True)
 class PodOptions:
     """Everything that varies between the pods of the pipeline."""
@@ -194,6 +182,7 @@ class PodOptions:
     mount_config: bool = True
     extra_labels: Mapping[str, str] | None = None
     hostname_subdomain: str | None = None
+    termination_grace_seconds: int = DEFAULT_GRACE_SECONDS
 
 
 def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | None = None) -> dict[str, Any]:
@@ -238,7 +227,7 @@ def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | No
         "volumes": volumes,
         "restartPolicy": opts.restart_policy,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": opts.termination_grace_seconds,
     }
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
@@ -249,7 +238,7 @@ def pod_template(job: FineTuneJob, opts: PodOptions, resolver: PathResolver | No
         spec["securityContext"] = restricted_pod_context()
     if opts.hostname_subdomain:
         spec["subdomain"] = opts.hostname_subdomain
-    spec.update(scheduling_fields(job))
+    spec.update(scheduling.pod_fields(job, opts.component, opts.stage, uses_gpu=opts.resources.gpus > 0))
     lbl = labels(job, opts.component, opts.stage)
     if opts.extra_labels:
         lbl.update(opts.extra_labels)

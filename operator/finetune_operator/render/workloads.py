@@ -18,7 +18,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import workload_name
 from finetune_operator.api.types import FineTuneJob, StageSpec
 from finetune_operator.errors import RenderError
-from finetune_operator.render import paths
+from finetune_operator.render import checkpoint, paths
 from finetune_operator.render.meta import (
     COMPONENT_DOWNLOAD,
     COMPONENT_MERGE,
@@ -196,6 +196,7 @@ def train_pod(
     read, write = _train_claims(job, stage)
     env = worker_env(job, stage.name, backend, nproc_per_node=inp.nproc_per_node, redirect_home=restricted)
     env.append({"name": "FT_NNODES", "value": str(inp.nodes)})
+    env += checkpoint.checkpoint_env(stage)
     env += extra_env or []
     return pod_template(
         job,
@@ -215,6 +216,7 @@ def train_pod(
             restricted=restricted,
             read_only_root=restricted,
             hostname_subdomain=subdomain,
+            termination_grace_seconds=checkpoint.grace_seconds(stage),
         ),
         inp.resolver,
     )

@@ -64,4 +64,5 @@ class Context:
     def chain(self) -> tuple[walker.Walk, list[int]]:
         """The adapter walk over the stages, and the wire index of each walked stage."""
         pairs = self.stages()
-        return walker.walk([s for _, s in pairs]), [i for i, _ in pairs]
+        merge = self.spec.merge
+        return walker.walk([s for _, s in pairs], merge.stage if merge is not None else None), [i for i, _ in pairs]

@@ -7,6 +7,10 @@ container's PID 1 (the worker) only; ``llamafactory-cli`` runs torchrun through 
 killed without passing the signal on, leaving orphaned trainers writing to the volume. The child gets its own
 session, and SIGTERM/SIGINT are sent to that whole group; the worker then exits ``128 + signal`` so the pod's
 restart (or the Job's retry) resumes from the last checkpoint.
+
+With a :class:`GracefulStop` (training), the first SIGTERM/SIGINT is not forwarded while the trainer can still
+save: the worker asks it to checkpoint at the next step boundary (:mod:`.preempt`) and forwards the signal only
+when the deadline passes (or at once, when training has not begun and there is nothing to save).
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from typing import IO
 from finetune_operator.errors import DataError, ModelNotFoundError, OutOfMemoryError, TrainingError, WorkerError
 
 TAIL_LINES = 200
+#: Seconds between the forwarded SIGTERM and the SIGKILL of a child that overran its stop deadline.
+KILL_AFTER_SECONDS = 5.0
+
+
+@dataclass
+class GracefulStop:
+    """How to stop a child that can save its work first: ``request()`` asks it to (False: nothing to save, stop
+    it now); the signal is forwarded when ``deadline`` seconds pass without the child exiting."""
+
+    request: Callable[[], bool]
+    deadline: float
 
 
 @dataclass
@@ -68,6 +83,7 @@ def run_child(
     on_line: Callable[[str], None] | None = None,
     cwd: str | None = None,
     on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+    graceful: GracefulStop | None = None,
 ) -> ChildResult:
     """Run ``argv`` in its own session; forward SIGTERM/SIGINT to its process group; return how it ended.
 
@@ -91,10 +107,26 @@ def run_child(
     if on_start is not None:
         on_start(proc)
 
+    timers: list[threading.Timer] = []
+
+    def kill_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def overran() -> None:
+        kill_group(signal.SIGTERM)
+        timers.append(threading.Timer(KILL_AFTER_SECONDS, kill_group, (signal.SIGKILL,)))
+        timers[-1].daemon = True
+        timers[-1].start()
+
     def forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+        if graceful is not None and len(received) == 1 and graceful.request():
+            timers.append(threading.Timer(graceful.deadline, overran))
+            timers[-1].daemon = True
+            timers[-1].start()
+            return
+        kill_group(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     previous: dict[signal.Signals, object] = {}
     if threading.current_thread() is threading.main_thread():
@@ -120,6 +152,8 @@ def run_child(
         proc.wait()
         raise
     finally:
+        for timer in timers:
+            timer.cancel()
         if log is not None:
             log.close()
         for sig, handler in previous.items():

@@ -9,8 +9,9 @@ Reports go to:
 * the log, as one readable line per logged step (what ``kubectl logs`` shows);
 * the FineTuneJob's ``status.reported.<stage>`` with a JSON merge PATCH of the ``status`` subresource, rate
   limited, from rank 0 only. The worker's ServiceAccount may patch ``finetunejobs/status`` and nothing else, and
-  the request goes nowhere else. Plain HTTP with the pod's token: no Kubernetes client in the training image.
-  A failing report is logged and never stops training.
+  the request goes nowhere else. One PATCH with the pod's token through aiohttp, the HTTP library the operator
+  uses too (no Kubernetes client library anywhere in the images). A failing report is logged and never stops
+  training.
 
 Environment: ``FT_JOB_NAME``, ``FT_JOB_NAMESPACE`` (which object), ``KUBERNETES_SERVICE_HOST``/``PORT`` and the
 ServiceAccount files (the in-cluster API), overridable for tests and out-of-cluster use with ``FT_KUBE_API``
@@ -20,6 +21,7 @@ default 15).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -27,14 +29,14 @@ import os
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from finetune_operator.api import constants as c
 
@@ -255,27 +257,38 @@ class StatusReporter:
 
     def _patch(self, progress: Progress) -> bool:
         body = json.dumps({"status": {"reported": {self.stage: progress.to_status()}}}).encode()
-        req = urllib.request.Request(self.url, data=body, method="PATCH")
-        req.add_header("Content-Type", "application/merge-patch+json")
-        req.add_header("Accept", "application/json")
-        req.add_header("User-Agent", self.user_agent)
+        headers = {
+            "Content-Type": "application/merge-patch+json",
+            "Accept": "application/json",
+            "User-Agent": self.user_agent,
+        }
         token = _read(self.token_file) if self.token_file else None  # re-read: projected tokens rotate
         if token:
-            req.add_header("Authorization", f"Bearer {token}")
+            headers["Authorization"] = f"Bearer {token}"
         try:
-            with urllib.request.urlopen(req, timeout=10, context=self._context) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403, 404):
+            status, reason = asyncio.run(self._send(body, headers))
+        except (OSError, ValueError, TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("progress report to %s failed: %s", self.url, exc)
+            return False
+        if not 200 <= status < 300:
+            if status in (401, 403, 404):
                 # Not allowed or no such object: it will not get better; stop asking (and stop logging).
                 self._disabled = True
-            log.warning("progress report to %s failed: HTTP %s %s", self.url, exc.code, exc.reason)
-            return False
-        except (OSError, ValueError) as exc:
-            log.warning("progress report to %s failed: %s", self.url, exc)
+            log.warning("progress report to %s failed: HTTP %s %s", self.url, status, reason)
             return False
         self.sent += 1
         return True
+
+    async def _send(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+        # A session per report: reports are seconds apart, and this runs in the monitor's thread, which has no
+        # event loop of its own between reports.
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.patch(self.url, data=body, headers=headers, ssl=self._context or True) as resp,
+        ):
+            await resp.read()
+            return resp.status, str(resp.reason or "")
 
 
 class ProgressMonitor:

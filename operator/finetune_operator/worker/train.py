@@ -9,8 +9,10 @@
    ``overwrite_output_dir`` is false. Checkpoints cut short by a kill (no ``trainer_state.json``) are moved aside
    so that the resume starts from the last *complete* one; an output folder with leftovers but no checkpoint
    (killed before the first save) would make LLaMA-Factory refuse to start, so the run then overwrites it.
-4. Launch ``llamafactory-cli train`` with the backend's distributed environment (:mod:`.envmap`), forward
-   SIGTERM, follow progress (:mod:`.progress`).
+4. Launch LLaMA-Factory's training (through :mod:`.lfentry`, which adds the checkpoint callback) with the
+   backend's distributed environment (:mod:`.envmap`), follow progress (:mod:`.progress`). On SIGTERM the
+   trainer saves a checkpoint at the next step boundary and exits (:mod:`.preempt`); the signal is forwarded to
+   the process group only when that does not finish within the pod's grace period.
 5. Rank 0 writes ``.finetune-complete.json`` with a summary (final loss, steps, runtime).
 """
 
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,8 +35,8 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import datacheck, envmap, markers
-from finetune_operator.worker.process import ChildResult, check_file, child_path, diagnose, lf_command, run_child
+from finetune_operator.worker import datacheck, envmap, markers, preempt
+from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
 log = logging.getLogger("finetune_operator.worker.train")
@@ -213,12 +216,9 @@ def run_train(
     env = envmap.apply_env(env_in, launch.env)
     env["PATH"] = child_path(env)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if launch.mode == "direct":
-        # An outer launcher (DeepSpeed's) made this process one rank: run LLaMA-Factory's entry point in it,
-        # never its launcher (which would start torchrun again on a multi-GPU node).
-        argv = [sys.executable, "-m", "llamafactory.launcher", str(cfg_path), *extra, *overrides]
-    else:
-        argv = lf_command("train", str(cfg_path), [*extra, *overrides])
+    # One entry point for every mode: in "direct" mode (an outer launcher, DeepSpeed's, made this process one
+    # rank) FORCE_TORCHRUN is absent and it trains in place; in "torchrun" mode it starts torchrun itself.
+    argv = [sys.executable, "-m", "finetune_operator.worker.lfentry", str(cfg_path), *extra, *overrides]
     log.info(
         "stage %s: %s launch, %d node(s) x %d process(es), node rank %d%s",
         stage,
@@ -245,8 +245,28 @@ def run_train(
     started = time.time()
     poll = env_in.get("FT_PROGRESS_POLL")
     monitor = ProgressMonitor(output_dir, callbacks, poll_interval=float(poll) if poll else None)
-    with monitor:
-        result: ChildResult = run_child(argv, env, echo=echo, log_file=log_file, on_start=on_start)
+    with contextlib.ExitStack() as stack:
+        control_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-control-"))
+        env[preempt.CONTROL_DIR_ENV] = control_dir
+        control = preempt.Control(Path(control_dir))
+        graceful = None
+        if preempt.enabled(env_in):
+
+            def _request() -> bool:
+                if not control.training_started():
+                    return False  # nothing to save yet: stop now
+                log.warning("stage %s: stop requested; the trainer saves a checkpoint at the next step", stage)
+                control.request_stop()
+                return True
+
+            graceful = GracefulStop(request=_request, deadline=preempt.stop_deadline(env_in))
+        with monitor:
+            result: ChildResult = run_child(
+                argv, env, echo=echo, log_file=log_file, on_start=on_start, graceful=graceful
+            )
+        saved_at = control.preempted_step()
+    if saved_at is not None:
+        log.warning("stage %s: checkpoint-%d saved on preemption", stage, saved_at)
     last = monitor.follower.last
     if reporter is not None:
         if result.returncode == 0 and last is not None:

@@ -6,6 +6,7 @@ module             decides
 =================  ===============================================================================
 ``names``          job/namespace names, unique stage and dataset names, ``runId``
 ``stages``         DeepSpeed offload, stage datasets (declared, ranking or not), LoRA block, adapter chain
+``graph``          models a stage names: ppo's reward model, references, ``merge.stage``
 ``datasets``       columns and tags per formatting, ranking pair columns
 ``volumes``        ``subPath`` inside its claim
 ``model``          template, hub id, token Secret reference
@@ -25,6 +26,7 @@ from finetune_operator.validation.rules import (
     arguments,
     backend,
     datasets,
+    graph,
     model,
     names,
     policy,
@@ -36,6 +38,6 @@ from finetune_operator.validation.rules import (
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, datasets, volumes, model, resources, serve, scheduling, backend, arguments, policy)
+ORDER = (names, stages, graph, datasets, volumes, model, resources, serve, scheduling, backend, arguments, policy)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))

@@ -5,7 +5,8 @@ Decisions:
 - ``kto`` stages take plain (non-ranking) datasets with a ``columns.ktoTag`` boolean column (LLaMA-Factory
   loads kto data with ``stage="kto"`` and refuses ranking data); ``rm``/``dpo`` need ``ranking: true``.
 - ``nodes > 1`` with backend ``job`` is valid: it becomes an Indexed Job with a headless Service.
-- A ``full``/``freeze`` stage cannot follow a LoRA stage, and a ``qlora`` or ZeRO-3 LoRA stage continues the
+- ``startFrom`` names ``base`` or an earlier stage (no cycles); an ``rm`` stage is skipped by default.
+- A ``full``/``freeze`` stage cannot start from a LoRA stage, and a ``qlora`` or ZeRO-3 LoRA stage continues the
   single earlier adapter: the walk is :func:`finetune_operator.render.chain.walk`, shared with the renderer.
 - ``qlora`` with DeepSpeed ZeRO-3 is valid: LLaMA-Factory supports 4-bit bitsandbytes models under ZeRO-3
   (it refuses only 8-bit, HQQ and EETQ there).
@@ -119,11 +120,14 @@ def stage_chain_is_loadable(ctx: Context) -> Iterator[FieldError]:
     for problem in walked.problems:
         method = stages[problem.index][1].method
         path = f"spec.stages[{index[problem.index]}].method"
-        if problem.problem is walker.Problem.FULL_AFTER_LORA:
+        if problem.problem is walker.Problem.BAD_REFERENCE:
+            yield FieldError(f"spec.stages[{index[problem.index]}].startFrom", problem.message)
+        elif problem.problem is walker.Problem.FULL_AFTER_LORA:
             yield FieldError(
                 path,
                 f"a {method} stage cannot start from the LoRA adapters of earlier stages (LLaMA-Factory loads "
-                "adapters only for LoRA training): use method lora, or put full/freeze stages first",
+                "adapters only for LoRA training): use method lora, or put full/freeze stages first (or start it "
+                "from a full model with startFrom)",
             )
         else:
             why = "qlora (4-bit base)" if method == "qlora" else "ZeRO-3"
