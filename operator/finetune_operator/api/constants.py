@@ -93,6 +93,12 @@ class Reason:
     RUN_STARTED: Final = "RunStarted"
     ROLLING_OUT: Final = "RollingOut"
     FORBIDDEN: Final = "Forbidden"
+    #: Pre-flight: a stage's estimated per-GPU peak exceeds its GPU's memory.
+    WILL_NOT_FIT: Final = "WillNotFit"
+    #: Pre-flight: a dataset is unreadable or a stage has no valid sample.
+    INVALID_DATA: Final = "InvalidData"
+    #: Pre-flight passed (or only warned): the plan is in status.plan.
+    PLANNED: Final = "Planned"
 
 
 class State:

@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("validate", "validate", "check FineTuneJob files and print every error with its field path"),
     ("render", "render", "render every manifest of a FineTuneJob's pipeline (offline, deterministic)"),
     ("crd", "crd", "print the FineTuneJob CustomResourceDefinition generated from the API types"),
+    ("plan", "plan", "estimate per-GPU memory, check the data, count steps and time for every stage"),
     ("run", "run", "run a FineTuneJob on this machine (--local) with the same worker code"),
     ("plot", "plot", "write a stage's loss curve as a PNG (from a stage folder or a job's status)"),
     ("chat", "chat", "chat with a FineTuneJob's served model in the terminal (streaming)"),

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -150,22 +150,12 @@ class ApiEventSink:
     kopf's own ``kopf.event`` only works inside kopf's per-object handler tasks, and reconciles run in the
     work queue's tasks, so the operator posts its events itself (same format, ``reportingComponent``
     ``finetune-operator``; RBAC: create on events). Events are informational: a reconcile never waits for
-    one, and under load they wait for the API calls that move pipelines forward instead of competing with
-    them: ``posters`` at a time, and each batch first waits (at most ``max_delay`` seconds) until
-    ``yield_to()`` returns, which the controller makes "the work queue is idle". A burst of 200 hand-offs then
-    finishes before its 400 Events are posted (a quarter of the operator's API calls, measured in
-    ``bench/operator_bench.py``), and under sustained load every backlog is still posted within ``max_delay``.
+    one, and under load they queue behind the API calls that move pipelines forward (``posters`` at a time)
+    instead of competing with them.
     """
 
     def __init__(
-        self,
-        kube: Kube,
-        *,
-        component: str = c.MANAGER,
-        instance: str | None = None,
-        posters: int = 2,
-        yield_to: Callable[[], Awaitable[Any]] | None = None,
-        max_delay: float = 2.0,
+        self, kube: Kube, *, component: str = c.MANAGER, instance: str | None = None, posters: int = 2
     ) -> None:
         self.kube = kube
         self.component = component
@@ -173,8 +163,6 @@ class ApiEventSink:
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
         self._posters = posters
         self._tasks: list[asyncio.Task[None]] = []
-        self._yield_to = yield_to
-        self.max_delay = max_delay
 
     def __call__(self, obj: Mapping[str, Any], type: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}
@@ -213,23 +201,12 @@ class ApiEventSink:
     async def _post_loop(self) -> None:
         while True:
             event = await self._queue.get()
-            if self._yield_to is not None:  # once per batch: what is queued meanwhile goes out with it
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._yield_to(), self.max_delay)
-            while True:
-                await self._post(event)
-                try:
-                    event = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-
-    async def _post(self, event: dict[str, Any]) -> None:
-        try:
-            await self.kube.create(event)
-        except Exception as exc:  # an event is informational: log and go on
-            log.warning("could not post event %s: %s", event["reason"], exc)
-        finally:
-            self._queue.task_done()
+            try:
+                await self.kube.create(event)
+            except Exception as exc:  # an event is informational: log and go on
+                log.warning("could not post event %s: %s", event["reason"], exc)
+            finally:
+                self._queue.task_done()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Post what is queued (up to ``timeout``), then stop."""
@@ -249,8 +226,7 @@ class Controller:
         self.config = config
         self.cache = CachingKube(kube)
         kube = self.cache
-        # Events are not read (uncached), and posted when reconciles leave room (see ApiEventSink).
-        self.events = events if events is not None else ApiEventSink(kube, yield_to=lambda: self.queue.wait_idle())
+        self.events = events if events is not None else ApiEventSink(kube)  # uncached: events are not read
         self.reconciler = Reconciler(
             kube,
             validate=make_validate(config),

@@ -3,7 +3,7 @@
 1. A stage whose output folder has the completion marker is done: exit 0 without touching anything (a retried
    pod, a re-run of ``ftctl run --local``).
 2. Check inputs before paying for a launch: the model (and earlier adapters, and the tokenizer) and every
-   dataset file of the stage (every row parses, the named columns exist: :mod:`.datacheck`), with errors that
+   dataset file of the stage (every row parses, the named columns exist: :mod:`.inputcheck`), with errors that
    name the file and line (exit 3 bad data, 4 missing model).
 3. Resume: LLaMA-Factory resumes from the last ``checkpoint-*`` of ``output_dir`` by itself when
    ``overwrite_output_dir`` is false. Checkpoints cut short by a kill (no ``trainer_state.json``) are moved aside
@@ -35,7 +35,7 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import datacheck, envmap, markers, preempt
+from finetune_operator.worker import envmap, inputcheck, markers, preempt
 from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
@@ -92,7 +92,7 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
             f"base model not found: {model} has no config.json (download it first, or fix spec.model.volume)"
         )
     if os.path.isabs(model):
-        datacheck.check_tokenizer(Path(model))
+        inputcheck.check_tokenizer(Path(model))
     for adapter in str(cfg.get("adapter_name_or_path") or "").split(","):
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"adapter of an earlier stage not found: {adapter} has no adapter_config.json")
@@ -116,7 +116,7 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
             continue  # hub datasets (hf_hub_url, ...) are LLaMA-Factory's business
         path = check_file(os.path.join(dataset_dir, str(file_name)), f"dataset {name!r}")
         if path.is_file():
-            datacheck.check_dataset_file(path, name, entry)
+            inputcheck.check_dataset_file(path, name, entry)
 
 
 def resume_overrides(cfg: Mapping[str, Any], output_dir: Path, *, primary: bool) -> list[str]:
