@@ -4,10 +4,13 @@ fail at pod start. Each case names the field and a word of the reason (and faile
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from finetune_operator.cli import main
 from finetune_operator.controller.runtime import OperatorConfig, make_validate
 from finetune_operator.errors import SpecError
 from finetune_operator.render import render
@@ -209,3 +212,13 @@ def test_the_operator_enforces_the_image_allowlist_itself() -> None:
     make_validate(OperatorConfig.from_env({"FT_ALLOWED_IMAGES": "*"}))(obj)
     # offline (ftctl) validation does not know the cluster's list
     validate(obj)
+
+
+def test_ftctl_refuses_trust_remote_code_unless_allowed(tmp_path: Path) -> None:
+    obj = base()
+    put("spec.stages[0].args.trust_remote_code", True)(obj)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(obj), encoding="utf-8")
+    for command in ("validate", "render"):
+        assert main([command, "-f", str(path)]) == 1
+        assert main([command, "-f", str(path), "--allow-trust-remote-code"]) == 0

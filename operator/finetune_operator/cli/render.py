@@ -24,7 +24,7 @@ from finetune_operator.errors import RenderError, SpecError
 from finetune_operator.render import RenderOptions, render
 from finetune_operator.render.dump import to_yaml_documents
 from finetune_operator.render.plan import Plan
-from finetune_operator.validation import load_documents, validate
+from finetune_operator.validation import Policy, load_documents, validate
 from finetune_operator.validation.files import duplicate_names, finetune_jobs, is_finetune_job
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -35,6 +35,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", metavar="DIR", help="write one file per step into DIR")
     parser.add_argument("--worker-image", help="worker image when spec.image is not set")
     parser.add_argument("--vllm-image", help="vLLM image when spec.serve.image is not set")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if i in duplicates:
                 raise SpecError(duplicates[i])
-            job = validate(doc)
+            job = validate(doc, Policy(allow_trust_remote_code=args.allow_trust_remote_code))
             plans.append((job, render(job, options)))
         except SpecError as exc:
             print(f"{where}: {exc.render()}", file=sys.stderr)

@@ -24,7 +24,7 @@ EXIT_INVALID, EXIT_USAGE = 1, 2
 
 def _run(args: argparse.Namespace) -> int:
     from finetune_operator.local.runner import LocalOptions, parse_volumes, run_local, serve_local
-    from finetune_operator.validation import load_documents, validate
+    from finetune_operator.validation import Policy, load_documents, validate
     from finetune_operator.validation.files import finetune_jobs
 
     console = Console(stderr=True, soft_wrap=True)  # paths stay on one line (copyable)
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         if len(docs) != 1:
             console.print(f"ftctl run: {files[0]} must hold exactly one {KIND} (found {len(docs)})")
             return EXIT_INVALID
-        job = validate(docs[0])
+        job = validate(docs[0], Policy(allow_trust_remote_code=args.allow_trust_remote_code))
     except OSError as exc:
         console.print(f"ftctl run: cannot read {files[0]}: {exc.strerror or exc}")
         return EXIT_USAGE
@@ -116,4 +116,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--smoke", action="store_true", help="two steps per stage, and a one-request smoke test of the served model"
     )
     parser.add_argument("--no-serve", action="store_true", help="stop after training and merging")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.set_defaults(func=_run)

@@ -20,7 +20,7 @@ from typing import Any
 
 from finetune_operator.api.constants import KIND
 from finetune_operator.errors import FieldError, SpecError
-from finetune_operator.validation import check, load_documents
+from finetune_operator.validation import OFFLINE, Policy, check, load_documents
 from finetune_operator.validation.files import duplicate_names, finetune_jobs
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -55,7 +55,7 @@ class _Result:
         return out
 
 
-def _check_file(path: str, *, from_dir: bool) -> list[_Result]:
+def _check_file(path: str, *, from_dir: bool, policy: Policy = OFFLINE) -> list[_Result]:
     try:
         docs = load_documents(path)
     except OSError as exc:
@@ -69,7 +69,7 @@ def _check_file(path: str, *, from_dir: bool) -> list[_Result]:
         return [] if from_dir else [_Result(path, None, None, errors=[FieldError("<file>", f"no {KIND} found")])]
     results = []
     for i, doc in jobs:
-        _, errors = check(doc)
+        _, errors = check(doc, policy)
         errors = [*duplicates.get(i, []), *errors]
         meta = doc.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
@@ -104,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
     results: list[_Result] = []
     for arg in [*args.files, *args.more]:
         for path, from_dir in _expand(arg):
-            file_results = _check_file(path, from_dir=from_dir)
+            file_results = _check_file(
+                path, from_dir=from_dir, policy=Policy(allow_trust_remote_code=args.allow_trust_remote_code)
+            )
             results.extend(file_results)
             if args.output == "text":
                 for result in file_results:
@@ -126,5 +128,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="FineTuneJob YAML file or directory (multi-document allowed; '-' reads stdin); repeatable",
     )
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="report format")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.add_argument("more", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)
