@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv with finetune-operator, its `train` extra (LLaMA-Factory on CPU) and its `dev` extra.
+# Create ./.venv with finetune-operator, its `train` extra (LLaMA-Factory on CPU), `publish` and `dev` extras.
 #
 # Why not a plain `pip install -e '.[train,dev]'`:
 #  * llamafactory==0.9.5 is installed with --no-deps: its own requirements pull gradio, torchvision and a
@@ -18,7 +18,10 @@ command -v "$PY" >/dev/null || PY=python3
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 pip install torch==2.13.0
 pip install --no-deps llamafactory==0.9.5
-pip install -e '.[train,dev]'
+pip install -e '.[train,publish,dev]'
+# boto3 for S3 publishing, without its dependency pins: botocore requires python-dateutil<3, the Kubernetes
+# client >=3 (botocore works with both). images/Dockerfile installs the same pins the same way.
+pip install --no-deps boto3==1.44.5 botocore==1.44.8 s3transfer==0.19.3
 pip install --no-deps torchaudio==2.11.0
 rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
 echo "ready: $(pwd)/.venv ($(.venv/bin/python -c 'import torch, llamafactory; print("torch", torch.__version__, "llamafactory", llamafactory.__version__)' 2>/dev/null | tail -1))"

@@ -209,7 +209,8 @@ def record_session(mode: str) -> Session:
             env = server.env(server.kubeconfig(tmp / "kubeconfig", token=OPERATOR_TOKEN))
             env.update(chart_env)
             # Small intervals so that the scenario waits for events, not for timers.
-            env.update({"FT_RESYNC_SECONDS": "0.5", "FT_PROGRESS_INTERVAL_SECONDS": "0.2", "PYTHONUNBUFFERED": "1"})
+            # Default (long) resync: every reaction the scenario waits for must come from a watch.
+            env.update({"FT_PROGRESS_INTERVAL_SECONDS": "0.2", "PYTHONUNBUFFERED": "1"})
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
             player = Player(server)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 import celpy
+import pydantic
 import pytest
 from celpy import celtypes
 
-from finetune_operator.api.types import Backend
+from finetune_operator.api.types import Backend, FineTuneJobSpec, SecretKeyRef
 from finetune_operator.render import render
 from finetune_operator.validation import validate
 from tests.install_tools import find_helm, render_chart
@@ -195,3 +196,44 @@ def test_every_backend_has_a_workload_kind_in_the_policy(chart: dict[str, dict[s
         group = workload["apiVersion"].rpartition("/")[0]
         resource = workload["kind"].lower() + "s"
         assert [[group, resource]] == [[str(x) for x in pair] for pair in table[backend]], backend
+
+
+def _secret_fields(model: type[pydantic.BaseModel], parent: str, seen: frozenset[type] = frozenset()) -> list[str]:
+    """``parent.field`` (wire names) of every SecretKeyRef field reachable from ``model``."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        alias = info.alias or name
+        for member in _flatten(info.annotation):
+            if member is SecretKeyRef:
+                out.append(f"{parent}.{alias}")
+            elif isinstance(member, type) and issubclass(member, pydantic.BaseModel) and member not in seen:
+                out.extend(_secret_fields(member, alias, seen | {model}))
+    return out
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    args = get_args(annotation)
+    return [m for a in args for m in _flatten(a)] if args else [annotation]
+
+
+def test_every_secret_reference_of_the_api_is_checked(chart: dict[str, dict[str, Any]]) -> None:
+    """A new SecretKeyRef field in the API must be added to the policy, or an author could have the operator
+    mount a Secret they cannot read."""
+    variables = {v["name"]: v["expression"] for v in chart["ValidatingAdmissionPolicy"]["spec"]["variables"]}
+    text = " ".join(variables[k] for k in ("secrets", "publishSecrets")).replace("\n", " ")
+    fields = _secret_fields(FineTuneJobSpec, "spec")
+    assert len(fields) >= 10
+    missing = [f for f in fields if f not in text]
+    assert missing == []
+
+
+def test_tracking_and_publish_credentials_are_checked(chart: dict[str, dict[str, Any]]) -> None:
+    spec = job(tracking={"wandb": {"project": "p", "apiKeySecretRef": {"name": "wandb-key", "key": "k"}}})
+    assert admit(chart, spec, EDITOR) == ["spec references Secret wandb-key, which the requester may not get"]
+    destinations = [
+        {"name": "hub", "huggingface": {"repoId": "org/m", "tokenSecretRef": {"name": "hf-token", "key": "token"}}},
+        {"name": "s3", "s3": {"bucket": "models", "secretAccessKeySecretRef": {"name": "aws-prod", "key": "k"}}},
+    ]
+    spec = job(merge={"enabled": True}, publish={"destinations": destinations})
+    assert admit(chart, spec, EDITOR) == ["spec references Secret aws-prod, which the requester may not get"]
+    assert admit(chart, spec, EDITOR | {("", "secrets", "ml", "aws-prod", "get")}) == []

@@ -97,7 +97,7 @@ def test_trainjob_overrides_the_vendored_runtime() -> None:
     assert all(m["name"] in volumes for m in mounts.values())
     assert mounts["/mnt/volumes/models"]["readOnly"] and not mounts["/mnt/volumes/shared-outputs"]["readOnly"]
     assert mounts[trainjob.SA_DIR]["readOnly"]
-    assert pod["serviceAccountName"] == "finetune-worker"
+    assert pod["serviceAccountName"] == f"{_doc()['metadata']['name']}-worker"  # its own identity
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
@@ -204,3 +204,21 @@ def test_trainjob_renders_with_a_local_resolver_too() -> None:
         .workload
     )
     assert wl["spec"]["trainer"]["command"][-1] == "/cfg/sft.yaml"
+
+
+def test_trainjob_stage_priority_class_is_refused_and_affinity_is_patched() -> None:
+    doc = _doc()
+    doc["spec"]["stages"][0]["scheduling"] = {"priorityClassName": "high"}
+    _, errors = check(doc)
+    assert "spec.stages[0].scheduling.priorityClassName" in [e.path for e in errors]
+    doc = _doc()
+    term = {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+    doc["spec"]["scheduling"]["affinity"] = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+    }
+    pod = _trainjob(doc)["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"
+    ]["spec"]["template"]["spec"]
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        term
+    ]

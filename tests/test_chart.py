@@ -48,7 +48,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/ft/operator", "tag": "1.2.3", "digest": "sha256:" + "a" * 64},
         "imagePullSecrets": [{"name": "regcred"}],
         "defaults": {"workerImage": "registry.example.com/ft/worker:1.2.3", "vllmImage": "registry.example.com/vllm:9"},
-        "worker": {"namespaces": ["ml", "ml-dev"]},
+        "worker": {"create": True, "namespaces": ["ml", "ml-dev"]},
         "logLevel": "debug",
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
         "serviceAccount": {"name": "ft-op", "annotations": {"example.com/role": "x"}},
@@ -183,14 +183,22 @@ def test_default_render_creates_the_documented_objects(rendered: dict[str, list[
         ("ConfigMap", "finetune-operator-no-borrowed-privileges-params", "finetune-system"),
         ("CustomResourceDefinition", f"{constants.PLURAL}.{constants.GROUP}", ""),
         ("Deployment", "finetune-operator", "finetune-system"),
-        ("Role", "finetune-worker", "default"),
-        ("RoleBinding", "finetune-worker", "default"),
         ("Service", "finetune-operator-metrics", "finetune-system"),
         ("ServiceAccount", "finetune-operator", "finetune-system"),
-        ("ServiceAccount", "finetune-worker", "default"),
         ("ValidatingAdmissionPolicy", "finetune-operator-no-borrowed-privileges", ""),
         ("ValidatingAdmissionPolicyBinding", "finetune-operator-no-borrowed-privileges", ""),
     ]
+    # Workers get a ServiceAccount per FineTuneJob from the operator: no shared one, and no env to choose it.
+    assert "FT_WORKER_SERVICE_ACCOUNT" not in _env(_operator_container(objects))
+
+
+def test_a_shared_worker_account_is_opt_in(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """``worker.create: true``: one shared account per namespace, and the operator is told to use it (so it
+    needs no permission to create ServiceAccounts and Roles)."""
+    objects = rendered["everything-changed"]
+    assert _env(_operator_container(objects))["FT_WORKER_SERVICE_ACCOUNT"] == "finetune-worker"
+    rules = one(objects, "ClusterRole")["rules"]
+    assert not [r for r in rules if {"serviceaccounts", "roles", "rolebindings"} & set(r["resources"])]
 
 
 def test_operator_is_a_singleton_with_recreate(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -236,7 +244,7 @@ def test_default_operator_args_and_env(rendered: dict[str, list[dict[str, Any]]]
     env = _env(container)
     assert env["FT_WORKER_IMAGE"] == constants.DEFAULT_WORKER_IMAGE
     assert env["FT_VLLM_IMAGE"] == constants.DEFAULT_VLLM_IMAGE
-    assert env["FT_WORKER_SERVICE_ACCOUNT"] == constants.DEFAULT_WORKER_SERVICE_ACCOUNT
+    assert "FT_WORKER_SERVICE_ACCOUNT" not in env  # per-job worker accounts
 
 
 def test_non_default_values_reach_the_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -300,7 +308,7 @@ def test_watch_namespaces_gives_roles_not_a_cluster_wide_grant(rendered: dict[st
     assert all(rule in cluster_wide for rule in operator_roles[0]["rules"])
 
     worker_sas = [s for s in by_kind(objects, "ServiceAccount") if s["metadata"]["name"] == "finetune-worker"]
-    assert sorted(s["metadata"]["namespace"] for s in worker_sas) == ["team-a", "team-b"]
+    assert worker_sas == []  # per-job worker accounts, created by the operator
 
 
 def test_service_monitor_and_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -436,12 +444,17 @@ def test_chart_grants_exactly_the_rules_of_the_one_definition(rendered: dict[str
     """Both install modes and the worker Role carry the generated rules, nothing else."""
     objects = rendered["default"]
     role = next(o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "finetune-operator")
-    assert role["rules"] == [r.to_k8s() for r in (*rbac.NAMESPACED_RULES, *rbac.CLUSTER_RULES)]
-    worker = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "finetune-worker")
+    identity = rbac.WORKER_IDENTITY_RULES
+    assert role["rules"] == [r.to_k8s() for r in (*rbac.NAMESPACED_RULES, *identity, *rbac.CLUSTER_RULES)]
+    shared = rendered["everything-changed"]  # worker.create: true
+    worker = next(o for o in shared if o["kind"] == "Role" and o["metadata"]["name"] == "finetune-worker")
     assert worker["rules"] == [r.to_k8s() for r in rbac.WORKER_RULES]
+    shared_role = next(o for o in shared if o["kind"] == "ClusterRole")
+    assert shared_role["rules"] == [r.to_k8s() for r in (*rbac.NAMESPACED_RULES, *rbac.CLUSTER_RULES)]
     namespaced = rendered["namespaced"]
     roles = [o for o in namespaced if o["kind"] == "Role" and o["metadata"]["name"] == "finetune-operator"]
-    assert roles and all(r["rules"] == [x.to_k8s() for x in rbac.NAMESPACED_RULES] for r in roles)
+    expected = [x.to_k8s() for x in (*rbac.NAMESPACED_RULES, *rbac.WORKER_IDENTITY_RULES)]
+    assert roles and all(r["rules"] == expected for r in roles)
     cluster = next(o for o in namespaced if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-cluster"))
     assert cluster["rules"] == [r.to_k8s() for r in (*rbac.CLUSTER_RULES, *rbac.NAMESPACE_WATCH_RULES)]
 

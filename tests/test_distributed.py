@@ -152,6 +152,37 @@ def test_two_nodes_with_indexed_job_environment(tiny_model: Path, tmp_path: Path
     assert "master 127.0.0.1:" + port in results[1][1]
 
 
+def test_two_nodes_with_trainjob_environment(tiny_model: Path, tmp_path: Path, emulator_server: Any) -> None:
+    """Kubeflow Trainer v2: the TrainJob's trainer command and env, plus exactly the variables the
+    torch-distributed runtime's torch plugin puts into each ``node`` pod (PET_NNODES = numNodes,
+    PET_NPROC_PER_NODE = numProcPerNode, PET_NODE_RANK = the Job completion index, PET_MASTER_ADDR =
+    ``<trainjob>-node-0-0.<trainjob>``, PET_MASTER_PORT; the port is a free one here instead of 29400, which
+    another process on this machine may hold)."""
+    _ftj(emulator_server, "dist")
+    doc = one_stage_job({"max_steps": 4, "save_steps": 2}, name="dist")
+    cfg, out, workload = _rendered(doc, "trainjob", tmp_path, tiny_model)
+    assert workload["kind"] == "TrainJob"
+    trainer = workload["spec"]["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 1
+    assert trainer["command"][:3] == ["ftctl", "worker", "train"] and trainer["command"][-1] == str(cfg)
+    rendered = {e["name"]: e["value"] for e in trainer["env"] if "value" in e}
+    name = workload["metadata"]["name"]
+    master = f"{name}-node-0-0.{name}"  # JobSet's pod 0 behind the TrainJob's headless Service
+    port = str(free_port())
+    envs = []
+    for index in (0, 1):
+        envs.append(_local_pod_env(rendered, emulator_server, tmp_path, f"node-{index}", {
+            "JOB_COMPLETION_INDEX": str(index),
+            "PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+            "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": port,
+            "FT_HOST_ALIASES": f"{master}=127.0.0.1",
+        }))
+    results = _two_nodes([FTCTL, *trainer["command"][1:]], envs, tmp_path)
+    _assert_only_rank0_wrote(results, out, "trainjob", emulator_server)
+    assert f"master 127.0.0.1:{port}" in results[1][1]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
 def test_two_processes_zero2_lora_through_local_runner(tiny_model: Path, tmp_path: Path) -> None:
     """``ftctl run --local --nproc 2``: torchrun with two processes (FORCE_TORCHRUN, NPROC_PER_NODE=2) and the
     renderer's ZeRO-2 config."""

@@ -74,14 +74,14 @@ def test_an_unknown_step_kind_is_an_error_before_anything_runs(
     recorded: list[tuple[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_render = runner.render
-    monkeypatch.setattr(runner, "render", lambda job, options: with_extra_step(real_render(job, options), "publish"))
+    monkeypatch.setattr(runner, "render", lambda job, options: with_extra_step(real_render(job, options), "shipit"))
     opts = runner.LocalOptions(workdir=tmp_path / "wd", environ={})
 
     with pytest.raises(steps.UnknownStepKind) as err:
         runner.run_local(contract_job(), opts)
 
-    assert "step 'publish' is of kind 'publish'" in str(err.value)
-    assert "known kinds: download, merge, serve, train" in str(err.value)
+    assert "step 'publish' is of kind 'shipit'" in str(err.value)
+    assert "known kinds: download, eval, merge, publish, serve, train" in str(err.value)
     assert recorded == []  # not even the download ran
     assert not (tmp_path / "wd").exists()
 
@@ -90,13 +90,13 @@ def test_ftctl_run_reports_an_unknown_step_kind_without_a_traceback(
     recorded: list[tuple[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real_render = runner.render
-    monkeypatch.setattr(runner, "render", lambda job, options: with_extra_step(real_render(job, options), "eval"))
+    monkeypatch.setattr(runner, "render", lambda job, options: with_extra_step(real_render(job, options), "shipit"))
 
     code = main(["run", "--local", "-f", str(CONTRACT), "--workdir", str(tmp_path / "wd")])
 
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1
-    assert "error: step 'publish' is of kind 'eval', which ftctl run --local cannot run" in err
+    assert "error: step 'publish' is of kind 'shipit', which ftctl run --local cannot run" in err
     assert "Traceback" not in err
     assert recorded == []
 

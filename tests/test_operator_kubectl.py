@@ -64,8 +64,7 @@ def operator_process(
     env = dict(
         kube_env,
         KUBECONFIG=str(config),
-        FT_RESYNC_SECONDS="2",
-        FT_PROGRESS_INTERVAL_SECONDS="0.5",
+        FT_PROGRESS_INTERVAL_SECONDS="0.5",  # default (long) resync
         FT_ALLOWED_IMAGE_PREFIXES=",".join(EXAMPLE_IMAGE_PREFIXES),
     )
     log = (tmp_path / "operator.log").open("w")

@@ -246,6 +246,13 @@ def test_pipelines_finish_despite_api_faults(cluster: EmulatorServer, fault: str
     finally:
         op.stop()
     assert [s["attempts"] for s in status["stages"]] == [1, 1, 1]
+    identity = [("ServiceAccount", "faulty-worker"), ("Role", "faulty-worker"), ("RoleBinding", "faulty-worker")]
     assert sorted(children(cluster, "faulty")) == sorted(
-        [("ConfigMap", "faulty-config"), ("Job", "faulty-download"), ("Job", "faulty-sft"), ("Job", "faulty-merge")]
+        [
+            ("ConfigMap", "faulty-config"),
+            *identity,
+            ("Job", "faulty-download"),
+            ("Job", "faulty-sft"),
+            ("Job", "faulty-merge"),
+        ]
     )

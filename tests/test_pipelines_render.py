@@ -275,3 +275,114 @@ def test_bad_scheduling_names_the_field(where: str, block: dict[str, Any], path:
     found = errors(doc)
     assert path in found, found
     assert word in found[path], found[path]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# experiment trackers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_tracking_example_renders_report_to_and_credentials_by_reference() -> None:
+    doc = example("23")
+    cfg = configs(doc)
+    sft = cfg["sft.yaml"]
+    assert sft["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert sft["run_name"] == "qwen2-tracked-sft"
+    assert "logging_dir" not in sft  # transformers 5 writes <output_dir>/runs/ (with the outputs)
+    for obj in render(validate(doc)).objects():
+        if obj["kind"] != "Job":
+            continue
+        env = obj["spec"]["template"]["spec"]["containers"][0]["env"]
+        names = {e["name"]: e for e in env}
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "train":
+            assert names["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+            assert names["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow", "key": "token"}}
+            assert names["WANDB_PROJECT"]["value"] == "qwen2-finetunes"
+            assert names["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
+        else:
+            assert not any(n.startswith(("WANDB_", "MLFLOW_")) for n in names), component
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "word"),
+    [
+        (put("spec.stages[0].args.report_to", "wandb"), "spec.stages[0].args.report_to", "spec.tracking"),
+        (put("spec.stages[0].args.report_to", ["tensorboard", "mlflow"]), "spec.stages[0].args.report_to",
+         "credentials"),
+        (put("spec.tracking", {"tensorboard": {}}), None, None),
+        (lambda d: (put("spec.tracking", {"tensorboard": {}})(d), put("spec.stages[0].args.report_to", "none")(d)),
+         "spec.stages[0].args.report_to", "set by spec.tracking"),
+        (put("spec.tracking", {"wandb": {"project": "p", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}}}),
+         "spec.tracking.wandb.apiKeySecretRef.name", "Secret name"),
+        (put("spec.tracking", {"wandb": {"project": "p"}}), "spec.tracking.wandb.apiKeySecretRef", "required"),
+        (put("spec.tracking", {"mlflow": {"trackingUri": "https://m", "usernameSecretRef": {"name": "a", "key": "u"}}}),
+         "spec.tracking.mlflow", "both"),
+        (put("spec.tracking", {"mlflow": {"trackingUri": "ftp://m"}}), "spec.tracking.mlflow.trackingUri",
+         "must match"),
+    ],
+    ids=["wandb-in-args", "mlflow-in-args", "tensorboard-ok", "report-to-owned", "bad-secret-name", "no-api-key",
+         "half-basic-auth", "bad-uri"],
+)
+def test_bad_tracking_names_the_field(change: Any, path: str | None, word: str | None) -> None:
+    doc = base()
+    change(doc)
+    if path is None:
+        validate(doc)
+        return
+    found = errors(doc)
+    assert path in found, found
+    assert word in found[path], found[path]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multimodal datasets (LLaMA-Factory's own parser reads the rendered dataset_info.json in test_render_lf)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_multimodal_example_renders_columns_media_dir_and_a_read_only_media_mount() -> None:
+    import json
+
+    from finetune_operator.render import config_files
+
+    doc = example("24")
+    files = config_files(validate(doc))
+    info = json.loads(files["dataset_info.json"])["captions"]
+    assert info["columns"] == {"messages": "messages", "images": "images"}
+    assert configs(doc)["sft.yaml"]["media_dir"] == "/mnt/volumes/data/vision/media"
+    (sft,) = [p for n, p in pods(doc).items() if n.endswith("-sft")]
+    mounts = {m["mountPath"]: m for m in sft["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/volumes/data"]["readOnly"] is True
+
+
+def test_volume_reward_model_is_mounted_read_only() -> None:
+    ppo = {**PPO, "rewardModel": {"volume": {"claimName": "rewards", "subPath": "rm-7b"}}}
+    (pod,) = [p for n, p in pods(graph_job(SFT, ppo)).items() if n.endswith("-ppo")]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/volumes/rewards"]["readOnly"] is True
+
+
+def _media_job(*media: dict[str, Any] | None) -> dict[str, Any]:
+    doc = base()
+    doc["spec"]["datasets"] = []
+    for j, m in enumerate(media):
+        ds: dict[str, Any] = {"name": f"mm{j}", "volume": {"claimName": "data", "subPath": f"mm{j}.jsonl"},
+                              "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}}
+        if m is not None:
+            ds["media"] = m
+        doc["spec"]["datasets"].append(ds)
+    doc["spec"]["stages"] = [{"name": "sft", "type": "sft", "datasets": [f"mm{j}" for j in range(len(media))]}]
+    return doc
+
+
+def test_multimodal_validation() -> None:
+    validate(_media_job({"claimName": "data", "subPath": "media"}, {"claimName": "data", "subPath": "media"}))
+    found = errors(_media_job({"claimName": "data", "subPath": "a"}, {"claimName": "data", "subPath": "b"}))
+    assert "different media folders" in found["spec.stages[0].datasets"]
+    found = errors(_media_job({"claimName": "data", "subPath": "../etc"}))
+    assert "relative path" in found["spec.datasets[0].media.subPath"]
+    doc = _media_job({"claimName": "data", "subPath": "m"})
+    del doc["spec"]["datasets"][0]["columns"]["images"]
+    assert "columns.images" in errors(doc)["spec.datasets[0].media"]
+    doc = graph_job(SFT, RM, {**PPO, "rewardModel": {"volume": {"claimName": "m", "subPath": "/abs"}}})
+    assert "relative path" in errors(doc)["spec.stages[2].rewardModel.volume.subPath"]

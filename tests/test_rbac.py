@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from finetune_operator import backends
-from tests.install_tools import EXAMPLES, ROOT, find_helm, render_chart
+from tests.install_tools import EXAMPLES, ROOT
 from tests.operator_session import Session, session
 from tests.rbac_check import Grant, Permission, Request, evaluate, grants_for, permissions, rule_allows
 
@@ -228,16 +228,19 @@ def test_no_secret_is_ever_requested() -> None:
 def test_worker_progress_reports_are_exactly_what_the_worker_role_allows(
     emulator_server: Any, tmp_path: pathlib.Path
 ) -> None:
-    """The rank-0 worker's progress reporter (the real one, over HTTP) against the chart's worker Role."""
+    """The rank-0 worker's progress reporter (the real one, over HTTP) against its job's own Role (rendered
+    into the plan; the operator creates it): allowed for its FineTuneJob, denied for any other."""
     from finetune_operator.api import constants as c
+    from finetune_operator.render import identity, render
+    from finetune_operator.validation import validate
     from finetune_operator.worker.progress import Progress, StatusReporter
 
-    chart_objects = render_chart(find_helm(), {}, tmp_path=tmp_path)
-    namespace = "default"  # where the default values put the worker ServiceAccount
+    namespace = "default"
     emulator_server.apply_crd(ROOT / "crds")
     job = next(d for d in yaml.safe_load_all(next(EXAMPLES.glob("01-*.yaml")).read_text()) if d)
     job["metadata"]["namespace"] = namespace
     emulator_server.create(job)
+    plan = render(validate(job))
     token = tmp_path / "token"
     token.write_text("worker-token")
     env = {
@@ -252,8 +255,28 @@ def test_worker_progress_reports_are_exactly_what_the_worker_role_allows(
     assert reporter.report(Progress(step=3, total_steps=10, loss=1.5, epoch=0.3), force=True)
     assert emulator_server.get(c.PLURAL + "." + c.GROUP, job["metadata"]["name"], namespace)["status"]["reported"]
 
-    grants = grants_for(chart_objects, c.DEFAULT_WORKER_SERVICE_ACCOUNT, namespace)
-    assert [(g.source, g.namespace) for g in grants] == [(f"Role/{c.DEFAULT_WORKER_SERVICE_ACCOUNT}", namespace)]
+    account = identity.worker_identity_name(validate(job))
+    grants = grants_for(list(plan.shared), account, namespace)
+    assert [(g.source, g.namespace) for g in grants] == [(f"Role/{account}", namespace)]
     verdict = evaluate(grants, [Request(*r) for r in emulator_server.emulator.request_log])
     assert verdict.denied == []
     assert verdict.unused == {}
+    # The same patch of another FineTuneJob's status, or of the job itself, is denied.
+    others = [
+        Request("patch", c.GROUP, c.VERSION, c.PLURAL, "status", namespace, "someone-elses-job"),
+        Request("patch", c.GROUP, c.VERSION, c.PLURAL, None, namespace, job["metadata"]["name"]),
+        Request("get", c.GROUP, c.VERSION, c.PLURAL, None, namespace, job["metadata"]["name"]),
+    ]
+    assert evaluate(grants, others).denied == sorted(others, key=str)
+
+
+def test_the_per_job_worker_role_is_the_worker_rules_narrowed_to_the_job() -> None:
+    """render/identity.py (pure: it cannot import the controller) builds the same rules as rbac.WORKER_RULES,
+    with resourceNames set to the job."""
+    from finetune_operator.controller import rbac
+    from finetune_operator.render import identity
+    from finetune_operator.validation import validate
+
+    job = validate(next(d for d in yaml.safe_load_all(next(EXAMPLES.glob("01-*.yaml")).read_text()) if d))
+    role = next(o for o in identity.worker_identity(job) if o["kind"] == "Role")
+    assert role["rules"] == [{**r.to_k8s(), "resourceNames": [job.name]} for r in rbac.WORKER_RULES]

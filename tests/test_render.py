@@ -31,6 +31,7 @@ from finetune_operator.render import (
     PathResolver,
     RenderOptions,
     config_files,
+    identity,
     render,
     render_yaml,
     suspend_path,
@@ -378,12 +379,14 @@ def test_modelscope_token_env() -> None:
 
 def test_service_accounts_only_on_reporting_pods() -> None:
     for path in EXAMPLES:
-        plan = render(_example(path))
+        job = _example(path)
+        plan = render(job)
+        own = identity.worker_identity_name(job)
         for step in plan.steps:
             wl = step.workload
             if wl["kind"] == "PyTorchJob":
                 replicas = wl["spec"]["pytorchReplicaSpecs"]
-                assert replicas["Master"]["template"]["spec"]["serviceAccountName"] == c.DEFAULT_WORKER_SERVICE_ACCOUNT
+                assert replicas["Master"]["template"]["spec"]["serviceAccountName"] == own
                 assert replicas["Master"]["template"]["spec"]["automountServiceAccountToken"] is True
                 if "Worker" in replicas:
                     assert replicas["Worker"]["template"]["spec"]["automountServiceAccountToken"] is False
@@ -392,7 +395,7 @@ def test_service_accounts_only_on_reporting_pods() -> None:
             for tpl in _pod_templates(wl):
                 spec = tpl["spec"]
                 if step.kind == "train":
-                    assert spec["serviceAccountName"] == c.DEFAULT_WORKER_SERVICE_ACCOUNT
+                    assert spec["serviceAccountName"] == own
                     assert spec["automountServiceAccountToken"] is True
                 else:
                     assert spec["automountServiceAccountToken"] is False
@@ -993,7 +996,13 @@ def _with_run(path: Path, run_id: str | None) -> FineTuneJob:
 
 
 def _run_scoped_names(plan: Any) -> list[str]:
-    return [o["metadata"]["name"] for o in plan.objects() if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"]
+    """Names of a run's children: not the serve step's (kept across runs), not the job's worker identity."""
+    return [
+        o["metadata"]["name"]
+        for o in plan.objects()
+        if o["metadata"]["labels"][c.LABEL_STAGE] != "serve"
+        and o["metadata"]["labels"][c.LABEL_COMPONENT] != identity.COMPONENT_IDENTITY
+    ]
 
 
 @pytest.mark.parametrize("path", [EXAMPLES[3], CONTRACT], ids=["deepspeedjob", "pytorchjob"])
@@ -1053,3 +1062,21 @@ def test_long_run_scoped_names_stay_dns_labels() -> None:
     plan = render(validate(doc))
     names = _run_scoped_names(plan)
     assert len(set(names)) == len(names) and all(is_dns_label(n) for n in names)
+
+
+def test_each_job_gets_a_worker_identity_limited_to_its_own_status() -> None:
+    """The reporting pod's ServiceAccount may patch this FineTuneJob's status and nothing else."""
+    job = _example(CONTRACT)
+    plan = render(job)
+    name = identity.worker_identity_name(job)
+    kinds = {o["kind"]: o for o in plan.shared if o["metadata"]["name"] == name}
+    assert set(kinds) == {"ServiceAccount", "Role", "RoleBinding"}
+    assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert kinds["Role"]["rules"] == [
+        {"apiGroups": [c.GROUP], "resources": [f"{c.PLURAL}/status"], "resourceNames": [job.name], "verbs": ["patch"]}
+    ]
+    assert kinds["RoleBinding"]["roleRef"]["name"] == name
+    assert kinds["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}]
+    # An install with a shared worker ServiceAccount gets no per-job objects.
+    shared = render(job, RenderOptions(worker_service_account="sa"))
+    assert [o["kind"] for o in shared.shared] == ["ConfigMap"]

@@ -112,6 +112,32 @@ def test_render_passes_the_token_only_by_reference(example: Path, canary_env: di
     _check_token_only_in_download(load_all(proc.stdout), doc["spec"]["model"]["tokenSecretRef"])
 
 
+TRACKER_ENV = ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+TRACKING = EXAMPLES / "23-experiment-trackers.yaml"
+
+
+def test_render_passes_tracker_credentials_only_by_reference_into_training_pods(canary_env: dict[str, str]) -> None:
+    """spec.tracking: the W&B key and the MLflow token reach training pods only, as secretKeyRef; a canary in
+    the environment of whoever renders goes nowhere."""
+    env = {**canary_env, **dict.fromkeys(TRACKER_ENV, CANARY)}
+    proc = subprocess.run(
+        [venv_tool("ftctl"), "render", "-f", TRACKING], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    _assert_no_canary(proc.stdout + proc.stderr, f"ftctl render of {TRACKING.name}")
+    objects = load_all(proc.stdout)
+    uses = _secret_uses(objects)
+    assert {where.rsplit("[", 1)[1].rstrip("]") for _, where, _ in uses} == {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"}
+    for obj, where, ref in uses:
+        assert obj["metadata"]["labels"][c.LABEL_COMPONENT] == "train", f"tracker credentials outside training: {where}"
+        assert ref in ({"name": "wandb", "key": "api-key"}, {"name": "mlflow", "key": "token"}), where
+    for obj in objects:
+        for where, container in _containers(obj):
+            for env_var in container.get("env") or []:
+                if env_var["name"] in TRACKER_ENV:
+                    assert "value" not in env_var, f"{where}: a credential with a literal value"
+
+
 def test_render_errors_do_not_echo_secret_values(tmp_path: Path, canary_env: dict[str, str]) -> None:
     """A Secret pasted into the job file by mistake is refused without its value being printed."""
     secret = {

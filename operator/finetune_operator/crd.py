@@ -63,6 +63,12 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "spec.serve.resources.memory": {"pattern": _QUANTITY_PATTERN},
     "spec.serve.args[]": {"maxLength": 4096},
     "spec.scheduling.nodeSelector": {"maxProperties": 64},
+    "spec.evaluate.datasets[]": {"maxLength": 63},
+    "spec.evaluate.args": {"maxProperties": 256},
+    "spec.evaluate.resources.cpu": {"pattern": _QUANTITY_PATTERN},
+    "spec.evaluate.resources.memory": {"pattern": _QUANTITY_PATTERN},
+    "spec.publish.resources.cpu": {"pattern": _QUANTITY_PATTERN},
+    "spec.publish.resources.memory": {"pattern": _QUANTITY_PATTERN},
     "spec.scheduling.nodeSelector{}": {"maxLength": 63},
     **{
         f"{step}.nodeSelector{suffix}": bound
@@ -131,7 +137,19 @@ def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
 #: CEL rules by schema path: (rule, message, fieldPath or None). Each mirrors a rule of
 #: :mod:`finetune_operator.validation`, which remains the place that reports *every* error with a hint.
 CEL_RULES: dict[str, list[CelRule]] = {
+    "spec.publish.destinations[]": [
+        (
+            "(has(self.huggingface) ? 1 : 0) + (has(self.s3) ? 1 : 0) + (has(self.oci) ? 1 : 0) == 1",
+            "set exactly one of huggingface, s3 or oci",
+            None,
+        ),
+    ],
     "spec": [
+        (
+            "!has(self.gate) || has(self.evaluate)",
+            "a gate needs spec.evaluate (it gates on the evaluation's metrics)",
+            ".gate",
+        ),
         (
             "self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))",
             "dataset names must be unique",
@@ -269,6 +287,7 @@ _PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Pipeline state"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Step/total of the stage"},
     {"name": "Loss", "type": "string", "jsonPath": ".status.loss", "description": "Latest training loss"},
+    {"name": "Metric", "type": "string", "jsonPath": ".status.metric", "description": "Gated evaluation metric"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -304,9 +323,10 @@ def open_api_schema() -> dict[str, Any]:
         "Modules to adapt: ``all`` or a comma-separated list of module names (e.g. ``q_proj,v_proj``). "
         "ftctl also accepts a YAML list, which it joins with commas."
     )
-    args = _at(root, "spec.stages[].args")
-    args.pop("additionalProperties", None)
-    args["x-kubernetes-preserve-unknown-fields"] = True
+    for free_form in ("spec.stages[].args", "spec.evaluate.args"):
+        args = _at(root, free_form)
+        args.pop("additionalProperties", None)
+        args["x-kubernetes-preserve-unknown-fields"] = True
     for path, extra in _EXTRA.items():
         _at(root, path).update(extra)
     for path, rules in CEL_RULES.items():

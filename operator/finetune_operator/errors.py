@@ -10,7 +10,10 @@
         ├── ModelNotFoundError    the base model is not where the spec says       (exit 4)
         ├── DownloadError         the hub download failed                         (exit 5)
         ├── OutOfMemoryError      training ran out of (GPU) memory                (exit 6)
-        └── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
+        ├── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
+        ├── EvaluationError       the evaluation of the candidate model failed    (exit 9)
+        ├── PublishError          publishing to a destination failed              (exit 10)
+        └── GateFailed            the promotion gate refused the new model        (exit 11)
 
 Why a hierarchy: the CLI maps SpecError to exit 1 and a readable list, the operator maps it to the
 ``InvalidSpec`` condition without retrying, and worker errors become pod exit codes and status messages.
@@ -87,3 +90,21 @@ class TrainingError(WorkerError):
     """LLaMA-Factory exited with an error."""
 
     exit_code = 7
+
+
+class EvaluationError(WorkerError):
+    """The evaluation failed (bad held-out data, a model that cannot load, LLaMA-Factory error)."""
+
+    exit_code = 9
+
+
+class PublishError(WorkerError):
+    """Publishing the model to a destination failed (bad destination, credentials, network)."""
+
+    exit_code = 10
+
+
+class GateFailed(WorkerError):
+    """The promotion gate refused the new model: it is not served or published (the old one stays)."""
+
+    exit_code = 11

@@ -83,6 +83,10 @@ RESOURCE: dict[str, str] = {
     "Deployment": "deployments.apps",
     "ConfigMap": "configmaps",
     "Service": "services",
+    # The job's worker identity (render/identity.py).
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles.rbac.authorization.k8s.io",
+    "RoleBinding": "rolebindings.rbac.authorization.k8s.io",
 }
 
 

@@ -50,6 +50,19 @@ tests' API server enforces these rules.
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
+{{- define "finetune-operator.workerIdentityRules" -}}
+# Each FineTuneJob's worker ServiceAccount (<job>-worker), created once with its first step
+# (create-or-get).
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create"]
+# Each FineTuneJob's worker Role (patch on that one FineTuneJob's status, resourceNames) and its
+# binding. The API server allows this only because the operator holds that permission itself (RBAC
+# escalation check): it can grant no more than it has.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create"]
+{{- end -}}
 {{- define "finetune-operator.clusterRules" -}}
 # kopf watches CustomResourceDefinitions to notice when a watched resource appears or disappears.
 - apiGroups: ["apiextensions.k8s.io"]

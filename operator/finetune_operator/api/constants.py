@@ -41,7 +41,7 @@ ANNOTATION_RUN: Final = f"{GROUP}/run"
 # Default images (overridable per job with ``spec.image``/``spec.serve.image`` and per install with Helm values).
 DEFAULT_WORKER_IMAGE: Final = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
 DEFAULT_VLLM_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
-#: ServiceAccount that progress-reporting worker pods run as (allowed only to patch finetunejobs/status).
+#: The opt-in shared worker ServiceAccount (chart ``worker.create: true``); by default each FineTuneJob gets its own.
 DEFAULT_WORKER_SERVICE_ACCOUNT: Final = "finetune-worker"
 
 VLLM_PORT: Final = 8000

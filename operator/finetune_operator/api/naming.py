@@ -58,7 +58,7 @@ def run_scope(job: str, run_id: str | None) -> str:
 
 
 def workload_name(job: str, stage: str) -> str:
-    """Name of a stage's workload (Job, PyTorchJob, DeepSpeedJob), with room for pod suffixes."""
+    """Name of a stage's workload (Job, PyTorchJob, DeepSpeedJob, TrainJob), with room for pod suffixes."""
     return child_name(job, stage, reserve=POD_SUFFIX_RESERVE)
 
 

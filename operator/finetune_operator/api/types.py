@@ -191,6 +191,12 @@ class DatasetColumns(_Model):
     """Preference data: rejected answer column."""
     kto_tag: str | None = Field(default=None, max_length=128)
     """KTO data: boolean label column."""
+    images: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the image file(s) of each sample (paths relative to ``media``)."""
+    videos: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the video file(s) (or lists of frame images) of each sample."""
+    audios: str | None = Field(default=None, max_length=128)
+    """Multimodal data: column with the audio file(s) of each sample."""
 
 
 class DatasetTags(_Model):
@@ -227,6 +233,10 @@ class DatasetSpec(_Model):
     """Column mapping; LLaMA-Factory's defaults when omitted."""
     tags: DatasetTags | None = None
     """sharegpt role/content tags; LLaMA-Factory's defaults when omitted."""
+    media: VolumeRef | None = None
+    """Folder of the images/videos/audios the data names: relative media paths resolve there (LLaMA-Factory's
+    ``media_dir``; mounted read-only in training pods). The stages of multimodal data need a multimodal model
+    and template (``qwen2_vl``, ``llava``, ...)."""
 
 
 class OutputSpec(_Model):
@@ -263,7 +273,7 @@ class ResourcesSpec(_Model):
     """Size of a stage: nodes, GPUs per node, and CPU/memory requests of each pod."""
 
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Number of nodes (pods); more than one needs the pytorchjob or deepspeedjob backend, or an Indexed Job."""
+    """Number of nodes (pods); more than one runs as a PyTorchJob, DeepSpeedJob or TrainJob, or an Indexed Job."""
     gpus_per_node: int = Field(default=1, ge=0, le=64)
     """GPUs per pod (``nvidia.com/gpu``); 0 runs on CPU (tests, tiny models)."""
     cpu: str | None = Field(default=None, max_length=32)
@@ -364,6 +374,134 @@ class EnvVarSource(_Model):
     """The Secret key; the value reaches the container through ``valueFrom.secretKeyRef`` only."""
 
 
+class BenchmarkSpec(_Model):
+    """A multiple-choice benchmark in LLaMA-Factory's eval format (its evaluator: MMLU, CMMLU, C-Eval or your
+    own task laid out the same way), read from a volume."""
+
+    volume: VolumeRef
+    """Folder holding the task folders (LLaMA-Factory's ``task_dir``)."""
+    task: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+    """Task and split, as LLaMA-Factory names them (e.g. ``mmlu_test``)."""
+    lang: Literal["en", "zh"] = "en"
+    """Language of the prompt template."""
+    n_shot: int = Field(default=5, ge=0, le=64)
+    """Number of examples in each prompt."""
+
+
+class EvaluateSpec(_Model):
+    """Evaluate the candidate (merged model, or base + adapters) after training: held-out loss, generation
+    metrics and/or a benchmark. Metrics go to ``status.stages[]``, ``status.outputs.metrics`` and the
+    lineage file; predictions to ``<out>/<job>/[<runId>/]eval/``."""
+
+    datasets: list[str] = Field(default_factory=list, max_length=16)
+    """Held-out datasets (names of ``spec.datasets``) for ``loss`` and ``generation``."""
+    loss: bool = True
+    """Held-out loss (LLaMA-Factory ``do_eval``): metric ``eval_loss``."""
+    generation: bool = False
+    """Generate answers for the held-out data (``do_predict`` with ``predict_with_generate``): metrics
+    ``predict_bleu-4``, ``predict_rouge-1``, ``predict_rouge-2``, ``predict_rouge-l``, and the predictions file
+    ``generated_predictions.jsonl``."""
+    max_samples: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Use at most this many examples of each dataset."""
+    benchmark: BenchmarkSpec | None = None
+    """A multiple-choice benchmark: metrics ``benchmark_average`` and ``benchmark_<category>`` (accuracy, %)."""
+    resources: ResourcesSpec | None = None
+    """Nodes, GPUs, CPU and memory of the evaluation pod (one node)."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Other LLaMA-Factory arguments of the evaluation (``max_new_tokens``, ``per_device_eval_batch_size``,
+    ...); the operator's own arguments are rejected as for stages."""
+
+
+class GateSpec(_Model):
+    """The promotion gate: the new model is served (and published) only if its metric passes every rule."""
+
+    metric: str = Field(min_length=1, max_length=128)
+    """Metric of the evaluation (``eval_loss``, ``predict_bleu-4``, ``predict_rouge-l``, ``benchmark_average``,
+    ...)."""
+    higher_is_better: bool | None = None
+    """Direction of the metric; by default lower is better for losses and higher for everything else."""
+    threshold: float | None = None
+    """Absolute bound: the metric must be at most (lower is better) or at least (higher is better) this."""
+    no_worse_than_serving: bool = False
+    """Compare with the metric of the model serving now (``status.outputs.metrics``); passes when nothing
+    serves yet or the serving model was not evaluated with this metric."""
+    margin: float = Field(default=0.0, ge=0.0)
+    """How much worse than the serving model the new one may be (in the metric's units)."""
+
+
+class HubDestination(_Model):
+    """A Hugging Face-compatible hub repository (``huggingface_hub`` upload)."""
+
+    repo_id: str = Field(
+        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"
+    )
+    """``owner/name``; created (with ``private``) when missing."""
+    private: bool = True
+    """Visibility of a repository the operator creates."""
+    revision: str = Field(default="main", min_length=1, max_length=256)
+    """Branch to commit to."""
+    endpoint: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^\s]+$")
+    """Hub URL; ``https://huggingface.co`` when omitted."""
+    token_secret_ref: SecretKeyRef
+    """Write token."""
+
+
+class S3Destination(_Model):
+    """A bucket of S3-compatible object storage (``boto3``); objects go to ``<prefix>/<file>``."""
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    """Bucket name (it must exist)."""
+    prefix: str = Field(default="", max_length=512, pattern=r"^[^\s]*$")
+    """Key prefix (a folder); empty for the bucket root."""
+    endpoint_url: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^\s]+$")
+    """Endpoint of a non-AWS service (MinIO, Ceph, ...); AWS when omitted."""
+    region: str | None = Field(default=None, max_length=64)
+    """Region; ``us-east-1`` when omitted."""
+    access_key_id_secret_ref: SecretKeyRef | None = None
+    """Access key id; omit both keys to use the pod's ambient credentials (IRSA, workload identity)."""
+    secret_access_key_secret_ref: SecretKeyRef | None = None
+    """Secret access key."""
+
+
+class OciDestination(_Model):
+    """An OCI registry, as an ORAS artifact (media types in docs/publishing.md)."""
+
+    reference: str = Field(
+        min_length=1, max_length=512, pattern=r"^[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+    )
+    """``registry[:port]/repository:tag``."""
+    insecure: bool = False
+    """Plain HTTP instead of HTTPS (a registry inside the cluster without TLS)."""
+    username_secret_ref: SecretKeyRef | None = None
+    """User name; omit both for anonymous push."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Password or token."""
+
+
+class PublishDestination(_Model):
+    """One copy of the model: exactly one of ``huggingface``, ``s3`` or ``oci``."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """Name of the copy (in ``status.outputs.published``)."""
+    huggingface: HubDestination | None = None
+    """A hub repository."""
+    s3: S3Destination | None = None
+    """An S3 bucket."""
+    oci: OciDestination | None = None
+    """An OCI registry."""
+
+
+class PublishSpec(_Model):
+    """Copy the model (with its ``finetune-lineage.json``) out of the cluster after the gate passed."""
+
+    artifact: Literal["merged", "adapters"] | None = None
+    """What to publish: the merged model (default with merge enabled) or the LoRA adapters of the last stage."""
+    destinations: list[PublishDestination] = Field(min_length=1, max_length=8)
+    """Where to."""
+    resources: ResourcesSpec | None = None
+    """CPU and memory of the publishing pod."""
+
+
 class EnvVar(_Model):
     """An environment variable: a plain ``value``, or ``valueFrom.secretKeyRef`` for anything secret."""
 
@@ -444,6 +582,53 @@ class TrainingRuntimeRef(_Model):
     """``ClusterTrainingRuntime`` (cluster-wide) or ``TrainingRuntime`` (in the FineTuneJob's namespace)."""
 
 
+class WandbSpec(_Model):
+    """Weights & Biases: runs are named ``<job>-<stage>`` and grouped by job."""
+
+    project: str = Field(min_length=1, max_length=128)
+    """W&B project (``WANDB_PROJECT``)."""
+    entity: str | None = Field(default=None, max_length=128)
+    """W&B entity: user or team (``WANDB_ENTITY``)."""
+    host: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^\s]+$")
+    """Server URL of a self-hosted W&B (``WANDB_BASE_URL``)."""
+    api_key_secret_ref: SecretKeyRef
+    """API key (``WANDB_API_KEY``), from a Secret into training pods only."""
+
+
+class MlflowSpec(_Model):
+    """MLflow: runs are named ``<job>-<stage>``."""
+
+    tracking_uri: str = Field(min_length=1, max_length=512, pattern=r"^(https?|databricks)://[^\s]*$")
+    """Tracking server (``MLFLOW_TRACKING_URI``)."""
+    experiment: str | None = Field(default=None, max_length=256)
+    """Experiment name (``MLFLOW_EXPERIMENT_NAME``); MLflow's default experiment when omitted."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Bearer token (``MLFLOW_TRACKING_TOKEN``), from a Secret."""
+    username_secret_ref: SecretKeyRef | None = None
+    """Basic-auth user (``MLFLOW_TRACKING_USERNAME``), from a Secret."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Basic-auth password (``MLFLOW_TRACKING_PASSWORD``), from a Secret."""
+
+
+class TensorBoardSpec(_Model):
+    """TensorBoard event files, written next to each stage's outputs (``<stage output>/runs/``)."""
+
+    enabled: bool = True
+    """Write TensorBoard logs."""
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers every training stage reports to (LLaMA-Factory's ``report_to``). Credentials come
+    from Secrets as ``secretKeyRef`` into training pods only: never into configs, status or other pods."""
+
+    wandb: WandbSpec | None = None
+    """Report to Weights & Biases."""
+    mlflow: MlflowSpec | None = None
+    """Report to MLflow."""
+    tensorboard: TensorBoardSpec | None = None
+    """Write TensorBoard logs with the outputs."""
+
+
 class FineTuneJobSpec(_Model):
     """Desired state: a base model, datasets and stages; optionally merge and serve."""
 
@@ -467,10 +652,18 @@ class FineTuneJobSpec(_Model):
     """Training stages, run in order; each starts from the result of the one before."""
     merge: MergeSpec = Field(default_factory=MergeSpec)
     """Merge adapters into a full model after training."""
+    evaluate: EvaluateSpec | None = None
+    """Evaluate the candidate model after training (and merging)."""
+    gate: GateSpec | None = None
+    """Promotion gate: serve and publish the new model only when its evaluation passes (needs ``evaluate``)."""
+    publish: PublishSpec | None = None
+    """Publish the model to a hub, S3 and/or an OCI registry after the gate."""
     serve: ServeSpec = Field(default_factory=ServeSpec)
     """Serve the result with vLLM."""
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     """Scheduling of every pod."""
+    tracking: TrackingSpec | None = None
+    """Experiment trackers of the training stages (W&B, MLflow, TensorBoard)."""
     suspend: bool = False
     """Suspend the running workload (mutable); false resumes it."""
     retries: int = Field(default=2, ge=0, le=100)
@@ -588,6 +781,36 @@ class StageStatus(_Model):
     """Training progress."""
     history: list[LossPoint] | None = Field(default=None, max_length=200)
     """Loss history of a training stage: at most 200 points, older points merged so the curve keeps its shape."""
+    metrics: dict[str, float] | None = None
+    """Metrics of an evaluation step."""
+
+
+class PublishedCopy(_Model):
+    """One published copy of the model."""
+
+    name: str
+    """The destination's name."""
+    type: str
+    """huggingface, s3 or oci."""
+    url: str
+    """Where it is (hub URL, ``s3://bucket/prefix``, ``oci://registry/repo:tag``)."""
+    digest: str | None = None
+    """OCI manifest digest or hub commit."""
+
+
+class GateStatus(_Model):
+    """The promotion gate's last decision."""
+
+    result: Literal["Passed", "Failed"]
+    """Passed or Failed."""
+    metric: str
+    """The gated metric."""
+    value: float | None = None
+    """The new model's value."""
+    serving_value: float | None = None
+    """The serving model's value it was compared with."""
+    message: str = ""
+    """Why."""
 
 
 class Outputs(_Model):
@@ -603,6 +826,14 @@ class Outputs(_Model):
     """In-cluster OpenAI-compatible endpoint (``http://<svc>.<ns>.svc:8000/v1``)."""
     served_model_name: str | None = None
     """Model name to use with the endpoint."""
+    metrics: dict[str, float] | None = None
+    """Evaluation metrics of the model these outputs describe (the serving model's, once it serves)."""
+    predictions: str | None = None
+    """Path of the evaluation's predictions file (``generated_predictions.jsonl``)."""
+    lineage: str | None = None
+    """Path of ``finetune-lineage.json`` next to the model."""
+    published: list[PublishedCopy] = Field(default_factory=list)
+    """Where copies of the model went."""
 
 
 class FineTuneJobStatus(_Model):
@@ -622,6 +853,10 @@ class FineTuneJobStatus(_Model):
     """Progress of the current stage for ``kubectl get`` (``12/100 (12%)``)."""
     loss: str | None = None
     """Latest training loss for ``kubectl get``."""
+    metric: str | None = None
+    """The gated (or first) evaluation metric for ``kubectl get`` (``eval_loss=1.234``)."""
+    gate: GateStatus | None = None
+    """The promotion gate's decision for this run."""
     conditions: list[Condition] = Field(default_factory=list)
     """Standard conditions."""
     stages: list[StageStatus] = Field(default_factory=list)

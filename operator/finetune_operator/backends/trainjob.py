@@ -9,8 +9,8 @@ installs) and overrides what the runtime leaves open:
   ``numNodes``, ``numProcPerNode`` and ``resourcesPerNode``;
 * ``spec.runtimePatches`` (one entry, ``manager: finetune.dev/finetune-operator``) patches the runtime's
   ``node`` replicated job: our labels on the pods, the volumes (claims, generated configs, emptyDirs), the
-  trainer container's mounts and Pod Security "restricted" contexts, the worker ServiceAccount, node selector
-  and tolerations.
+  trainer container's mounts and Pod Security "restricted" contexts, the worker ServiceAccount, node selector,
+  tolerations and affinity.
 
 The torch plugin of the runtime sets ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK`` (the Job
 completion index), ``PET_MASTER_ADDR`` (``<trainjob>-node-0-0.<trainjob>``, JobSet's headless Service) and
@@ -61,6 +61,7 @@ _POD_FIELDS: Final = (
     "serviceAccountName",
     "nodeSelector",
     "tolerations",
+    "affinity",
     "terminationGracePeriodSeconds",
 )
 

@@ -27,8 +27,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("plot", "plot", "write a stage's loss curve as a PNG (from a stage folder or a job's status)"),
     ("chat", "chat", "chat with a FineTuneJob's served model in the terminal (streaming)"),
     ("console", "console", "serve the web console: jobs, loss curves, chat playground"),
+    ("lineage", "lineage", "print a model's finetune-lineage.json (where it came from)"),
     ("operator", "operator", "run the kopf operator"),
-    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge)"),
+    ("worker", "worker", "run one pipeline step inside a pod (download, train, merge, eval, publish)"),
 )
 
 EXIT_OK = 0

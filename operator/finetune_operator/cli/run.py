@@ -4,7 +4,8 @@
 (SFT on sharegpt + alpaca data, DPO on top, merge) on CPU in about a minute.
 
 Exit codes: 0 done, 1 invalid spec, 2 usage, and a failed step's worker exit code (3 bad data, 4 model
-missing, 6 out of memory, 7 training failed, 128+N interrupted by signal N: run again to resume).
+missing, 6 out of memory, 7 training failed, 9 evaluation failed, 10 publishing failed, 11 the promotion gate
+refused the model (nothing served or published), 128+N interrupted by signal N: run again to resume).
 """
 
 from __future__ import annotations
@@ -73,9 +74,18 @@ def _run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_INVALID
-    opts = LocalOptions(workdir=workdir, volumes=volumes, nproc=args.nproc, vllm=args.vllm, smoke=args.smoke)
+    secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        console.print(f"ftctl run: --secrets-dir {secrets_dir} is not a folder")
+        return EXIT_USAGE
+    opts = LocalOptions(
+        workdir=workdir, volumes=volumes, nproc=args.nproc, vllm=args.vllm, smoke=args.smoke, secrets_dir=secrets_dir
+    )
     try:
         result = run_local(job, opts, console)
+    except SpecError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_INVALID
     except WorkerError as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         return exc.exit_code
@@ -121,5 +131,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
         "policy.allowTrustRemoteCode)",
+    )
+    parser.add_argument(
+        "--secrets-dir",
+        metavar="DIR",
+        help="Secrets as files DIR/<secret>/<key> (like a projected Secret volume), for publishing credentials",
     )
     parser.set_defaults(func=_run)

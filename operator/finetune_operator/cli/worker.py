@@ -1,10 +1,11 @@
-"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``progress``).
+"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``publish``, ``progress``).
 
 Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 1 an input/output error on a volume
 (read-only, full; the message names the file), 3 bad data, 4 model missing,
-5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 128+N stopped by signal N
-(resumable). The message of a failure is also written to the container's termination message file so that
-``kubectl describe`` and the operator show it without reading logs.
+5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 9 evaluation failed,
+10 publishing failed, 128+N stopped by signal N (resumable). The message of a failure is also written to the
+container's termination message file so that ``kubectl describe`` and the operator show it without reading
+logs; ``eval`` and ``publish`` write their result there on success (one JSON line).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _train(args)
         if step == "merge":
             return _merge(args)
+        if step == "publish":
+            return _publish(args)
+        if step == "eval":
+            return _eval(args)
         return _progress(args)
     except WorkerError as exc:
         msg = f"{step} failed: {exc}"
@@ -109,6 +114,33 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from finetune_operator.worker.evaluate import run_eval
+    from finetune_operator.worker.train import load_config
+
+    res = run_eval(load_config(args.config), echo=sys.stdout)
+    for name, value in sorted(res.metrics.items()):
+        print(f"metric: {name} = {value:.6g}")
+    # The operator reads the metrics from the termination message (see worker.evaluate).
+    _termination_message(json.dumps({"metrics": res.metrics}, sort_keys=True))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import json
+
+    from finetune_operator.worker.publish import load_config, run_publish
+
+    res = run_publish(load_config(args.config))
+    for dest in res.destinations:
+        print(f"published: {dest['url']} ({dest['uploaded']} uploaded, {dest['skipped']} unchanged)")
+    published = [{k: d[k] for k in ("name", "type", "url", "digest") if d.get(k)} for d in res.destinations]
+    _termination_message(json.dumps({"published": published}, sort_keys=True))
+    return 0
+
+
 def _progress(args: argparse.Namespace) -> int:
     from finetune_operator.worker import markers
     from finetune_operator.worker.progress import TRAINER_LOG, StatusReporter, TrainerLogFollower
@@ -161,6 +193,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     m = sub.add_parser("merge", help="merge the base model and the adapters (llamafactory-cli export), atomically")
     m.add_argument("--config", required=True, help="merge.yaml")
     m.set_defaults(func=lambda a: _run("merge", a))
+
+    ev = sub.add_parser("eval", help="evaluate the candidate model (loss, generation metrics, benchmark)")
+    ev.add_argument("--config", required=True, help="eval.yaml")
+    ev.set_defaults(func=lambda a: _run("eval", a))
+
+    pub = sub.add_parser("publish", help="write the lineage file and publish the model to its destinations")
+    pub.add_argument("--config", required=True, help="publish.json")
+    pub.set_defaults(func=lambda a: _run("publish", a))
 
     p = sub.add_parser("progress", help="print (and report) the progress of a stage from its trainer log")
     p.add_argument("--output-dir", required=True, help="the stage's output folder")

@@ -12,7 +12,7 @@ Layout (kubebuilder-style: pure pieces separate from the loop that talks to the 
     context.py     what the decision modules share: config, per-reconcile scratch, enum outcomes
     queue.py       client-go style work queue: dedupe, one worker per key, delayed re-adds, error backoff
     kube.py        async REST client (retries, error hierarchy) and the informer-style CachingKube
-    children.py    pure: child status per kind (Job, PyTorchJob, DeepSpeedJob, Deployment), suspend, ownership
+    children.py    pure: child status per kind (every backend of the registry, and the Deployment), suspend, ownership
     status.py      pure: conditions, progress folding, printer-column summary, transition events
     spec.py        pure: which spec fields are immutable once started; the accepted spec
     metrics.py     Prometheus metrics

@@ -40,6 +40,10 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Event"): "events",
+    # The per-job worker identity (render/identity.py).
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("apps/v1", "Deployment"): "deployments",
     **{(b.api_version, b.kind): b.plural for b in backends.REGISTRY.values()},
     (c.API_VERSION, c.KIND): c.PLURAL,

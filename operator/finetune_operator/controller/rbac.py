@@ -13,7 +13,11 @@ carries the reason it exists; the reason becomes a comment in the chart.
   per watched namespace otherwise). The training workloads come from the backend registry.
 * :data:`CLUSTER_RULES`: cluster-scoped reads kopf needs in both modes.
 * :data:`NAMESPACE_WATCH_RULES`: with ``watchNamespaces``, kopf follows the listed namespaces.
-* :data:`WORKER_RULES`: the ``finetune-worker`` ServiceAccount of the rank-0 training pod.
+* :data:`WORKER_IDENTITY_RULES`: the operator creates each FineTuneJob's worker identity (a ServiceAccount, a
+  Role and a RoleBinding, see :mod:`finetune_operator.render.identity`); left out of the chart with the opt-in
+  shared worker account (``worker.create: true``).
+* :data:`WORKER_RULES`: what the rank-0 training pod may do: the per-job Role carries it with ``resourceNames``
+  set to its FineTuneJob; the opt-in shared ``finetune-worker`` Role carries it for the whole namespace.
 """
 
 from __future__ import annotations
@@ -83,6 +87,23 @@ NAMESPACE_WATCH_RULES: Final[tuple[Rule, ...]] = (
     ),
 )
 
+WORKER_IDENTITY_RULES: Final[tuple[Rule, ...]] = (
+    Rule(
+        ("",),
+        ("serviceaccounts",),
+        ("get", "create"),
+        "Each FineTuneJob's worker ServiceAccount (<job>-worker), created once with its first step (create-or-get).",
+    ),
+    Rule(
+        ("rbac.authorization.k8s.io",),
+        ("roles", "rolebindings"),
+        ("get", "create"),
+        "Each FineTuneJob's worker Role (patch on that one FineTuneJob's status, resourceNames) and its binding. "
+        "The API server allows this only because the operator holds that permission itself (RBAC escalation "
+        "check): it can grant no more than it has.",
+    ),
+)
+
 WORKER_RULES: Final[tuple[Rule, ...]] = (
     Rule(
         (c.GROUP,),
@@ -94,7 +115,9 @@ WORKER_RULES: Final[tuple[Rule, ...]] = (
 
 #: Every operator rule, as (apiGroup, resources, verbs) triples.
 RULES: Final[tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = tuple(
-    (g, r.resources, r.verbs) for r in (*NAMESPACED_RULES, *CLUSTER_RULES, *NAMESPACE_WATCH_RULES) for g in r.api_groups
+    (g, r.resources, r.verbs)
+    for r in (*NAMESPACED_RULES, *WORKER_IDENTITY_RULES, *CLUSTER_RULES, *NAMESPACE_WATCH_RULES)
+    for g in r.api_groups
 )
 
 #: The generated chart file, relative to the repository root.
@@ -103,6 +126,7 @@ CHART_FILE: Final = Path("charts/finetune-operator/templates/_rbac_rules.tpl")
 #: Helm ``define`` name -> rules.
 TEMPLATES: Final[dict[str, tuple[Rule, ...]]] = {
     "finetune-operator.namespacedRules": NAMESPACED_RULES,
+    "finetune-operator.workerIdentityRules": WORKER_IDENTITY_RULES,
     "finetune-operator.clusterRules": CLUSTER_RULES,
     "finetune-operator.namespaceWatchRules": NAMESPACE_WATCH_RULES,
     "finetune-operator.workerRules": WORKER_RULES,
@@ -120,7 +144,7 @@ def cluster_role(name: str = "finetune-operator") -> dict[str, Any]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": name},
-        "rules": [r.to_k8s() for r in (*NAMESPACED_RULES, *CLUSTER_RULES)],
+        "rules": [r.to_k8s() for r in (*NAMESPACED_RULES, *WORKER_IDENTITY_RULES, *CLUSTER_RULES)],
     }
 
 

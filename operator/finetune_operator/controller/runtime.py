@@ -55,8 +55,9 @@ class OperatorConfig:
     worker_image: str = c.DEFAULT_WORKER_IMAGE
     #: vLLM image for FineTuneJobs without ``spec.serve.image`` (``FT_VLLM_IMAGE``).
     vllm_image: str = c.DEFAULT_VLLM_IMAGE
-    #: ServiceAccount of progress-reporting worker pods (``FT_WORKER_SERVICE_ACCOUNT``).
-    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
+    #: A shared ServiceAccount for progress-reporting worker pods (``FT_WORKER_SERVICE_ACCOUNT``); empty (the
+    #: default): each FineTuneJob gets its own, which may patch only that job's status (render/identity.py).
+    worker_service_account: str = ""
     #: Seconds between full resyncs of every FineTuneJob (drift repair, missed events) (``FT_RESYNC_SECONDS``).
     resync_interval: float = 60.0
     #: Seconds between drift checks that re-read every object of the current step from the API server instead
@@ -104,7 +105,7 @@ class OperatorConfig:
         kw: dict[str, Any] = {
             "worker_image": e.get("FT_WORKER_IMAGE") or c.DEFAULT_WORKER_IMAGE,
             "vllm_image": e.get("FT_VLLM_IMAGE") or c.DEFAULT_VLLM_IMAGE,
-            "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or c.DEFAULT_WORKER_SERVICE_ACCOUNT,
+            "worker_service_account": e.get("FT_WORKER_SERVICE_ACCOUNT") or "",
             "resync_interval": _env_float(e, "FT_RESYNC_SECONDS", 60.0),
             "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
             "drift_interval": _env_float(e, "FT_DRIFT_SECONDS", 300.0),
@@ -135,13 +136,31 @@ def make_render(config: OperatorConfig) -> Callable[[Any], Any]:
     return lambda job: render(job, options)
 
 
+#: Why the operator refuses ``spec.gate`` (``ftctl run --local`` enforces it). Refusing is the safe side: an
+#: operator that ran the evaluation but did not enforce the gate would publish and serve a model the user told
+#: it to hold back.
+GATE_NOT_ENFORCED = (
+    "the promotion gate is enforced by `ftctl run --local` only in this release; this operator does not enforce "
+    "it yet and refuses the job rather than serve or publish an ungated model (remove spec.gate to run "
+    "evaluate and publish as plain steps)"
+)
+
+
 def make_validate(config: OperatorConfig | None = None) -> Callable[[Mapping[str, Any]], Any]:
-    """The same validation ``ftctl validate`` runs, with the install's policy (allowed images,
-    ``trust_remote_code``)."""
+    """The same validation ``ftctl validate`` runs with the install's policy (allowed images,
+    ``trust_remote_code``), plus what this operator cannot do yet (``spec.gate``)."""
+    from finetune_operator.errors import FieldError, SpecError
     from finetune_operator.validation import validate
 
     policy = (config or OperatorConfig()).policy()
-    return lambda obj: validate(dict(obj), policy)
+
+    def run(obj: Mapping[str, Any]) -> Any:
+        job = validate(dict(obj), policy)
+        if job.spec.gate is not None:
+            raise SpecError([FieldError("spec.gate", GATE_NOT_ENFORCED)])
+        return job
+
+    return run
 
 
 class ApiEventSink:

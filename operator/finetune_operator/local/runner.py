@@ -23,8 +23,10 @@ from typing import Any
 from rich.console import Console
 
 from finetune_operator.api.types import FineTuneJob
+from finetune_operator.local import evaluation as local_evaluation
+from finetune_operator.local import secrets as local_secrets
 from finetune_operator.local import steps
-from finetune_operator.render import RenderOptions, config_files, render
+from finetune_operator.render import RenderOptions, config_files, evaluation, render
 from finetune_operator.render.plan import PathResolver
 from finetune_operator.worker.markers import write_json_atomic
 
@@ -42,6 +44,8 @@ class LocalOptions:
     vllm: str | None = None
     smoke: bool = False
     environ: Mapping[str, str] | None = None
+    #: ``--secrets-dir``: ``DIR/<secret>/<key>`` (see :mod:`finetune_operator.local.secrets`).
+    secrets_dir: Path | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class LocalResult:
     wall_seconds: float
     #: Steps handed to a later phase instead of run (``serve``: :func:`serve_local`).
     deferred: tuple[str, ...] = ()
+    #: The promotion gate's decision (None without a gate).
+    gate: dict[str, Any] | None = None
 
 
 def resolver_for(job: FineTuneJob, opts: LocalOptions) -> PathResolver:
@@ -102,6 +108,10 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
     resolver = resolver_for(job, opts)
     plan = render(job, RenderOptions(resolver=resolver))
     steps.check_plan(plan)
+    # Credentials are resolved before the first step: a missing Secret must not surface after training.
+    secrets_env = local_secrets.resolve(
+        evaluation.publish_destinations(job)[1], opts.secrets_dir, field="spec.publish.destinations"
+    )
     cfg_dir = write_configs(job, resolver)
     log_dir = cfg_dir.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +126,7 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
         env=_stage_env,
         nproc=opts.nproc or 1,
         overrides=SMOKE_OVERRIDES if opts.smoke else (),
+        secrets_env=secrets_env,
     )
     summaries: dict[str, dict[str, Any]] = {}
     deferred: list[str] = []
@@ -128,6 +139,14 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
 
     outputs = dict(plan.outputs)
     outputs.pop("endpoint", None)
+    evaluated = summaries.get(evaluation.EVAL) or {}
+    if "metrics" in evaluated:
+        outputs["metrics"] = evaluated["metrics"]
+    if "published" in (summaries.get(evaluation.PUBLISH) or {}):
+        outputs["published"] = summaries[evaluation.PUBLISH]["published"]
+    if job.spec.gate is not None:
+        # The model that passed the gate is the "serving" one the next local run compares with.
+        write_json_atomic(cfg_dir.parent / local_evaluation.PROMOTED_FILE, {"metrics": outputs.get("metrics", {})})
     # What status.outputs would say, with local paths: for scripts (and the serve hand-off) to read.
     write_json_atomic(cfg_dir.parent / "outputs.json", {"outputs": outputs, "stages": summaries})
     console.print("[bold green]done[/bold green] in %.1f s" % (time.time() - started))
@@ -143,6 +162,7 @@ def run_local(job: FineTuneJob, opts: LocalOptions, console: Console | None = No
         stages=summaries,
         wall_seconds=time.time() - started,
         deferred=tuple(deferred),
+        gate=evaluated.get("gate"),
     )
 
 

@@ -22,7 +22,7 @@ function a pod would call, prints one line about what it did and returns what ``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class LocalRun:
     nproc: int = 1
     #: Extra ``key=value`` overrides for training stages (``--smoke``).
     overrides: tuple[str, ...] = ()
+    #: Values of the ``secretKeyRef`` variables of the publish step, from ``--secrets-dir``.
+    secrets_env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -213,3 +215,7 @@ def _serve(step: Step, run: LocalRun) -> StepOutcome:
     # Serving is the hand-off after the pipeline (it runs until interrupted): ``ftctl run`` starts it with
     # :func:`finetune_operator.local.runner.serve_local` once outputs.json is written, unless --no-serve.
     return StepOutcome(deferred=True)
+
+
+# The evaluation and publish kinds live in their own module (it registers them on import).
+from finetune_operator.local import evaluation as _evaluation  # noqa: E402, F401

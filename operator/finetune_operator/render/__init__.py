@@ -9,13 +9,16 @@ Plan layout::
     shared:   ConfigMap <job>-config   (<stage>.yaml per stage, merge.yaml, download.yaml,
                                         dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
     steps:    download   Job                       (only when model.source is set)
-              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob
+              <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob | TrainJob
               merge      Job                       (merge.enabled)
+              eval       Job  (ftctl worker eval)  (spec.evaluate; the promotion gate reads its metrics)
+              publish    Job  (ftctl worker publish, credentials as secretKeyRef)  (spec.publish)
               serve      Deployment + Service      (serve.enabled)
 
 Modules: :mod:`.llamafactory` (LLaMA-Factory configs and stage chaining), :mod:`.deepspeed` (ZeRO JSON),
-:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (Jobs, PyTorchJob, DeepSpeedJob,
-:func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment, Service), :mod:`.paths` (output layout).
+:mod:`.pods` (the common pod template, worker argv), :mod:`.workloads` (download/merge Jobs, the dispatch to
+:mod:`finetune_operator.backends`, :func:`suspend_path`), :mod:`.serve` (the vLLM command line, Deployment,
+Service), :mod:`.paths` (output layout).
 The spec is assumed valid (:func:`finetune_operator.validation.validate`); cases that no valid spec should
 reach raise :class:`~finetune_operator.errors.RenderError`.
 """
@@ -29,8 +32,8 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import config_map_name
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.errors import RenderError
+from finetune_operator.render import evaluation, identity, paths, serve, workloads
 from finetune_operator.render import llamafactory as lf
-from finetune_operator.render import paths, serve, workloads
 from finetune_operator.render.deepspeed import deepspeed_config
 from finetune_operator.render.dump import to_json, to_yaml, to_yaml_documents
 from finetune_operator.render.meta import COMPONENT_CONFIG, metadata, run_scope
@@ -41,7 +44,9 @@ from finetune_operator.render.workloads import suspend_path
 
 #: Step names the pipeline uses itself; training stages may not take them (their config files, output folders
 #: and child objects would collide). Validation rejects the same set (validation.RESERVED_STAGE_NAMES).
-RESERVED_STAGE_NAMES: frozenset[str] = frozenset({workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR})
+RESERVED_STAGE_NAMES: frozenset[str] = frozenset(
+    {workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR, evaluation.EVAL, evaluation.PUBLISH}
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,9 @@ class RenderOptions:
     """Worker image when ``spec.image`` is not set."""
     vllm_image: str = c.DEFAULT_VLLM_IMAGE
     """vLLM image when ``spec.serve.image`` is not set."""
-    worker_service_account: str = c.DEFAULT_WORKER_SERVICE_ACCOUNT
-    """ServiceAccount of progress-reporting training pods (may patch finetunejobs/status only)."""
+    worker_service_account: str = ""
+    """A shared ServiceAccount for progress-reporting training pods; empty (the default): each FineTuneJob
+    gets its own, allowed to patch only its own status (see :mod:`.identity`)."""
     resolver: PathResolver = field(default_factory=PathResolver)
     """Where volumes and configs are; the default is the in-pod layout (``/mnt/volumes``, ``/etc/finetune``)."""
     backoff_limit: int | None = None
@@ -61,7 +67,9 @@ class RenderOptions:
     workloads itself passes 0 so that retries are not multiplied."""
 
 
-def config_files(job: FineTuneJob, resolver: PathResolver | None = None) -> dict[str, str]:
+def config_files(
+    job: FineTuneJob, resolver: PathResolver | None = None, *, worker_image: str | None = None
+) -> dict[str, str]:
     """Every generated file by name (the ConfigMap's ``data``): what ``/etc/finetune`` contains."""
     res = resolver or PathResolver()
     ch = lf.chain(job, res)
@@ -74,6 +82,9 @@ def config_files(job: FineTuneJob, resolver: PathResolver | None = None) -> dict
             files[f"ds_{stage.name}.json"] = to_json(deepspeed_config(stage.deepspeed))
     if job.spec.merge.enabled:
         files["merge.yaml"] = to_yaml(lf.export_config(job, res, stage_chain=ch))
+    image = job.spec.image or worker_image or c.DEFAULT_WORKER_IMAGE
+    for name, cfg in evaluation.config_files(job, res, ch, worker_image=image).items():
+        files[name] = to_yaml(cfg)
     return dict(sorted(files.items()))
 
 
@@ -101,7 +112,7 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(job, config_map_name(run_scope(job)), COMPONENT_CONFIG, "shared"),
-        "data": config_files(job, res),
+        "data": config_files(job, res, worker_image=worker_image),
     }
 
     steps: list[Step] = []
@@ -119,7 +130,7 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
             job,
             stage,
             image=worker_image,
-            service_account=opts.worker_service_account,
+            service_account=opts.worker_service_account or identity.worker_identity_name(job),
             backoff_limit=backoff,
             resolver=res,
         )
@@ -128,19 +139,30 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
     if merged:
         wl = workloads.merge_job(job, worker_image, backoff, res)
         add(workloads.MERGE, "merge", "merge", [wl], wl, paths.merged_dir(job, res))
+    if job.spec.evaluate is not None:
+        wl = evaluation.eval_job(job, worker_image, backoff, res)
+        add(evaluation.EVAL, "eval", "eval", [wl], wl, evaluation.eval_dir(job, res))
+    if job.spec.publish is not None:
+        wl = evaluation.publish_job(job, worker_image, backoff, res)
+        add(evaluation.PUBLISH, "publish", "publish", [wl], wl, None)
 
     outputs: dict[str, Any] = {"adapters": list(ch.adapters)}
     if merged:
         outputs["model"] = outputs["mergedModel"] = paths.merged_dir(job, res)
     elif not ch.adapters and ch.model != paths.model_dir(job, res):
         outputs["model"] = ch.model
+    if job.spec.evaluate is not None or job.spec.publish is not None:
+        outputs["lineage"] = f"{evaluation.published_dir(job, res, ch)}/finetune-lineage.json"
+    if job.spec.evaluate is not None and job.spec.evaluate.generation:
+        outputs["predictions"] = f"{evaluation.eval_dir(job, res)}/predict/generated_predictions.jsonl"
     if job.spec.serve.enabled:
         cmd = vllm_command(job, res, stage_chain=ch)
         dep = serve.deployment(job, job.spec.serve.image or opts.vllm_image, cmd, res)
         add(serve.SERVE, "serve", "serve", [dep, serve.service(job)], dep, None)
         outputs["endpoint"] = serve.endpoint(job)
         outputs["servedModelName"] = cmd.served_model_name
-    return Plan(shared=(config_map,), steps=tuple(steps), outputs=outputs)
+    own_identity = [] if opts.worker_service_account else identity.worker_identity(job)
+    return Plan(shared=(config_map, *own_identity), steps=tuple(steps), outputs=outputs)
 
 
 def render_yaml(job: FineTuneJob, options: RenderOptions | None = None) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from finetune_operator.api.types import ADAPTER_METHODS, DatasetSpec, FineTuneJob, ModelRef, StageSpec
 from finetune_operator.errors import RenderError
 from finetune_operator.render import chain as walker
-from finetune_operator.render import paths
+from finetune_operator.render import paths, tracking
 from finetune_operator.render.plan import PathResolver
 
 #: Defaults for every training config; ``stage.args`` overrides them.
@@ -70,6 +70,7 @@ OWNED_TRAIN_KEYS: frozenset[str] = frozenset(
         "reward_model_adapters",
         "ref_model",
         "ref_model_adapters",
+        "media_dir",
     }
 )
 
@@ -253,6 +254,10 @@ def train_config(
         cfg["quantization_bit"] = QLORA_BITS
     if stage.deepspeed is not None:
         cfg["deepspeed"] = deepspeed_config_path(stage.name, resolver)
+    cfg.update(tracking.train_args(job, stage.name))
+    media = media_dir(job, stage, resolver)
+    if media is not None:
+        cfg["media_dir"] = media
     if stage.reward_model is not None:
         cfg.update(_reward_model(stage, inp, ch, resolver))
     if stage.reference is not None:
@@ -261,6 +266,16 @@ def train_config(
         if adapters:
             cfg["ref_model_adapters"] = ",".join(adapters)
     return cfg
+
+
+def media_dir(job: FineTuneJob, stage: StageSpec, resolver: PathResolver) -> str | None:
+    """LLaMA-Factory's ``media_dir`` of a stage: the ``media`` folder of its datasets (validation makes sure
+    they share one: LLaMA-Factory has one per run). None without multimodal media folders."""
+    by_name = {d.name: d for d in job.spec.datasets}
+    folders = {resolver.path(m) for n in stage.datasets if (m := by_name[n].media) is not None}
+    if len(folders) > 1:
+        raise RenderError(f"stage {stage.name!r}: its datasets have different media folders")
+    return folders.pop() if folders else None
 
 
 def _model_ref(ref: ModelRef, ch: Chain, resolver: PathResolver) -> tuple[str, tuple[str, ...]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from finetune_operator.api.types import FineTuneJob, StageSpec, VolumeRef
 
-StepKind = Literal["download", "train", "merge", "serve"]
+StepKind = Literal["download", "train", "merge", "eval", "publish", "serve"]
 
 #: Where every PersistentVolumeClaim is mounted in pods: ``/mnt/volumes/<claimName>``.
 VOLUME_ROOT = "/mnt/volumes"
@@ -55,7 +55,7 @@ class Step:
     type: str
     #: Every object of this step in creation order; ``workload`` is one of them.
     objects: tuple[dict[str, Any], ...]
-    #: The object whose status decides whether the step succeeded (Job, PyTorchJob, DeepSpeedJob, Deployment).
+    #: The object whose status decides whether the step succeeded (Job, PyTorchJob, DeepSpeedJob, TrainJob, Deployment).
     workload: dict[str, Any]
     #: Directory this step writes (container path), if any.
     output_path: str | None = None

@@ -38,7 +38,7 @@ WORKER_CONTAINER = "worker"
 #: Exit codes of worker errors a retry cannot fix (bad data, model missing): see finetune_operator.errors.
 NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = (3, 4)
 
-WorkerStep = Literal["download", "train", "merge"]
+WorkerStep = Literal["download", "train", "merge", "eval", "publish"]
 
 
 def worker_command(step: WorkerStep, stage: str | None = None, *, config_dir: str = CONFIG_DIR) -> list[str]:

@@ -18,7 +18,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import workload_name
 from finetune_operator.api.types import FineTuneJob, StageSpec
 from finetune_operator.errors import RenderError
-from finetune_operator.render import checkpoint, paths
+from finetune_operator.render import checkpoint, paths, tracking
 from finetune_operator.render.meta import (
     COMPONENT_DOWNLOAD,
     COMPONENT_MERGE,
@@ -175,6 +175,9 @@ def download_job(job: FineTuneJob, image: str, backoff_limit: int, resolver: Pat
 def _train_claims(job: FineTuneJob, stage: StageSpec) -> tuple[list[str], list[str]]:
     by_name = {d.name: d for d in job.spec.datasets}
     read = [job.spec.model.volume.claim_name] + [by_name[n].volume.claim_name for n in stage.datasets]
+    read += [m.claim_name for n in stage.datasets if (m := by_name[n].media) is not None]
+    # Models a stage names on volumes (ppo's reward model, a reference): read-only like the base model.
+    read += [r.volume.claim_name for r in (stage.reward_model, stage.reference) if r is not None and r.volume]
     return read, [job.spec.output.volume.claim_name]
 
 
@@ -197,6 +200,7 @@ def train_pod(
     env = worker_env(job, stage.name, backend, nproc_per_node=inp.nproc_per_node, redirect_home=restricted)
     env.append({"name": "FT_NNODES", "value": str(inp.nodes)})
     env += checkpoint.checkpoint_env(stage)
+    env += tracking.training_env(job)
     env += extra_env or []
     return pod_template(
         job,

@@ -14,7 +14,9 @@ module             decides
 ``serve``          vLLM sizing, operator-owned flags, serving adapters without merge
 ``scheduling``     queue, priority class, node selector, tolerations
 ``backend``        what the chosen backend's workload API cannot express (TrainJob names, runtime)
+``tracking``       experiment trackers: credentials only through ``spec.tracking``'s Secret references
 ``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, bounded, combinations
+``promotion``      evaluation datasets and args, the gate's metric, publish artifact and destinations
 ``policy``         the install's policy: allowed images, ``trust_remote_code``
 =================  ===============================================================================
 """
@@ -30,14 +32,31 @@ from finetune_operator.validation.rules import (
     model,
     names,
     policy,
+    promotion,
     resources,
     scheduling,
     serve,
     stages,
+    tracking,
     volumes,
 )
 
 #: Topic order of the errors a user reads (within a module: definition order).
-ORDER = (names, stages, graph, datasets, volumes, model, resources, serve, scheduling, backend, arguments, policy)
+ORDER = (
+    names,
+    stages,
+    graph,
+    datasets,
+    volumes,
+    model,
+    resources,
+    serve,
+    scheduling,
+    backend,
+    tracking,
+    arguments,
+    promotion,
+    policy,
+)
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))

@@ -30,5 +30,11 @@ def backend_fields_fit(ctx: Context) -> Iterator[FieldError]:
                     "cannot be set with backend trainjob: the TrainJob's runtime decides it (set it in the "
                     "ClusterTrainingRuntime, or use Kueue's priority classes)",
                 )
+        for i, stage in ctx.stages():
+            if stage.scheduling is not None and stage.scheduling.priority_class_name:
+                yield FieldError(
+                    f"spec.stages[{i}].scheduling.priorityClassName",
+                    "cannot be set with backend trainjob: the TrainJob's runtime decides it",
+                )
     elif ctx.spec.training_runtime is not None:
         yield FieldError("spec.trainingRuntime", f"is only used by backend trainjob, not {backend or 'the default'}")

@@ -10,6 +10,36 @@ from finetune_operator.validation.registry import rule
 
 _ALPACA_ONLY_COLUMNS = ("prompt", "query", "response", "history")
 _SHAREGPT_ONLY_COLUMNS = ("messages",)
+_MEDIA_COLUMNS = ("images", "videos", "audios")
+
+
+@rule
+def media_folder_has_media_columns(ctx: Context) -> Iterator[FieldError]:
+    """``media`` resolves the paths of the images/videos/audios columns: without one it has no use."""
+    for i, ds in ctx.datasets():
+        cols = ds.columns.model_dump(exclude_none=True) if ds.columns is not None else {}
+        if ds.media is not None and not any(c in cols for c in _MEDIA_COLUMNS):
+            yield FieldError(
+                f"spec.datasets[{i}].media", "set columns.images, columns.videos or columns.audios to use media"
+            )
+
+
+@rule
+def stage_media_folders_agree(ctx: Context) -> Iterator[FieldError]:
+    """LLaMA-Factory resolves media paths against one ``media_dir`` per run: a stage's datasets share it."""
+    by_name = ctx.datasets_by_name()
+    for i, stage in ctx.stages():
+        folders = {
+            (m.claim_name, m.sub_path)
+            for n in stage.datasets or []
+            if (ds := by_name.get(n)) is not None and (m := ds.media) is not None
+        }
+        if len(folders) > 1:
+            yield FieldError(
+                f"spec.stages[{i}].datasets",
+                "its datasets have different media folders; LLaMA-Factory resolves media paths against one "
+                "folder per stage: put the media in one folder or train them in separate stages",
+            )
 
 
 @rule

@@ -19,6 +19,12 @@ def volume_refs(ctx: Context) -> Iterator[tuple[str, VolumeRef]]:
     for i, ds in ctx.datasets():
         if ds.volume is not None:
             yield f"spec.datasets[{i}].volume", ds.volume
+        if ds.media is not None:
+            yield f"spec.datasets[{i}].media", ds.media
+    for i, stage in ctx.stages():
+        for key, ref in (("rewardModel", stage.reward_model), ("reference", stage.reference)):
+            if ref is not None and ref.volume is not None:
+                yield f"spec.stages[{i}].{key}.volume", ref.volume
 
 
 @rule

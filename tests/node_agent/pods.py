@@ -1,0 +1,280 @@
+"""The kubelet part: turn one pod (a rendered PodTemplateSpec plus its name) into container processes.
+
+What is honoured, as a kubelet would: ``command``/``args`` (falling back to the image's ENTRYPOINT/CMD),
+``env`` (``value``; ``valueFrom.secretKeyRef`` read from the emulated Secrets, a missing non-optional one
+fails the pod; ``valueFrom.fieldRef``), ``volumeMounts`` (one host folder per PVC claim, ConfigMap keys as
+files, ``emptyDir`` including ``/dev/shm``, ``subPath``, ``readOnly``), ``securityContext``
+``runAsUser``/``runAsGroup`` (container over pod over image) and ``fsGroup`` (group ownership and setgid on
+writable volumes, ``fsGroupChangePolicy: OnRootMismatch``), ``workingDir``, the ServiceAccount token when
+``automountServiceAccountToken`` is true, ``HOSTNAME`` and an ``/etc/hosts`` in which the pod's own name and
+every name the cluster DNS would answer for the namespace (Services, pods of headless Services) point to
+this machine (chroot isolation shares the host network).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.node_agent.buildah import Containers, Mount, Process, image_config
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class PodError(Exception):
+    """The pod cannot start (a kubelet reports it as a container waiting with a reason)."""
+
+
+@dataclass
+class Pod:
+    """One pod of a workload: its template and what the workload controller decided for it."""
+
+    namespace: str
+    name: str
+    template: dict[str, Any]
+    hostname: str
+    subdomain: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    #: Extra names resolving to this machine (pods of the same workload by their DNS names).
+    hosts: Sequence[str] = ()
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict(self.template.get("spec") or {})
+
+
+@dataclass
+class ContainerRecord:
+    """What ran: for the tests' assertions (UIDs, logs)."""
+
+    namespace: str
+    pod: str
+    container: str
+    image: str
+    user: str | None
+    argv: list[str]
+    log_path: Path
+    exit_code: int | None = None
+
+
+class Kubelet:
+    """Starts pods' containers; volumes live under ``root`` (``pvc/<ns>/<claim>``, ``pods/<pod>/...``)."""
+
+    def __init__(
+        self,
+        containers: Containers,
+        root: Path,
+        *,
+        lookup: Callable[[str, str, str], dict[str, Any] | None],
+        namespace_names: Callable[[str], list[str]],
+        node_env: Mapping[str, str] | None = None,
+        token_for: Callable[[str, str], str] | None = None,
+    ) -> None:
+        self.containers = containers
+        self.root = root
+        self.lookup = lookup  # (resource, namespace, name) -> object
+        self.namespace_names = namespace_names
+        self.node_env = dict(node_env or {})
+        self.token_for = token_for or (lambda ns, sa: secrets.token_hex(16))
+        self.records: list[ContainerRecord] = []
+
+    # ------------------------------------------------------------------ volumes
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        path = self.root / "pvc" / namespace / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _apply_fs_group(self, path: Path, gid: int) -> None:
+        """fsGroup with OnRootMismatch: when the volume root is not already ``gid``-owned and group-writable,
+        give everything to the group, group-writable, setgid on folders (what the kubelet does)."""
+        st = path.stat()
+        if st.st_gid == gid and st.st_mode & 0o2070 == 0o2070:
+            return
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in [*dirnames, *filenames]:
+                p = Path(dirpath) / name
+                if p.is_symlink():
+                    continue
+                os.chown(p, -1, gid)
+                mode = p.stat().st_mode
+                os.chmod(p, mode | 0o060 | (0o2010 if p.is_dir() else 0) | (0o010 if mode & 0o100 else 0))
+        os.chown(path, -1, gid)
+        os.chmod(path, path.stat().st_mode | 0o2070)
+
+    def _volumes(self, pod: Pod, pod_dir: Path) -> dict[str, tuple[Path, bool]]:
+        """Volume name -> (host folder, writable by the pod)."""
+        out: dict[str, tuple[Path, bool]] = {}
+        for vol in pod.spec.get("volumes") or []:
+            name = vol["name"]
+            if "persistentVolumeClaim" in vol:
+                out[name] = (self.claim_dir(pod.namespace, vol["persistentVolumeClaim"]["claimName"]), True)
+            elif "configMap" in vol:
+                cm_name = vol["configMap"]["name"]
+                cm = self.lookup("configmaps", pod.namespace, cm_name)
+                if cm is None and not vol["configMap"].get("optional"):
+                    raise PodError(f'configmap "{cm_name}" not found')
+                folder = pod_dir / "configmaps" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for key, value in ((cm or {}).get("data") or {}).items():
+                    (folder / key).write_text(value)
+                for key, value in ((cm or {}).get("binaryData") or {}).items():
+                    (folder / key).write_bytes(base64.b64decode(value))
+                for p in [folder, *folder.iterdir()]:
+                    os.chmod(p, 0o755 if p.is_dir() else 0o644)
+                out[name] = (folder, False)
+            elif "hostPath" in vol:  # only the agent's own (T9k's SSH keys); rendered pods have none
+                out[name] = (Path(vol["hostPath"]["path"]), False)
+            elif "emptyDir" in vol:
+                folder = pod_dir / "emptydir" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                os.chmod(folder, 0o777)  # emptyDirs are world-writable
+                out[name] = (folder, True)
+            else:
+                raise PodError(f"volume {name}: kind not supported by the node agent: {sorted(vol)}")
+        return out
+
+    # ------------------------------------------------------------------ env
+
+    def _field(self, pod: Pod, path: str) -> str:
+        simple = {
+            "metadata.name": pod.name,
+            "metadata.namespace": pod.namespace,
+            "spec.nodeName": "node-agent",
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+            "spec.serviceAccountName": pod.spec.get("serviceAccountName", "default"),
+        }
+        if path in simple:
+            return simple[path]
+        for prefix, source in (
+            ("metadata.labels", (pod.template.get("metadata") or {}).get("labels") or {}),
+            ("metadata.annotations", {**((pod.template.get("metadata") or {}).get("annotations") or {}),
+                                      **pod.annotations}),
+        ):
+            if path.startswith(prefix + "['") and path.endswith("']"):
+                return str(source.get(path[len(prefix) + 2 : -2], ""))
+        raise PodError(f"fieldRef {path} not supported by the node agent")
+
+    def _env(self, pod: Pod, container: dict[str, Any]) -> dict[str, str]:
+        env: dict[str, str] = dict(self.node_env)
+        env["HOSTNAME"] = pod.hostname
+        env.update(pod.extra_env)
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = str(var["value"])
+                continue
+            src = var.get("valueFrom") or {}
+            if "secretKeyRef" in src:
+                ref = src["secretKeyRef"]
+                secret = self.lookup("secrets", pod.namespace, ref["name"])
+                data = (secret or {}).get("data") or {}
+                if ref["key"] in data:
+                    env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+                elif ref["key"] in ((secret or {}).get("stringData") or {}):
+                    env[var["name"]] = secret["stringData"][ref["key"]]  # type: ignore[index]
+                elif not ref.get("optional"):
+                    raise PodError(f'secret "{ref["name"]}" key "{ref["key"]}" not found (CreateContainerConfigError)')
+            elif "fieldRef" in src:
+                env[var["name"]] = self._field(pod, src["fieldRef"]["fieldPath"])
+            elif "configMapKeyRef" in src:
+                ref = src["configMapKeyRef"]
+                cm = self.lookup("configmaps", pod.namespace, ref["name"]) or {}
+                value = (cm.get("data") or {}).get(ref["key"])
+                if value is None and not ref.get("optional"):
+                    raise PodError(f'configmap "{ref["name"]}" key "{ref["key"]}" not found')
+                if value is not None:
+                    env[var["name"]] = value
+            else:
+                raise PodError(f"env {var['name']}: source not supported by the node agent")
+        return env
+
+    # ------------------------------------------------------------------ start
+
+    def _hosts_file(self, pod: Pod, pod_dir: Path) -> Path:
+        names = {pod.hostname}
+        if pod.subdomain:
+            names |= {f"{pod.hostname}.{pod.subdomain}", f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc",
+                      f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc.cluster.local"}
+        names |= set(pod.hosts)
+        for svc in self.namespace_names(pod.namespace):
+            names |= {svc, f"{svc}.{pod.namespace}", f"{svc}.{pod.namespace}.svc",
+                      f"{svc}.{pod.namespace}.svc.cluster.local"}
+        path = pod_dir / "hosts"
+        path.write_text("127.0.0.1\tlocalhost\n" + "".join(f"127.0.0.1\t{n}\n" for n in sorted(names)))
+        os.chmod(path, 0o644)
+        return path
+
+    def start(self, pod: Pod, logs: Path) -> list[tuple[ContainerRecord, Process]]:
+        """Start every container of ``pod``; raises PodError when the pod cannot start."""
+        pod_dir = self.root / "pods" / pod.namespace / pod.name
+        shutil.rmtree(pod_dir, ignore_errors=True)
+        pod_dir.mkdir(parents=True)
+        spec = pod.spec
+        pod_sc = spec.get("securityContext") or {}
+        volumes = self._volumes(pod, pod_dir)
+        for container in spec.get("containers") or []:
+            for vm in container.get("volumeMounts") or []:
+                if vm.get("subPath") and vm["name"] in volumes:
+                    (volumes[vm["name"]][0] / vm["subPath"]).mkdir(parents=True, exist_ok=True)
+        if "fsGroup" in pod_sc:
+            for path, writable in volumes.values():
+                if writable:
+                    self._apply_fs_group(path, int(pod_sc["fsGroup"]))
+        hosts = self._hosts_file(pod, pod_dir)
+        sa_mount: list[Mount] = []
+        if spec.get("automountServiceAccountToken", True):
+            sa = pod_dir / "serviceaccount"
+            sa.mkdir()
+            (sa / "token").write_text(self.token_for(pod.namespace, spec.get("serviceAccountName", "default")))
+            (sa / "namespace").write_text(pod.namespace)
+            for p in sa.iterdir():
+                os.chmod(p, 0o644)
+            sa_mount = [Mount(str(sa), SA_DIR, read_only=True)]
+        started: list[tuple[ContainerRecord, Process]] = []
+        for container in spec.get("containers") or []:
+            image = container["image"]
+            cfg = image_config(image)
+            sc = container.get("securityContext") or {}
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            gid = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+            user = None
+            if uid is not None:
+                user = f"{uid}:{gid if gid is not None else 0}"
+            elif cfg.get("User"):
+                user = str(cfg["User"])
+            if container.get("command") is not None:
+                argv = list(container["command"]) + list(container.get("args") or [])
+            else:
+                entry = list(cfg.get("Entrypoint") or [])
+                rest = container.get("args") if container.get("args") is not None else (cfg.get("Cmd") or [])
+                argv = entry + list(rest)
+            if not argv:
+                raise PodError(f"container {container['name']}: no command")
+            mounts = [Mount(str(hosts), "/etc/hosts", read_only=True), *sa_mount]
+            for vm in container.get("volumeMounts") or []:
+                if vm["name"] not in volumes:
+                    raise PodError(f"volumeMount {vm['name']}: no such volume")
+                host, _writable = volumes[vm["name"]]
+                if vm.get("subPath"):
+                    host = host / vm["subPath"]
+                    if not host.exists():
+                        host.mkdir(parents=True)
+                mounts.append(Mount(str(host), vm["mountPath"], read_only=bool(vm.get("readOnly"))))
+            env = self._env(pod, container)
+            record = ContainerRecord(pod.namespace, pod.name, container["name"], image, user, argv,
+                                     logs / f"{pod.namespace}_{pod.name}_{container['name']}.log")
+            proc = self.containers.run(
+                image, argv, user=user, workdir=container.get("workingDir") or cfg.get("WorkingDir") or None,
+                env=env, mounts=mounts, hostname=pod.hostname, log_path=record.log_path,
+            )
+            self.records.append(record)
+            started.append((record, proc))
+        return started
