@@ -102,7 +102,7 @@ def test_render_eval_and_publish_steps() -> None:
     job = validate(full())
     plan = render(job)
     names = [s.name for s in plan.steps]
-    assert names == ["sft", "dpo", "merge", "eval", "publish"]
+    assert names == ["preflight", "sft", "dpo", "merge", "eval", "publish"]
     files = config_files(job)
     ev = yaml.safe_load(files["eval.yaml"])
     assert set(ev["runs"]) == {"loss", "predict"}

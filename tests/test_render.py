@@ -386,7 +386,7 @@ def test_service_accounts_only_on_reporting_pods() -> None:
                 continue
             for tpl in _pod_templates(wl):
                 spec = tpl["spec"]
-                if step.kind == "train":
+                if step.kind in ("train", "preflight"):  # the preflight pod reports status.plan
                     assert spec["serviceAccountName"] == own
                     assert spec["automountServiceAccountToken"] is True
                 else:
@@ -435,8 +435,8 @@ def test_scheduling_and_kueue() -> None:
         assert node is True, f"{step.name} must be created suspended for Kueue"
         for tpl in _pod_templates(wl):
             spec = tpl["spec"]
-            # GPU placement only for pods that request GPUs (download and merge use none).
-            gpu = step.kind not in ("download", "merge")
+            # GPU placement only for pods that request GPUs (download, preflight and merge use none).
+            gpu = step.kind not in ("download", "preflight", "merge")
             assert spec.get("nodeSelector") == ({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} if gpu else None)
             assert spec["priorityClassName"] == "training"
             assert spec["schedulerName"] == "volcano"
@@ -488,7 +488,7 @@ def test_deepspeedjob_suspend_and_launch() -> None:
 
 def test_single_node_job_backend() -> None:
     plan = render(_example(EXAMPLES[0]))
-    assert [s.name for s in plan.steps] == ["download", "sft"]
+    assert [s.name for s in plan.steps] == ["download", "preflight", "sft"]
     wl = plan.step("sft").workload
     assert wl["kind"] == "Job" and "completionMode" not in wl["spec"]
     assert wl["spec"]["template"]["spec"]["containers"][0]["command"] == worker_command("train", "sft")
@@ -803,10 +803,11 @@ def test_cli_render_to_dir(tmp_path: Path) -> None:
     assert names == [
         "00-shared.yaml",
         "01-download.yaml",
-        "02-sft.yaml",
-        "03-dpo.yaml",
-        "04-merge.yaml",
-        "05-serve.yaml",
+        "02-preflight.yaml",
+        "03-sft.yaml",
+        "04-dpo.yaml",
+        "05-merge.yaml",
+        "06-serve.yaml",
     ]
     joined = "".join((tmp_path / n).read_text() for n in names)
     assert joined == (GOLDEN / f"{CONTRACT.stem}.yaml").read_text()
@@ -890,8 +891,13 @@ def test_cli_render_several_jobs_into_subfolders(tmp_path: Path) -> None:
     res = _ftctl("render", "-f", str(both), "-o", str(out), "--worker-image", "reg/w:2")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["faq-bot", "llama3-lora-sft"]
-    assert sorted(p.name for p in (out / "faq-bot").iterdir()) == ["00-shared.yaml", "01-sft.yaml", "02-serve.yaml"]
-    assert "image: reg/w:2" in (out / "llama3-lora-sft" / "02-sft.yaml").read_text()
+    assert sorted(p.name for p in (out / "faq-bot").iterdir()) == [
+        "00-shared.yaml",
+        "01-preflight.yaml",
+        "02-sft.yaml",
+        "03-serve.yaml",
+    ]
+    assert "image: reg/w:2" in (out / "llama3-lora-sft" / "03-sft.yaml").read_text()
     stdout = _ftctl("render", "-f", str(both))
     assert stdout.returncode == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(stdout.stdout)]

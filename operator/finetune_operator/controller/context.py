@@ -91,6 +91,8 @@ class Ctx:
         self.stamp = st.rfc3339(now)
         self.events: list[st.Event] = []
         self.requeue: float | None = None
+        #: The Failed condition's reason when a step decided it (the preflight step: WillNotFit, InvalidData).
+        self.failed_reason: str | None = None
 
     @property
     def namespace(self) -> str:

@@ -239,7 +239,9 @@ class Reconciler(Gating):
                 ctx.requeue_after(0.0)
             elif outcome is StepOutcome.FAILED:
                 summary_kw["failed"] = sst.message or f"stage {step.name} failed"
-                summary_kw["failed_reason"] = Reason.RETRIES_EXHAUSTED if job.spec.retries else Reason.STAGE_FAILED
+                summary_kw["failed_reason"] = ctx.failed_reason or (
+                    Reason.RETRIES_EXHAUSTED if job.spec.retries else Reason.STAGE_FAILED
+                )
             summary_kw["current_message"] = self._stage_message(step, sst)
             summary_kw["suspended"] = sst.state == StageState.SUSPENDED
             break

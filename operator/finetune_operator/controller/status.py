@@ -365,7 +365,10 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
                 )
             )
         elif now == StageState.FAILED:
-            events.append(Event("Warning", Reason.RETRIES_EXHAUSTED, f"stage {name}: {st.get('message') or ''}"))
+            message = str(st.get("message") or "")
+            # The preflight step refuses with its own reason (the message starts with it); others exhaust retries.
+            refused = next((r for r in (Reason.WILL_NOT_FIT, Reason.INVALID_DATA) if message.startswith(f"{r}:")), None)
+            events.append(Event("Warning", refused or Reason.RETRIES_EXHAUSTED, f"stage {name}: {message}"))
     old_ready = condition_true(old, ConditionType.READY)
     if condition_true(new, ConditionType.READY) and not old_ready:
         cond = get_condition(new, ConditionType.READY) or {}
