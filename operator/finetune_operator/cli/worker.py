@@ -23,6 +23,12 @@ from finetune_operator.worker.envmap import BACKENDS
 
 #: Kubernetes reads a container's termination message from here (terminationMessagePath).
 TERMINATION_LOG = "/dev/termination-log"
+#: What the worker creates on the shared volumes is group-writable: the pods of one job run as different users
+#: (T9k DeepSpeedJob pods as root, the others as 65532, with fsGroup 65532 and setgid folders), and a later step
+#: writes next to what an earlier one created (the merge into ``<output>/<job>/`` after training). With the
+#: usual 022, folders made by root training pods left the non-root merge pod unable to write (found by running
+#: the pods in their images).
+UMASK = 0o002
 
 
 def _setup_logging() -> None:
@@ -43,6 +49,7 @@ def _termination_message(message: str) -> None:
 
 
 def _run(step: str, args: argparse.Namespace) -> int:
+    os.umask(UMASK)
     _setup_logging()
     try:
         if step == "download":
