@@ -22,7 +22,7 @@ both, from the first create to the last ``Serving``: the operator's per hand-off
 ``FT_BENCH_OPERATOR_PYTHON`` runs the operator with another interpreter: one whose environment has only the
 runtime dependencies (``pip install .``) measures the memory of the operator image, without the test tools'
 Kubernetes client libraries that kopf imports whenever they are installed. ``FT_BENCH_PROFILE=FILE`` writes a
-cProfile of the operator per phase (``FILE.pipelines``, ``FILE.idle``).
+cProfile (in CPU time) of the operator per phase (``FILE.pipelines``, ``FILE.idle``).
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ def start_operator(
     if profile:
         profile = f"{profile}.{phase}"
         code = (
-            "import atexit, cProfile; from finetune_operator.cli import run; p = cProfile.Profile(); "
+            # CPU time, not wall time: on a shared machine wall time counts other processes' turns too.
+            "import atexit, cProfile, time; from finetune_operator.cli import run; "
+            "p = cProfile.Profile(time.process_time); "
             f"atexit.register(lambda: (p.disable(), p.dump_stats({profile!r}))); p.enable(); run()"
         )
     cmd = [python, "-c", code, "operator", "--all-namespaces"]

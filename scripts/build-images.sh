@@ -207,7 +207,9 @@ timed() {  # IMAGE FUNCTION ARGS...: build IMAGE, then drop the image it replace
   "$@"
   log "built $name in $(($(date +%s) - start)) s"
   new="$(buildah inspect --type image --format '{{.FromImageID}}' "$name")"
-  if [[ -n "$old" && "$old" != "$new" ]]; then buildah rmi "$old" >/dev/null 2>&1 || true; fi
+  # Not for the Dockerfile targets: `buildah rmi` also removes an image's untagged parents, which are the
+  # cached layers a later build reuses.
+  if [[ -n "$old" && "$old" != "$new" && "$1" != build_target ]]; then buildah rmi "$old" >/dev/null 2>&1 || true; fi
 }
 
 # ---- what to build --------------------------------------------------------------------------------------

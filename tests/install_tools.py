@@ -127,7 +127,7 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
 
 #: The operator's ServiceAccount as the chart installs it (release finetune-operator in finetune-system).
 OPERATOR_SA = ("finetune-system", "finetune-operator")
-#: The training pods' ServiceAccount (chart value worker.serviceAccountName).
+#: The opt-in shared worker ServiceAccount (chart ``worker.create: true``, value worker.serviceAccountName).
 WORKER_SA_NAME = "finetune-worker"
 #: Bearer tokens the tests give the operator and workers; the emulator maps them to the ServiceAccounts.
 OPERATOR_TOKEN = "operator-serviceaccount-token"
@@ -147,3 +147,13 @@ def installed_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]
                 find_helm(), values or {}, tmp_path=Path(tmp), namespace=OPERATOR_SA[0], release="finetune-operator"
             )
     return _CHART_CACHE[key]
+
+
+def worker_identity(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, str]]:
+    """The per-job worker identity the operator creates for FineTuneJob ``doc`` (ServiceAccount, Role limited to
+    this job's status, RoleBinding) and its (namespace, ServiceAccount): what a reporting worker runs as."""
+    from finetune_operator.render import identity
+    from finetune_operator.validation import validate
+
+    job = validate(doc)
+    return identity.worker_identity(job), (job.namespace, identity.worker_identity_name(job))

@@ -102,7 +102,12 @@ def test_broken_sharegpt_rows_are_counted_by_reason_with_the_first_line(tmp_path
     assert ds.first_error is not None and ds.first_error.startswith(
         f"{tmp_path / 'data' / 'chat.jsonl'}:4: not valid JSON"
     )
-    assert data.samples == 3 and data.problems == []
+    assert data.samples == 3
+    # one row that is not JSON makes LLaMA-Factory's loader fail on the whole file: the data is unusable
+    assert data.problems == [
+        f"dataset chat: {tmp_path / 'data' / 'chat.jsonl'}:4 is not valid JSON (LLaMA-Factory's loader fails on "
+        "the whole file)"
+    ]
 
 
 def test_alpaca_json_array_lines_and_missing_columns(tmp_path: Path, tiny_model: Path) -> None:
@@ -244,3 +249,27 @@ def test_lengths_agree_with_llamafactorys_own_pipeline(tmp_path: Path, tiny_mode
     assert mine == theirs
     assert ours.tokens == sum(theirs)
     assert ours.truncated == sum(1 for d in ours.datasets for n in d.lengths if n > 60) > 0
+
+
+def test_enforce_refuses_and_warn_continues(tmp_path: Path, tiny_model: Path) -> None:
+    from finetune_operator.errors import DataError, WillNotFitError
+    from finetune_operator.worker.preflight import enforce
+
+    write_lines(tmp_path / "data" / "chat.jsonl", [json.dumps(GOOD)] * 4)
+    job, res = make_job(
+        tmp_path,
+        tiny_model,
+        [sharegpt("chat", "chat.jsonl")],
+        [{"name": "sft", "type": "sft", "datasets": ["chat"], "resources": {"gpuMemory": "256Mi"}}],
+    )
+    result = run_preflight(job, res)
+    assert outcome(result)[0] == Reason.WILL_NOT_FIT
+    with pytest.raises(WillNotFitError) as err:
+        enforce(result, "Enforce")
+    assert err.value.exit_code == 12 and str(err.value).startswith("WillNotFit: stage sft: estimated peak")
+    warning = enforce(result, "Warn")
+    assert warning is not None and warning.endswith("(spec.preflight.mode Warn: continuing)")
+    write_lines(tmp_path / "data" / "chat.jsonl", ["{}"])
+    with pytest.raises(DataError) as bad:
+        enforce(run_preflight(job, res), "Enforce")
+    assert bad.value.exit_code == 3 and "InvalidData: stage sft: no valid samples" in str(bad.value)

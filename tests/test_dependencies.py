@@ -23,6 +23,8 @@ ELSEWHERE = {
     "llamafactory": "installed with --no-deps, pinned in scripts/test.sh and images/Dockerfile",
     "modelscope": "GPU worker image only (images/Dockerfile pins it): spec.model.hub modelscope downloads",
     "vllm": "runs in its own environment (images, FT_VLLM_PYTHON), never imported by the package",
+    "boto3": "installed with --no-deps (botocore's python-dateutil pin), pinned in scripts/setup.sh and the Dockerfile",
+    "botocore": "installed with --no-deps together with boto3 (see boto3)",
 }
 
 

@@ -17,7 +17,7 @@ import yaml
 from finetune_operator.local.runner import free_port
 from finetune_operator.worker import markers
 from finetune_operator.worker.train import checkpoints, is_complete_checkpoint
-from tests.install_tools import WORKER_SA_NAME, installed_chart
+from tests.install_tools import worker_identity
 from tests.test_local_run import lf_env, shared_tiny_model
 from tests.test_worker_resume import one_stage_job, prepare, run_until_step
 
@@ -55,8 +55,9 @@ def _ftj(server: Any, name: str) -> None:
     doc["metadata"] = {"name": name, "namespace": "default"}
     server.apply_crd(ROOT / "crds")
     server.create(doc, "default")
-    # Each "node" reports with its own token, as the chart's finetune-worker ServiceAccount (RBAC enforced).
-    server.enforce_rbac(installed_chart(), {f"node-{i}-token": ("default", WORKER_SA_NAME) for i in range(2)})
+    # Each "node" reports with its own token, as the job's own worker ServiceAccount (RBAC enforced).
+    objects, account = worker_identity(doc)
+    server.enforce_rbac(objects, {f"node-{i}-token": account for i in range(2)})
 
 
 def _assert_only_rank0_wrote(results: list[tuple[int, str]], out: Path, backend: str, server: Any) -> None:

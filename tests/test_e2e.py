@@ -38,7 +38,14 @@ from tests.node_agent import available
 from tests.test_local_run import shared_tiny_model
 
 #: Each test drives a whole pipeline in containers (minutes on 2 loaded cores); the images are built before.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+#: They train with LLaMA-Factory and serve with vLLM, so `-m "not train and not vllm"` leaves them out too.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.train,
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+]
 
 CANARY = "hf_E2E-CANARY-4b1d9e7a-never-print-me"
 VLLM_PORT = 8000

@@ -696,7 +696,7 @@ def test_finetunejob_crd_with_kubectl(kubectl: Callable[..., subprocess.Complete
     emulator_server.patch_status('ftj', name, {'currentStage': 'sft', 'state': 'Running', 'progress': '12/100 (12%)',
                                                'loss': '1.234'}, namespace)
     lines = kubectl('get', 'ftj', '-n', namespace).stdout.splitlines()
-    assert lines[0].split() == ['NAME', 'STAGE', 'STATE', 'PROGRESS', 'LOSS', 'AGE']
+    assert lines[0].split() == ['NAME', 'STAGE', 'STATE', 'PROGRESS', 'LOSS', 'METRIC', 'AGE']
     assert lines[1].split()[:6] == [name, 'sft', 'Running', '12/100', '(12%)', '1.234']
 
 

@@ -102,7 +102,7 @@ def test_render_eval_and_publish_steps() -> None:
     job = validate(full())
     plan = render(job)
     names = [s.name for s in plan.steps]
-    assert names == ["sft", "dpo", "merge", "eval", "publish"]
+    assert names == ["preflight", "sft", "dpo", "merge", "eval", "publish"]
     files = config_files(job)
     ev = yaml.safe_load(files["eval.yaml"])
     assert set(ev["runs"]) == {"loss", "predict"}
@@ -190,17 +190,12 @@ def test_publish_credentials_travel_only_by_reference_to_the_publish_pod(tmp_pat
     assert refs == {"demo-publish": {"hub", "s3", "reg"}}
 
 
-def test_operator_refuses_a_gate_it_does_not_enforce() -> None:
-    """The operator does not enforce the gate yet: it refuses the job (InvalidSpec) rather than publish and
-    serve an ungated model; evaluate and publish without a gate are accepted."""
+def test_operator_accepts_a_gate() -> None:
+    """The operator enforces the gate (tests/test_operator_eval_publish.py), so it accepts a gated job."""
     from finetune_operator.controller.runtime import make_validate
-    from finetune_operator.errors import SpecError
 
-    with pytest.raises(SpecError, match=r"spec\.gate: the promotion gate is enforced by `ftctl run --local` only"):
-        make_validate()(full())
-    ungated = full()
-    del ungated["spec"]["gate"]
-    assert make_validate()(ungated).spec.publish is not None
+    job = make_validate()(full())
+    assert job.spec.gate is not None and job.spec.publish is not None
 
 
 def test_an_adapter_is_published_without_its_checkpoints(tmp_path: Any) -> None:

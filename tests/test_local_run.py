@@ -163,4 +163,6 @@ def test_missing_model_and_bad_data_exit_codes(tiny_model: Path, tmp_path: Path)
                           "--volume", f"{demo.MODEL_CLAIM}={tiny_model.parent}"],
                          env=lf_env(), capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 3, bad.stderr
-    assert "sft-chat.jsonl line 1 is not JSON" in " ".join(bad.stderr.split())
+    # the preflight step finds it before training starts: LLaMA-Factory's loader would fail on the whole file
+    assert "InvalidData: stage sft: dataset chat:" in " ".join(bad.stderr.split())
+    assert "sft-chat.jsonl:1 is not valid JSON" in "".join(bad.stderr.split("\n"))

@@ -63,10 +63,10 @@ def test_local_run_dispatches_the_plans_steps_in_order(recorded: list[tuple[str,
     result = runner.run_local(job, opts)
 
     assert recorded == [(s.kind, s.name) for s in plan.steps]
-    assert [k for k, _ in recorded] == ["download", "train", "train", "merge", "serve"]
+    assert [k for k, _ in recorded] == ["download", "preflight", "train", "train", "merge", "serve"]
     assert result.deferred == ("serve",)
     written = json.loads((result.config_dir.parent / "outputs.json").read_text())
-    assert sorted(written["stages"]) == sorted(s.name for s in plan.steps if s.kind in ("train", "merge"))
+    assert sorted(written["stages"]) == sorted(s.name for s in plan.steps if s.kind in ("preflight", "train", "merge"))
     assert "endpoint" not in written["outputs"]
 
 
@@ -81,7 +81,7 @@ def test_an_unknown_step_kind_is_an_error_before_anything_runs(
         runner.run_local(contract_job(), opts)
 
     assert "step 'publish' is of kind 'shipit'" in str(err.value)
-    assert "known kinds: download, eval, merge, publish, serve, train" in str(err.value)
+    assert "known kinds: download, eval, merge, preflight, publish, serve, train" in str(err.value)
     assert recorded == []  # not even the download ran
     assert not (tmp_path / "wd").exists()
 

@@ -152,3 +152,38 @@ def test_worker_reports_are_bounded_before_they_reach_the_columns(
     assert progress == {"totalSteps": 10, "loss": 0.25}
     assert "progress" not in status  # no step: no column
     assert [s["name"] for s in status["stages"]] == ["sft"]
+
+
+def test_a_previous_runs_deployment_proves_nothing_about_a_new_run(cluster: EmulatorServer) -> None:
+    """The vLLM Deployment keeps its name across runs: while it still serves run 1, a forged success of run 2's
+    second stage must not be taken as proven by it (nor roll it to a model that was never trained)."""
+    doc = two_stages_served("rr")
+    op = OperatorThread().start()
+    try:
+        cluster.create(doc)
+        for step in ("sft", "more", "merge"):
+            wait_child(cluster, "Job", f"rr-{step}")
+            succeed(cluster, "Job", f"rr-{step}")
+        cluster.wait_for_object("deployments.apps", "rr-serve")
+        harness.make_available(cluster, "rr-serve")
+        wait_state(cluster, "rr", "Serving")
+        cluster.patch(FTJ, "rr", {"spec": {"runId": "r2"}})
+        wait_child(cluster, "Job", "rr-r2-sft")
+        cluster.wait_for(lambda: ftj_status(cluster, "rr").get("run") == "r2")
+    finally:
+        op.stop()
+    # While no operator runs: run 2's first stage really succeeds; a worker forges the rest.
+    succeed(cluster, "Job", "rr-r2-sft")
+    stages = [dict(s) for s in ftj_status(cluster, "rr")["stages"]]
+    for s in stages:
+        if s["name"] != "serve":
+            s.update(state="Succeeded", attempts=1, completionTime="2026-01-01T00:01:00Z")
+    cluster.patch_status(FTJ, "rr", {"stages": stages})
+    op = OperatorThread().start()
+    try:
+        wait_child(cluster, "Job", "rr-r2-more")
+        dep = cluster.get("deployments.apps", "rr-serve")
+        assert (dep["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) != "r2"  # not rolled
+        assert cluster.get("jobs.batch", "rr-r2-merge") is None
+    finally:
+        op.stop()

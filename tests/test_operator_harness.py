@@ -61,6 +61,8 @@ def minimal(name: str = "tiny", *, backend: str = "job", **spec_changes: Any) ->
             "output": {"volume": {"claimName": "outputs"}},
             "stages": [{"name": "sft", "type": "sft", "datasets": ["chat"], "method": "lora"}],
             "retries": 1,
+            # The preflight step has its own tests (test_operator_preflight.py); here the first child is the stage.
+            "preflight": {"mode": "Disabled"},
         },
     }
     doc["spec"].update(spec_changes)

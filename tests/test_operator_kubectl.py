@@ -112,7 +112,7 @@ def test_kubectl_apply_and_wait_for_ready(
         emulator_server.wait_for_object(RESOURCE[kind], child, ns, timeout=30)
         table = kubectl("get", "ftj", name, "-n", ns).stdout
         header = table.splitlines()[0].split()
-        assert header == ["NAME", "STAGE", "STATE", "PROGRESS", "LOSS", "AGE"]
+        assert header == ["NAME", "STAGE", "STATE", "PROGRESS", "LOSS", "METRIC", "AGE"]
         if step.kind == "train":
             # A worker's progress report shows up in the printer columns.
             report = {"status": {"reported": {step.name: {"step": 30, "totalSteps": 60, "loss": 1.25}}}}

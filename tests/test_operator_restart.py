@@ -97,6 +97,9 @@ class CrashingKube:
     async def delete(self, *a: Any) -> Any:
         return await self._call(self.inner.delete(*a))
 
+    async def list(self, *a: Any) -> Any:
+        return await self._call(self.inner.list(*a))
+
 
 async def drive(
     server: EmulatorServer, kube: Kube, name: str, ns: str, crash_at: int | None, after: bool, *, full: bool = False

@@ -394,7 +394,7 @@ def test_service_accounts_only_on_reporting_pods() -> None:
                 continue
             for tpl in _pod_templates(wl):
                 spec = tpl["spec"]
-                if step.kind == "train":
+                if step.kind in ("train", "preflight"):  # the preflight pod reports status.plan
                     assert spec["serviceAccountName"] == own
                     assert spec["automountServiceAccountToken"] is True
                 else:
@@ -443,8 +443,8 @@ def test_scheduling_and_kueue() -> None:
         assert node is True, f"{step.name} must be created suspended for Kueue"
         for tpl in _pod_templates(wl):
             spec = tpl["spec"]
-            # GPU placement only for pods that request GPUs (download and merge use none).
-            gpu = step.kind not in ("download", "merge")
+            # GPU placement only for pods that request GPUs (download, preflight and merge use none).
+            gpu = step.kind not in ("download", "preflight", "merge")
             assert spec.get("nodeSelector") == ({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} if gpu else None)
             assert spec["priorityClassName"] == "training"
             assert spec["schedulerName"] == "volcano"
@@ -496,7 +496,7 @@ def test_deepspeedjob_suspend_and_launch() -> None:
 
 def test_single_node_job_backend() -> None:
     plan = render(_example(EXAMPLES[0]))
-    assert [s.name for s in plan.steps] == ["download", "sft"]
+    assert [s.name for s in plan.steps] == ["download", "preflight", "sft"]
     wl = plan.step("sft").workload
     assert wl["kind"] == "Job" and "completionMode" not in wl["spec"]
     assert wl["spec"]["template"]["spec"]["containers"][0]["command"] == worker_command("train", "sft")
@@ -811,10 +811,11 @@ def test_cli_render_to_dir(tmp_path: Path) -> None:
     assert names == [
         "00-shared.yaml",
         "01-download.yaml",
-        "02-sft.yaml",
-        "03-dpo.yaml",
-        "04-merge.yaml",
-        "05-serve.yaml",
+        "02-preflight.yaml",
+        "03-sft.yaml",
+        "04-dpo.yaml",
+        "05-merge.yaml",
+        "06-serve.yaml",
     ]
     joined = "".join((tmp_path / n).read_text() for n in names)
     assert joined == (GOLDEN / f"{CONTRACT.stem}.yaml").read_text()
@@ -878,11 +879,15 @@ def test_kto_dataset_info() -> None:
     assert info["support_tickets"]["columns"]["kto_tag"] == "label"
 
 
-def test_deepspeedjob_keeps_real_home() -> None:
-    """The DeepSpeed launcher reads ~/.deepspeed_env (written by T9k): HOME must not be redirected there."""
+def test_deepspeedjob_runs_as_root_with_roots_home() -> None:
+    """T9k's launcher model needs root (sshd, /root/.ssh) and DeepSpeed's runner reads ~/.deepspeed_env (written
+    by T9k): the worker image's user (65532) and HOME (/tmp) would break both, so the pods say root and /root.
+    Found by running the pods in the image (tests/test_e2e.py): as 65532, sshd could not read its host key."""
     wl = render(_example(EXAMPLES[3])).step("sft").workload
-    env = {e["name"] for e in wl["spec"]["worker"]["template"]["spec"]["containers"][0]["env"]}
-    assert "HOME" not in env
+    tpl = wl["spec"]["worker"]["template"]
+    env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][0]["env"]}
+    assert env["HOME"] == "/root"
+    assert tpl["spec"]["securityContext"]["runAsUser"] == 0 and tpl["spec"]["securityContext"]["runAsGroup"] == 0
     job_env = render(_example(EXAMPLES[0])).step("sft").workload["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HOME", "value": "/tmp"} in job_env
 
@@ -894,8 +899,13 @@ def test_cli_render_several_jobs_into_subfolders(tmp_path: Path) -> None:
     res = _ftctl("render", "-f", str(both), "-o", str(out), "--worker-image", "reg/w:2")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["faq-bot", "llama3-lora-sft"]
-    assert sorted(p.name for p in (out / "faq-bot").iterdir()) == ["00-shared.yaml", "01-sft.yaml", "02-serve.yaml"]
-    assert "image: reg/w:2" in (out / "llama3-lora-sft" / "02-sft.yaml").read_text()
+    assert sorted(p.name for p in (out / "faq-bot").iterdir()) == [
+        "00-shared.yaml",
+        "01-preflight.yaml",
+        "02-sft.yaml",
+        "03-serve.yaml",
+    ]
+    assert "image: reg/w:2" in (out / "llama3-lora-sft" / "03-sft.yaml").read_text()
     stdout = _ftctl("render", "-f", str(both))
     assert stdout.returncode == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(stdout.stdout)]

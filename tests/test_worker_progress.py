@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from finetune_operator.worker.progress import Progress, StatusReporter, TrainerLogFollower, parse_record
-from tests.install_tools import WORKER_SA_NAME, installed_chart
+from tests.install_tools import worker_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,11 +95,13 @@ def _ftj(name: str) -> dict[str, Any]:
 
 @pytest.fixture()
 def ftj_server(emulator_server: Any) -> Any:
-    """The emulator with a FineTuneJob, and the worker token bound to the chart's finetune-worker ServiceAccount:
-    the reporter gets exactly what the installed chart grants the worker (403 for anything else)."""
+    """The emulator with a FineTuneJob, and the worker token bound to the job's own worker ServiceAccount (as
+    the operator creates it): the reporter gets exactly what that Role grants (403 for anything else)."""
     emulator_server.apply_crd(ROOT / "crds")
-    emulator_server.create(_ftj("demo"), "default")
-    emulator_server.enforce_rbac(installed_chart(), {"node-0-token": ("default", WORKER_SA_NAME)})
+    doc = _ftj("demo")
+    emulator_server.create(doc, "default")
+    objects, account = worker_identity(doc)
+    emulator_server.enforce_rbac(objects, {"node-0-token": account})
     return emulator_server
 
 
@@ -127,7 +129,7 @@ def test_reporter_patches_only_the_status_subresource(ftj_server: Any, tmp_path:
     writes = [r for r in ftj_server.emulator.request_log if r.verb not in ("get", "list", "watch")]
     ours = [r for r in writes if r.resource == "finetunejobs" and r.verb == "patch"]
     assert ours and all(r.subresource == "status" and r.name == "demo" for r in ours)
-    assert not ftj_server.emulator.authorizer.denied  # the chart's worker Role grants exactly this
+    assert not ftj_server.emulator.authorizer.denied  # the job's worker Role grants exactly this
 
 
 def test_worker_token_gets_403_outside_its_role(ftj_server: Any, tmp_path: Path) -> None:
@@ -143,7 +145,7 @@ def test_worker_token_gets_403_outside_its_role(ftj_server: Any, tmp_path: Path)
     body = json.loads(caught.value.read())
     assert body["kind"] == "Status" and body["reason"] == "Forbidden"
     assert body["message"] == (
-        'finetunejobs.finetune.dev "demo" is forbidden: User "system:serviceaccount:default:finetune-worker" '
+        'finetunejobs.finetune.dev "demo" is forbidden: User "system:serviceaccount:default:demo-worker" '
         'cannot get resource "finetunejobs" in API group "finetune.dev" in the namespace "default"'
     )
 
@@ -223,3 +225,13 @@ def test_ftctl_worker_progress_cli_reports(ftj_server: Any, tmp_path: Path) -> N
     assert "[sft] step 3/5 (60%) loss=1.7000" in proc.stdout
     reported = ftj_server.get("finetunejobs", "demo", "default")["status"]["reported"]["sft"]
     assert reported["step"] == 3 and reported["loss"] == pytest.approx(1.7)
+
+
+def test_a_worker_cannot_report_into_another_job(ftj_server: Any, tmp_path: Path) -> None:
+    """The job's worker Role names its FineTuneJob: the same token patching another job's status gets 403."""
+    ftj_server.create(_ftj("other"), "default")
+    reporter = StatusReporter.from_env("sft", _env(ftj_server, tmp_path, name="other"))
+    assert reporter is not None
+    assert not reporter.report(Progress(step=1, total_steps=10, loss=3.0))
+    assert "reported" not in (ftj_server.get("finetunejobs", "other", "default").get("status") or {})
+    assert ftj_server.emulator.authorizer.denied

@@ -218,8 +218,8 @@ CEL_RULES: dict[str, list[CelRule]] = {
             ".lora",
         ),
         (
-            "!(self.name in ['download', 'merge', 'merged', 'serve'])",
-            "stage names download, merge, merged and serve are reserved",
+            "!(self.name in ['download', 'preflight', 'merge', 'merged', 'serve'])",
+            "stage names download, preflight, merge, merged and serve are reserved",
             ".name",
         ),
         (

@@ -13,7 +13,8 @@
         ├── TrainingError         LLaMA-Factory failed for another reason         (exit 7)
         ├── EvaluationError       the evaluation of the candidate model failed    (exit 9)
         ├── PublishError          publishing to a destination failed              (exit 10)
-        └── GateFailed            the promotion gate refused the new model        (exit 11)
+        ├── GateFailed            the promotion gate refused the new model        (exit 11)
+        └── WillNotFitError       preflight: a stage will not fit its GPUs        (exit 12)
 
 Why a hierarchy: the CLI maps SpecError to exit 1 and a readable list, the operator maps it to the
 ``InvalidSpec`` condition without retrying, and worker errors become pod exit codes and status messages.
@@ -108,3 +109,9 @@ class GateFailed(WorkerError):
     """The promotion gate refused the new model: it is not served or published (the old one stays)."""
 
     exit_code = 11
+
+
+class WillNotFitError(WorkerError):
+    """Preflight: a stage's estimated per-GPU peak exceeds its GPU's memory."""
+
+    exit_code = 12

@@ -49,6 +49,12 @@ tests' API server enforces these rules.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Read-only: the evaluation and publish results (metrics for the promotion gate, where copies went)
+# are in the termination message of their Job's pod, listed by the Job's label; only that container
+# writes it, unlike status, which worker pods may patch. Never create, patch or delete.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end -}}
 {{- define "finetune-operator.workerIdentityRules" -}}
 # Each FineTuneJob's worker ServiceAccount (<job>-worker), created once with its first step

@@ -9,12 +9,14 @@ the requests themselves are plain HTTPS with the same TLS settings and bearer to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,14 +164,25 @@ def job_path(namespace: str, name: str | None = None) -> str:
     return f"{base}/{urllib.parse.quote(name, safe='')}" if name else base
 
 
-def get_job(access: ClusterAccess, namespace: str, name: str) -> dict[str, Any]:
-    """The FineTuneJob object; a clear error when it does not exist."""
+@contextlib.contextmanager
+def job_lookup(namespace: str, name: str) -> Iterator[None]:
+    """Turns the API's 404 for a FineTuneJob into an error that names the job and its namespace."""
     try:
-        obj = access.get_json(job_path(namespace, name))
+        yield
     except AccessError as exc:
         if exc.status == 404:
             raise AccessError(f'FineTuneJob "{name}" not found in namespace "{namespace}"', 404) from None
         raise
+
+
+def as_job(obj: Any, namespace: str, name: str) -> dict[str, Any]:
+    """The decoded answer, which must be an object."""
     if not isinstance(obj, dict):
         raise AccessError(f"unexpected answer for FineTuneJob {namespace}/{name}")
     return obj
+
+
+def get_job(access: ClusterAccess, namespace: str, name: str) -> dict[str, Any]:
+    """The FineTuneJob object; a clear error when it does not exist."""
+    with job_lookup(namespace, name):
+        return as_job(access.get_json(job_path(namespace, name)), namespace, name)

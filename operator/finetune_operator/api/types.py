@@ -280,6 +280,18 @@ class ResourcesSpec(_Model):
     """CPU request and limit of each pod (a Kubernetes quantity)."""
     memory: str | None = Field(default=None, max_length=32)
     """Memory request and limit of each pod (a Kubernetes quantity)."""
+    gpu_memory: str | None = Field(default=None, max_length=32)
+    """Memory of one GPU (a Kubernetes quantity such as ``80Gi``) for the preflight estimate, when the
+    ``nvidia.com/gpu.product`` node selector does not name a GPU the operator knows."""
+
+
+class PreflightSpec(_Model):
+    """The preflight step: a CPU-only pod that checks memory and data before any GPU workload exists."""
+
+    mode: Literal["Enforce", "Warn", "Disabled"] = "Enforce"
+    """``Enforce`` (default): a stage that will not fit its GPUs or whose data is unusable fails the job
+    (reasons ``WillNotFit``, ``InvalidData``) before any GPU is requested. ``Warn``: the plan and a Warning
+    event, then training starts anyway. ``Disabled``: no preflight step."""
 
 
 class CheckpointSpec(_Model):
@@ -668,6 +680,8 @@ class FineTuneJobSpec(_Model):
     """Suspend the running workload (mutable); false resumes it."""
     retries: int = Field(default=2, ge=0, le=100)
     """Retries per stage; a retried stage resumes from its last checkpoint."""
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+    """The preflight step (memory estimate and data check before the first GPU workload)."""
     run_id: str | None = Field(default=None, max_length=20, pattern=DNS_LABEL_PATTERN)
     """Names the run (DNS label, at most 20 characters). Changing it runs the whole pipeline again, the one
     way to re-run a job: together with it the training fields (model, datasets, stages, merge, ...) may change.
@@ -836,6 +850,46 @@ class Outputs(_Model):
     """Where copies of the model went."""
 
 
+class PlannedStage(_Model):
+    """What the preflight step found for one training stage."""
+
+    name: str = Field(max_length=63)
+    """Stage name."""
+    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB", ge=0)
+    """Estimated peak memory per GPU (GiB)."""
+    gpu: str | None = Field(default=None, max_length=128)
+    """The GPU the estimate was compared with."""
+    gpu_capacity_gi_b: float | None = Field(default=None, alias="gpuCapacityGiB", ge=0)
+    """That GPU's memory (GiB)."""
+    verdict: str | None = Field(default=None, max_length=64)
+    """``fits``, ``tight``, ``does not fit``, ``unknown GPU`` or ``no GPU (CPU stage)``."""
+    suggestion: str | None = Field(default=None, max_length=1024)
+    """The cheapest change that fits."""
+    samples: int | None = Field(default=None, ge=0)
+    """Valid training samples after LLaMA-Factory's conversion."""
+    dropped: int | None = Field(default=None, ge=0)
+    """Rows dropped (malformed, missing columns, wrong roles, empty, ...)."""
+    truncated: int | None = Field(default=None, ge=0)
+    """Samples longer than cutoff_len."""
+    tokens: int | None = Field(default=None, ge=0)
+    """Training tokens (all epochs)."""
+    total_steps: int | None = Field(default=None, ge=0)
+    """Planned optimizer steps."""
+    estimated_seconds: int | None = Field(default=None, ge=0)
+    """Estimated training time."""
+
+
+class PlanStatus(_Model):
+    """The preflight step's report (written by its pod; shown, never used to decide: the step's exit decides)."""
+
+    stages: list[PlannedStage] = Field(default_factory=list, max_length=16)
+    """Per training stage."""
+    reason: str | None = Field(default=None, max_length=64)
+    """``WillNotFit`` or ``InvalidData`` when the job is refused (or warned about)."""
+    message: str | None = Field(default=None, max_length=2048)
+    """The stage, the numbers and the fix."""
+
+
 class FineTuneJobStatus(_Model):
     """Observed state, written by the operator (and ``reported`` by worker pods)."""
 
@@ -865,6 +919,8 @@ class FineTuneJobStatus(_Model):
     """Result paths and endpoint."""
     reported: dict[str, StageProgress] = Field(default_factory=dict)
     """Raw progress reports of worker pods, by stage name (the only field workers may write)."""
+    plan: PlanStatus | None = None
+    """The preflight step's plan: memory estimate, verdict, data statistics, steps and duration per stage."""
 
 
 class FineTuneJob(_Model):

@@ -168,6 +168,33 @@ def cond_status(phase: str, cond: Mapping[str, Any], *, suspended: bool = False)
     return ChildStatus(phase, str(cond.get("reason") or ""), str(cond.get("message") or ""), suspended)
 
 
+@dataclass(frozen=True)
+class ConditionKinds:
+    """Which condition types of a workload mean what, for kinds whose controller reports only conditions."""
+
+    succeeded: tuple[str, ...]
+    running: tuple[str, ...]
+    failed: tuple[str, ...] = ("Failed",)
+    suspended: tuple[str, ...] = ("Suspended",)
+
+
+def by_conditions(obj: Mapping[str, Any], suspend_path: tuple[str, ...], kinds: ConditionKinds) -> ChildStatus:
+    """A workload's phase from its conditions, in the order that matters: a finished workload is finished even
+    if suspended; a suspended one (by its condition, or by the flag we or Kueue set) is not running."""
+    conds = conditions(obj)
+    suspended = bool(read_path(obj, suspend_path))
+    if (done := true_condition(conds, *kinds.succeeded)) is not None:
+        return cond_status(Phase.SUCCEEDED, done)
+    if (failed := true_condition(conds, *kinds.failed)) is not None:
+        return cond_status(Phase.FAILED, failed)
+    susp = true_condition(conds, *kinds.suspended)
+    if suspended or susp is not None:
+        return cond_status(Phase.SUSPENDED, susp or {}, suspended=suspended)
+    if (running := true_condition(conds, *kinds.running)) is not None:
+        return cond_status(Phase.RUNNING, running)
+    return ChildStatus(Phase.PENDING)
+
+
 def read_path(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The value at ``path`` (None when any step is missing)."""
     value: Any = obj

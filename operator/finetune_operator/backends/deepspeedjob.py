@@ -60,6 +60,11 @@ class DeepSpeedJobBackend:
         tpl = train_pod(inp, self.name, service_account=inp.service_account, restart_policy="Never", restricted=False)
         # T9k picks the container named "worker" as the training container.
         tpl["spec"]["containers"][0].pop("command", None)
+        # The worker image runs as 65532 with HOME=/tmp; T9k's launcher model needs root (sshd, /root/.ssh) and
+        # DeepSpeed's runner reads ~/.deepspeed_env, so these pods say root and root's home explicitly (with the
+        # image's user, sshd cannot even read its host key).
+        tpl["spec"]["securityContext"] = {"runAsUser": 0, "runAsGroup": 0, "seccompProfile": {"type": "RuntimeDefault"}}
+        tpl["spec"]["containers"][0]["env"].append({"name": "HOME", "value": "/root"})
         spec: dict[str, Any] = {
             "config": {
                 "slotsPerWorker": inp.nproc_per_node,

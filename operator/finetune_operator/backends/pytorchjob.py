@@ -15,18 +15,18 @@ from typing import Any, Final
 from finetune_operator.api.naming import workload_name
 from finetune_operator.backends.base import (
     ChildStatus,
-    Phase,
+    ConditionKinds,
     Rule,
     StageInput,
-    cond_status,
-    conditions,
-    read_path,
-    true_condition,
+    by_conditions,
     workload_rule,
 )
 from finetune_operator.backends.launch import Launch, Topology, env_int, env_nproc, torchrun_launch, torchrun_topology
 from finetune_operator.render.meta import COMPONENT_TRAIN, metadata, run_scope
 from finetune_operator.render.workloads import TTL_SECONDS_AFTER_FINISHED, created_suspended, kueue_labels, train_pod
+
+#: What the controller's condition types mean (see :func:`~finetune_operator.backends.base.by_conditions`).
+_CONDITIONS = ConditionKinds(succeeded=("Succeeded",), running=("Running", "Restarting"))
 
 
 class PyTorchJobBackend:
@@ -89,21 +89,7 @@ class PyTorchJobBackend:
 
     def interpret(self, obj: Mapping[str, Any]) -> ChildStatus:
         """Conditions ``Succeeded``/``Failed``, ``Suspended``, ``Running``/``Restarting``."""
-        conds = conditions(obj)
-        suspended = bool(read_path(obj, self.suspend_path))
-        done = true_condition(conds, "Succeeded")
-        if done is not None:
-            return cond_status(Phase.SUCCEEDED, done)
-        failed = true_condition(conds, "Failed")
-        if failed is not None:
-            return cond_status(Phase.FAILED, failed)
-        susp = true_condition(conds, "Suspended")
-        if suspended or susp is not None:
-            return cond_status(Phase.SUSPENDED, susp or {}, suspended=suspended)
-        running = true_condition(conds, "Running", "Restarting")
-        if running is not None:
-            return cond_status(Phase.RUNNING, running)
-        return ChildStatus(Phase.PENDING)
+        return by_conditions(obj, self.suspend_path, _CONDITIONS)
 
     def rules(self) -> tuple[Rule, ...]:
         return (workload_rule(self, "training stages of the pytorchjob backend"),)

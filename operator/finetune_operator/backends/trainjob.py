@@ -33,13 +33,10 @@ from finetune_operator.api.naming import workload_name
 from finetune_operator.api.types import TrainingRuntimeRef
 from finetune_operator.backends.base import (
     ChildStatus,
-    Phase,
+    ConditionKinds,
     Rule,
     StageInput,
-    cond_status,
-    conditions,
-    read_path,
-    true_condition,
+    by_conditions,
     workload_rule,
 )
 from finetune_operator.backends.launch import Launch, Topology, torchrun_launch, torchrun_topology
@@ -85,6 +82,10 @@ def _token_volume() -> dict[str, Any]:
             ],
         },
     }
+
+
+#: What the controller's condition types mean (see :func:`~finetune_operator.backends.base.by_conditions`).
+_CONDITIONS = ConditionKinds(succeeded=("Complete",), running=("Created",))
 
 
 class TrainJobBackend:
@@ -166,21 +167,7 @@ class TrainJobBackend:
 
     def interpret(self, obj: Mapping[str, Any]) -> ChildStatus:
         """Conditions ``Complete``/``Failed``; ``Suspended`` (or our flag); running once ``Created``."""
-        conds = conditions(obj)
-        suspended = bool(read_path(obj, self.suspend_path))
-        done = true_condition(conds, "Complete")
-        if done is not None:
-            return cond_status(Phase.SUCCEEDED, done)
-        failed = true_condition(conds, "Failed")
-        if failed is not None:
-            return cond_status(Phase.FAILED, failed)
-        susp = true_condition(conds, "Suspended")
-        if suspended or susp is not None:
-            return cond_status(Phase.SUSPENDED, susp or {}, suspended=suspended)
-        created = true_condition(conds, "Created")
-        if created is not None:
-            return cond_status(Phase.RUNNING, created)
-        return ChildStatus(Phase.PENDING)
+        return by_conditions(obj, self.suspend_path, _CONDITIONS)
 
     def rules(self) -> tuple[Rule, ...]:
         return (workload_rule(self, "training stages of the trainjob backend (Kubeflow Trainer v2)"),)

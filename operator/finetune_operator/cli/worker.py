@@ -1,11 +1,13 @@
-"""``ftctl worker``: the entry point of worker pods (``download``, ``train``, ``merge``, ``publish``, ``progress``).
+"""``ftctl worker``: the entry point of worker pods (``download``, ``preflight``, ``train``, ``merge``, ``eval``,
+``publish``, ``progress``).
 
 Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 1 an input/output error on a volume
 (read-only, full; the message names the file), 3 bad data, 4 model missing,
 5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 9 evaluation failed,
-10 publishing failed, 128+N stopped by signal N (resumable). The message of a failure is also written to the
-container's termination message file so that ``kubectl describe`` and the operator show it without reading
-logs; ``eval`` and ``publish`` write their result there on success (one JSON line).
+10 publishing failed, 12 will not fit (preflight), 128+N stopped by signal N (resumable). The message of a
+failure is also written to the container's termination message file so that ``kubectl describe`` and the
+operator show it without reading logs; ``eval`` and ``publish`` write their result there on success (one JSON
+line).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from finetune_operator.worker.envmap import BACKENDS
 
 #: Kubernetes reads a container's termination message from here (terminationMessagePath).
 TERMINATION_LOG = "/dev/termination-log"
+#: What the worker creates on the shared volumes is group-writable: the pods of one job run as different users
+#: (T9k DeepSpeedJob pods as root, the others as 65532, with fsGroup 65532 and setgid folders), and a later step
+#: writes next to what an earlier one created (the merge into ``<output>/<job>/`` after training). With the
+#: usual 022, folders made by root training pods left the non-root merge pod unable to write (found by running
+#: the pods in their images).
+UMASK = 0o002
 
 
 def _setup_logging() -> None:
@@ -42,6 +50,7 @@ def _termination_message(message: str) -> None:
 
 
 def _run(step: str, args: argparse.Namespace) -> int:
+    os.umask(UMASK)
     _setup_logging()
     try:
         if step == "download":
@@ -50,6 +59,10 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _train(args)
         if step == "merge":
             return _merge(args)
+        if step == "preflight":
+            from finetune_operator.worker.preflight import run_in_pod
+
+            return run_in_pod(args.config)
         if step == "publish":
             return _publish(args)
         if step == "eval":
@@ -194,6 +207,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--config", required=True, help="merge.yaml")
     m.set_defaults(func=lambda a: _run("merge", a))
 
+    f = sub.add_parser(
+        "preflight", help="plan every stage (memory, data, steps) and refuse a job that will not fit (exit 12/3)"
+    )
+    f.add_argument("--config", required=True, help="preflight.json (the FineTuneJob)")
+    f.set_defaults(func=lambda a: _run("preflight", a))
     ev = sub.add_parser("eval", help="evaluate the candidate model (loss, generation metrics, benchmark)")
     ev.add_argument("--config", required=True, help="eval.yaml")
     ev.set_defaults(func=lambda a: _run("eval", a))

@@ -17,6 +17,8 @@ from finetune_operator.access.cluster import (
     AccessError,
     ClusterAccess,
     api_error_message,
+    as_job,
+    job_lookup,
     job_path,
 )
 from finetune_operator.access.jobs import Serving
@@ -66,15 +68,8 @@ class ClusterSource:
     async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
         if self.namespaces and namespace not in self.namespaces:
             raise AccessError(f'namespace "{namespace}" is not one this console shows', 404)
-        try:
-            obj = await self._get(job_path(namespace, name))
-        except AccessError as exc:
-            if exc.status == 404:
-                raise AccessError(f'FineTuneJob "{name}" not found in namespace "{namespace}"', 404) from None
-            raise
-        if not isinstance(obj, dict):
-            raise AccessError(f"unexpected answer for FineTuneJob {namespace}/{name}")
-        return obj
+        with job_lookup(namespace, name):
+            return as_job(await self._get(job_path(namespace, name)), namespace, name)
 
     def model_base(self, serving: Serving) -> str:
         if self.via == "proxy":

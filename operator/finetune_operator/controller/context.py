@@ -91,6 +91,8 @@ class Ctx:
         self.stamp = st.rfc3339(now)
         self.events: list[st.Event] = []
         self.requeue: float | None = None
+        #: The Failed condition's reason when a step decided it (the preflight step: WillNotFit, InvalidData).
+        self.failed_reason: str | None = None
 
     @property
     def namespace(self) -> str:
@@ -178,5 +180,7 @@ class Base:
         self.own_versions: OrderedDict[tuple[str, str, str], tuple[str, ...]] = OrderedDict()
         self._validated: OrderedDict[tuple[Any, ...], FineTuneJob | Exception] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        #: Eval/publish workers' parsed results by Job uid (see :mod:`.gating`).
+        self._results: OrderedDict[str, Any] = OrderedDict()
         #: (namespace, name) -> status.state, for the jobs-by-state gauge.
         self.states: dict[tuple[str, str], str] = {}

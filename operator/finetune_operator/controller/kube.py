@@ -40,7 +40,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -99,10 +99,19 @@ class Kube(Protocol):
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
 
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of ``kind`` in ``namespace`` matching ``label_selector`` (uncached)."""
+        ...
+
+
+#: Kinds the operator only reads (never creates): the evaluation and publish Jobs' pods, whose termination
+#: messages carry the workers' results (see :mod:`finetune_operator.controller.results`).
+READ_ONLY_PLURALS: Final[dict[tuple[str, str], str]] = {("v1", "Pod"): "pods"}
+
 
 def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
     """``/apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]`` (or ``/api/v1/...`` for the core group)."""
-    plural = PLURALS.get((api_version, kind))
+    plural = PLURALS.get((api_version, kind)) or READ_ONLY_PLURALS.get((api_version, kind))
     if plural is None:
         raise ValueError(f"unknown kind {api_version}/{kind}")
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
@@ -229,6 +238,13 @@ class RestKube:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         with contextlib.suppress(NotFound):
             await self.call("DELETE", resource_path(api_version, kind, namespace, name), body=body)
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        result = await self.call(
+            "GET", resource_path(api_version, kind, namespace), query={"labelSelector": label_selector}
+        )
+        items = result.get("items") if isinstance(result, dict) else None
+        return [dict(x) for x in items or [] if isinstance(x, dict)]
 
 
 #: kubeconfig users that kopf's minimal kubeconfig login cannot turn into credentials by itself.
@@ -480,3 +496,7 @@ class CachingKube:
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self.drop(kind, namespace, name)
         await self.inner.delete(api_version, kind, namespace, name)
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Not cached: only pods are listed, rarely (once per finished evaluation/publish Job)."""
+        return await self.inner.list(api_version, kind, namespace, label_selector)

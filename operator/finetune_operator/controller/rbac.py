@@ -6,8 +6,9 @@ module (``python -m finetune_operator.controller.rbac``; scripts/render-install.
 server enforces what the installed chart grants: a request outside these rules is answered 403 Forbidden, so a
 missing permission fails the operator tests instead of a cluster.
 
-Least privilege: no wildcards, no Secrets (tokens reach pods only as ``secretKeyRef``), no pods. Each rule
-carries the reason it exists; the reason becomes a comment in the chart.
+Least privilege: no wildcards, no Secrets (tokens reach pods only as ``secretKeyRef``), pods read-only (the
+evaluation and publish results are in their pods' termination messages). Each rule carries the reason it
+exists; the reason becomes a comment in the chart.
 
 * :data:`NAMESPACED_RULES`: the operator, on namespaced objects (a ClusterRole in all-namespaces mode, a Role
   per watched namespace otherwise). The training workloads come from the backend registry.
@@ -65,6 +66,14 @@ NAMESPACED_RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         ("",), ("events",), ("create",), "Events about FineTuneJobs (stage started/succeeded/retrying, serving, ...)."
+    ),
+    Rule(
+        ("",),
+        ("pods",),
+        ("list",),
+        "Read-only: the evaluation and publish results (metrics for the promotion gate, where copies went) are in "
+        "the termination message of their Job's pod, listed by the Job's label; only that container writes it, "
+        "unlike status, which worker pods may patch. Never create, patch or delete.",
     ),
 )
 

@@ -30,6 +30,7 @@ Where each decision lives (each module's docstring says more):
 * :mod:`.accepting`  which spec and run the pipeline runs, terminal jobs, the validation/render cache;
 * :mod:`.stepping`   one training step's workload: create/adopt, success, retry, failure, suspend, drift;
 * :mod:`.serving`    the vLLM Deployment and Service: create, scale, suspend, roll to a new run;
+* :mod:`.gating`     the eval/publish results (pods' termination messages) and the promotion gate;
 * :mod:`.writing`    the status (built from the API models), when it is written, our own watch echoes, events;
 * :mod:`.context`    what they share: configuration, the per-reconcile scratch, the enum outcomes;
 * this module        the entry point and the walk over the plan's steps that ties them together.
@@ -58,8 +59,8 @@ from finetune_operator.controller.context import (
     StepOutcome,
     with_deletions,
 )
+from finetune_operator.controller.gating import Gating
 from finetune_operator.controller.kube import ApiError, Conflict, NotFound, Unavailable, fresh_reads
-from finetune_operator.controller.serving import Serving
 from finetune_operator.controller.stepping import Evidence, fresh_stage
 from finetune_operator.render.plan import Plan
 
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 _with_deletions = with_deletions
 
 
-class Reconciler(Serving):
+class Reconciler(Gating):
     """Drives FineTuneJobs; one instance per operator process (it keeps only caches that may be lost)."""
 
     async def reconcile(self, namespace: str, name: str, *, deep: bool = False) -> float | None:
@@ -167,13 +168,20 @@ class Reconciler(Serving):
         assert acceptance.job is not None and acceptance.plan is not None
         job, plan = acceptance.job, acceptance.plan
         stages = self._stage_statuses(plan, old_status)
-        summary = await self._walk(ctx, job, plan, stages, deep=deep)
+        summary = await self._walk(ctx, job, plan, stages, old_status, deep=deep)
         new_status = self._compose(ctx, job, plan, stages, summary, old_status, acceptance.verdict)
         await self._write(ctx, old_status, new_status)
         return ctx.requeue
 
     async def _walk(
-        self, ctx: Ctx, job: FineTuneJob, plan: Plan, stages: list[StageStatus], *, deep: bool
+        self,
+        ctx: Ctx,
+        job: FineTuneJob,
+        plan: Plan,
+        stages: list[StageStatus],
+        old_status: dict[str, Any],
+        *,
+        deep: bool,
     ) -> st.Summary:
         """Drive the plan's steps in order up to the first one that is not done; the pipeline's summary."""
         summary_kw: dict[str, Any] = {"serve_enabled": any(s.kind == "serve" for s in plan.steps)}
@@ -184,7 +192,9 @@ class Reconciler(Serving):
             sst = stages[i]
             if sst.state == StageState.SUCCEEDED and step.kind != "serve":
                 if await evidence.proves_succeeded(i):
-                    continue
+                    if await self._after_success(ctx, job, plan, stages, i, evidence, summary_kw, old_status):
+                        continue
+                    break  # the promotion gate failed: nothing after the evaluation runs
                 if await evidence.child(i) is None:
                     stages[i] = sst = fresh_stage(step)  # a success nothing proves: the step was never run
             current = step.name
@@ -194,7 +204,9 @@ class Reconciler(Serving):
                     stages[j] = fresh_stage(plan.steps[j])
             try:
                 if step.kind == "serve":
-                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(ctx, job, step, sst)
+                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(
+                        ctx, job, step, sst, summary_kw.get("metrics")
+                    )
                     summary_kw["suspended"] = sst.state == StageState.SUSPENDED
                     break
                 outcome = await self._drive(ctx, job, plan, step, sst, first=i == 0, deep=deep)
@@ -220,16 +232,21 @@ class Reconciler(Serving):
                 break
             if outcome is StepOutcome.ADVANCE:
                 current = None
-                continue
+                if await self._after_success(ctx, job, plan, stages, i, evidence, summary_kw, old_status):
+                    continue
+                break
             if outcome is StepOutcome.RETRY_NOW:
                 ctx.requeue_after(0.0)
             elif outcome is StepOutcome.FAILED:
                 summary_kw["failed"] = sst.message or f"stage {step.name} failed"
-                summary_kw["failed_reason"] = Reason.RETRIES_EXHAUSTED if job.spec.retries else Reason.STAGE_FAILED
+                summary_kw["failed_reason"] = ctx.failed_reason or (
+                    Reason.RETRIES_EXHAUSTED if job.spec.retries else Reason.STAGE_FAILED
+                )
             summary_kw["current_message"] = self._stage_message(step, sst)
             summary_kw["suspended"] = sst.state == StageState.SUSPENDED
             break
 
         non_serve = [stages[i] for i, s in enumerate(plan.steps) if s.kind != "serve"]
-        succeeded = all(s.state == StageState.SUCCEEDED for s in non_serve)
+        # A run whose model failed the promotion gate did not succeed, even when no step is left before serve.
+        succeeded = all(s.state == StageState.SUCCEEDED for s in non_serve) and "gate_failed" not in summary_kw
         return st.Summary(current=current, succeeded=succeeded, **summary_kw)

@@ -136,29 +136,16 @@ def make_render(config: OperatorConfig) -> Callable[[Any], Any]:
     return lambda job: render(job, options)
 
 
-#: Why the operator refuses ``spec.gate`` (``ftctl run --local`` enforces it). Refusing is the safe side: an
-#: operator that ran the evaluation but did not enforce the gate would publish and serve a model the user told
-#: it to hold back.
-GATE_NOT_ENFORCED = (
-    "the promotion gate is enforced by `ftctl run --local` only in this release; this operator does not enforce "
-    "it yet and refuses the job rather than serve or publish an ungated model (remove spec.gate to run "
-    "evaluate and publish as plain steps)"
-)
-
-
 def make_validate(config: OperatorConfig | None = None) -> Callable[[Mapping[str, Any]], Any]:
-    """The same validation ``ftctl validate`` runs with the install's policy (allowed images,
-    ``trust_remote_code``), plus what this operator cannot do yet (``spec.gate``)."""
-    from finetune_operator.errors import FieldError, SpecError
+    """The same validation ``ftctl validate`` runs (``spec.gate`` included: the operator enforces it, see
+    :mod:`finetune_operator.controller.gating`), with the install's policy (allowed images,
+    ``trust_remote_code``)."""
     from finetune_operator.validation import validate
 
     policy = (config or OperatorConfig()).policy()
 
     def run(obj: Mapping[str, Any]) -> Any:
-        job = validate(dict(obj), policy)
-        if job.spec.gate is not None:
-            raise SpecError([FieldError("spec.gate", GATE_NOT_ENFORCED)])
-        return job
+        return validate(dict(obj), policy)
 
     return run
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.constants import ConditionType, Reason, StageState, State
-from finetune_operator.api.types import StageProgress, StageStatus
+from finetune_operator.api.types import GateStatus, PublishedCopy, StageProgress, StageStatus
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -156,6 +156,22 @@ def wire(model: _M) -> dict[str, Any]:
     return model.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
 
 
+#: Largest planned step count taken from the (pod-written) plan for the printer column.
+_PLANNED_STEPS_MAX = 10**9
+
+
+def planned_total_steps(status: Mapping[str, Any], stage: str) -> int | None:
+    """The preflight plan's total steps of ``stage`` (display only: the plan is written by the preflight pod)."""
+    plan = status.get("plan")
+    stages = plan.get("stages") if isinstance(plan, Mapping) else None
+    for entry in stages if isinstance(stages, list) else []:
+        if isinstance(entry, Mapping) and entry.get("name") == stage:
+            total = entry.get("totalSteps")
+            if isinstance(total, int) and not isinstance(total, bool) and 0 < total <= _PLANNED_STEPS_MAX:
+                return total
+    return None
+
+
 def format_progress(progress: Mapping[str, Any] | None) -> str | None:
     """``12/100 (12%)`` for the printer column; None without a report."""
     if not progress or progress.get("step") is None:
@@ -216,6 +232,14 @@ class Summary:
     serve_enabled: bool = False
     current: str | None = None  # the running step
     current_message: str = ""
+    #: The promotion gate refused this run's model (the message, with the values); the walk stopped there.
+    gate_failed: str | None = None
+    #: The gate's decision for this run, if it was taken.
+    gate: GateStatus | None = None
+    #: This run's evaluation metrics (from the evaluation pod), None without an evaluation result.
+    metrics: dict[str, float] | None = None
+    #: This run's published copies (from the publish pod), None without a publish result.
+    published: list[PublishedCopy] | None = field(default=None)
 
 
 def build_conditions(
@@ -228,6 +252,10 @@ def build_conditions(
         set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, s.invalid, now=now, generation=generation)
     elif s.failed is not None:
         set_condition(conds, ConditionType.FAILED, True, s.failed_reason, s.failed, now=now, generation=generation)
+    elif s.gate_failed is not None:
+        set_condition(
+            conds, ConditionType.FAILED, True, Reason.GATE_FAILED, s.gate_failed, now=now, generation=generation
+        )
     else:
         set_condition(conds, ConditionType.FAILED, False, Reason.PENDING, "", now=now, generation=generation)
     terminal = s.invalid is not None or s.failed is not None
@@ -241,6 +269,10 @@ def build_conditions(
             "every stage succeeded",
             now=now,
             generation=generation,
+        )
+    elif s.gate_failed is not None and not terminal:
+        set_condition(
+            conds, ConditionType.SUCCEEDED, False, Reason.GATE_FAILED, s.gate_failed, now=now, generation=generation
         )
     else:
         reason = Reason.STAGE_FAILED if terminal else Reason.PENDING
@@ -256,7 +288,7 @@ def build_conditions(
         generation=generation,
     )
 
-    progressing = not terminal and not s.suspended and s.current is not None and not s.serving
+    progressing = not terminal and s.gate_failed is None and not s.suspended and s.current is not None and not s.serving
     set_condition(
         conds,
         ConditionType.PROGRESSING,
@@ -282,6 +314,12 @@ def build_conditions(
         ready, reason, msg = False, Reason.STAGE_FAILED, s.failed or s.invalid or ""
         if s.invalid is not None:
             reason = Reason.INVALID_SPEC
+    elif s.gate_failed is not None and not (s.serve_enabled and (s.serving_previous or s.serving)):
+        # Nothing served before this run: Ready stays False, and says why. A previous run's model that is
+        # served keeps Ready as it was (the branch above: the previous model is served).
+        ready, reason, msg = False, Reason.GATE_FAILED, s.gate_failed
+    elif s.gate_failed is not None:
+        msg = "the previous run's model is served: this run's model failed the promotion gate"
     set_condition(conds, ConditionType.READY, ready, reason, msg, now=now, generation=generation)
     order = {t: i for i, t in enumerate(ConditionType.ALL)}
     conds.sort(key=lambda cnd: order.get(str(cnd.get("type")), len(order)))
@@ -290,7 +328,7 @@ def build_conditions(
 
 def summary_state(summary: Summary) -> str:
     """``status.state``: Failed > Suspended > Serving > Succeeded > Running > Pending."""
-    if summary.invalid is not None or summary.failed is not None:
+    if summary.invalid is not None or summary.failed is not None or summary.gate_failed is not None:
         return State.FAILED
     if summary.suspended:
         return State.SUSPENDED
@@ -343,7 +381,10 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
                 )
             )
         elif now == StageState.FAILED:
-            events.append(Event("Warning", Reason.RETRIES_EXHAUSTED, f"stage {name}: {st.get('message') or ''}"))
+            message = str(st.get("message") or "")
+            # The preflight step refuses with its own reason (the message starts with it); others exhaust retries.
+            refused = next((r for r in (Reason.WILL_NOT_FIT, Reason.INVALID_DATA) if message.startswith(f"{r}:")), None)
+            events.append(Event("Warning", refused or Reason.RETRIES_EXHAUSTED, f"stage {name}: {message}"))
     old_ready = condition_true(old, ConditionType.READY)
     if condition_true(new, ConditionType.READY) and not old_ready:
         cond = get_condition(new, ConditionType.READY) or {}

@@ -19,9 +19,11 @@ Decisions that live here:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from finetune_operator.api import constants as c
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.history import add_point, point_from_report
 from finetune_operator.api.types import FineTuneJob, StageStatus
@@ -32,6 +34,37 @@ from finetune_operator.controller.accepting import Accepting
 from finetune_operator.controller.context import Blocked, Ctx, StepOutcome
 from finetune_operator.controller.kube import AlreadyExists, fresh_reads
 from finetune_operator.render.plan import Plan, Step
+
+#: Exit codes of the preflight pod that refuse the job (see finetune_operator.errors), by Failed reason.
+PREFLIGHT_EXIT_REASONS: dict[int, str] = {3: Reason.INVALID_DATA, 12: Reason.WILL_NOT_FIT}
+_EXIT_CODE = re.compile(r"exit code (\d+)")
+#: Longest explanation taken from the (pod-written) plan.
+_PLAN_MESSAGE_MAX = 2048
+
+
+def _plan_message(ftj: Mapping[str, Any]) -> str | None:
+    plan = (ftj.get("status") or {}).get("plan")
+    message = plan.get("message") if isinstance(plan, Mapping) else None
+    return message[:_PLAN_MESSAGE_MAX] if isinstance(message, str) and message else None
+
+
+def preflight_refusal(ftj: Mapping[str, Any], job_message: str) -> tuple[str, str] | None:
+    """(reason, message) when the preflight Job failed by refusing (its FailJob exit code 3 or 12, as the Job
+    controller wrote it into the Failed condition); None for other failures (retried like any step)."""
+    found = _EXIT_CODE.search(job_message or "")
+    reason = PREFLIGHT_EXIT_REASONS.get(int(found.group(1))) if found else None
+    if reason is None:
+        return None
+    return reason, f"{reason}: {_plan_message(ftj) or job_message}"
+
+
+def preflight_warning(ftj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a plan that passed only because ``spec.preflight.mode`` is ``Warn``."""
+    plan = (ftj.get("status") or {}).get("plan")
+    reason = plan.get("reason") if isinstance(plan, Mapping) else None
+    if reason not in PREFLIGHT_EXIT_REASONS.values():
+        return None
+    return str(reason), f"preflight: {_plan_message(ftj) or reason} (spec.preflight.mode is Warn: training anyway)"
 
 
 def fresh_stage(step: Step) -> StageStatus:
@@ -56,6 +89,9 @@ class Evidence:
       the operator creates a step's objects only after it saw every earlier step succeed; or
     * no child of the plan exists at all (every workload expired): the record stands, since no workload of the
       pipeline is left running that could have written it.
+
+    The serve Deployment keeps its name across runs (``spec.runId``): it counts as a child of this run only
+    once it was rolled to this run's model (its ``finetune.dev/run`` annotation), which the serve step does.
     """
 
     def __init__(self, owner: Stepping, ctx: Ctx, plan: Plan) -> None:
@@ -70,6 +106,10 @@ class Evidence:
             found = await kube.get(wl["apiVersion"], wl["kind"], ns, wl["metadata"]["name"])
             if found is not None and (found["metadata"].get("deletionTimestamp") or not ch.is_ours(found, uid)):
                 found = None
+            run = (self._ctx.ftj.get("spec") or {}).get("runId")
+            if found is not None and run and self._plan.steps[i].kind == "serve":
+                # Still serving a previous run: it proves nothing about this one.
+                found = found if (found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) == run else None
             self._children[i] = found
         return self._children[i]
 
@@ -172,11 +212,24 @@ class Stepping(Accepting):
         what = f"{wl['kind']} {wl['metadata']['name']}"
 
         if cs.phase == ch.Phase.SUCCEEDED:
+            if step.kind == "preflight" and sst.state != StageState.SUCCEEDED:
+                warned = preflight_warning(ctx.ftj)
+                if warned is not None:
+                    ctx.events.append(st.Event("Warning", *warned))
             sst.state, sst.message = StageState.SUCCEEDED, None
             if sst.start_time is None:
                 sst.start_time = ctx.stamp
             sst.completion_time = str((child.get("status") or {}).get("completionTime") or ctx.stamp)
             return StepOutcome.ADVANCE
+
+        if cs.phase == ch.Phase.FAILED and step.kind == "preflight":
+            refused = preflight_refusal(ctx.ftj, cs.message)
+            if refused is not None:
+                # A deterministic verdict: no retry. The reason comes from the Job (the exit code the Job
+                # controller recorded), the explanation from the pod's report.
+                ctx.failed_reason, sst.message = refused
+                sst.state, sst.completion_time = StageState.FAILED, ctx.stamp
+                return StepOutcome.FAILED
 
         if cs.phase == ch.Phase.FAILED:
             why = ": ".join(x for x in (cs.reason, cs.message) if x) or "failed"

@@ -25,7 +25,7 @@ from typing import Any, Final
 from finetune_operator.api import constants as c
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.types import Condition, FineTuneJob, FineTuneJobStatus, Outputs, StageStatus
-from finetune_operator.controller import metrics
+from finetune_operator.controller import metrics, results
 from finetune_operator.controller import status as st
 from finetune_operator.controller.context import Base, Ctx, SpecVerdict, clean, parse_time, with_deletions
 from finetune_operator.render.plan import Plan
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _OWN_VERSIONS_MAX: Final = 20_000
 #: Top-level status fields a new status may drop: they must be nulled in the patch (a merge patch keeps them).
-_REMOVABLE: Final = ("outputs", "progress", "loss", "currentStage")
+_REMOVABLE: Final = ("outputs", "progress", "loss", "currentStage", "metric", "gate")
 
 
 def _conditions(raw: list[dict[str, Any]]) -> list[Condition]:
@@ -84,6 +84,12 @@ class StatusWriter(Base):
         )
         progress = next((s.progress for s in reversed(stages[:upto]) if s.progress is not None), None)
         columns = st.wire(progress) if progress is not None else None
+        # A training stage that has not reported yet shows the preflight plan's total from the start.
+        current = next((i for i, s in enumerate(plan.steps) if s.name == summary.current), None)
+        if current is not None and plan.steps[current].kind == "train" and stages[current].progress is None:
+            planned = st.planned_total_steps(old_status, plan.steps[current].name)
+            if planned is not None:
+                columns = {"step": 0, "totalSteps": planned, "percent": 0.0}
 
         outputs: Outputs | None = None
         # While the Deployment rolls, the previous run's outputs (if any) are what answers.
@@ -92,6 +98,17 @@ class StatusWriter(Base):
             if summary.serving and plan.outputs.get("endpoint"):
                 found["endpoint"] = plan.outputs["endpoint"]
             outputs = Outputs.model_validate(found)
+            if summary.metrics:
+                outputs.metrics = dict(summary.metrics)
+            old_outputs = old_status.get("outputs") or {}
+            if summary.published is not None:
+                outputs.published = list(summary.published)
+            elif old_outputs.get("published") and (
+                old_outputs.get("model"),
+                old_outputs.get("adapters") or [],
+            ) == (outputs.model, outputs.adapters):
+                # The publish pod is gone (its Job expired): what the operator recorded for this model stands.
+                outputs.published = Outputs.model_validate({"published": old_outputs["published"]}).published
         elif old_status.get("outputs"):
             # A new run is under way (training, or the Deployment rolling to its model): the previous run's
             # results are still what exists and what answers; they switch once the new model serves.
@@ -109,6 +126,11 @@ class StatusWriter(Base):
             conditions=_conditions(conditions),
             stages=stages,
             outputs=outputs,
+            metric=results.metric_column(
+                summary.metrics or (outputs.metrics if outputs is not None else None) or {},
+                job.spec.gate.metric if job.spec.gate else None,
+            ),
+            gate=summary.gate,
         )
         self._observe_durations(old_status, stages)
         return st.wire(status)

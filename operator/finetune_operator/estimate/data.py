@@ -40,6 +40,9 @@ class DatasetStats:
     """Samples longer than cutoff_len."""
     error: str | None = None
     """The dataset could not be read at all (missing file, unsupported format)."""
+    unparseable: str | None = None
+    """``FILE:LINE`` of the first row that is not valid JSON: LLaMA-Factory's loader (the datasets JSON
+    builder) fails on the whole file, so one such row makes the dataset unusable."""
 
     def percentiles(self) -> dict[str, int]:
         return percentiles(self.lengths)
@@ -59,6 +62,8 @@ class DatasetStats:
             out["firstError"] = self.first_error
         if self.error:
             out["error"] = self.error
+        if self.unparseable:
+            out["unparseable"] = self.unparseable
         return out
 
 
@@ -112,6 +117,11 @@ class StageData:
     def problems(self) -> list[str]:
         """Reasons the data is unusable: a dataset that cannot be read, or a stage with no valid sample."""
         out = [f"dataset {d.name}: {d.error}" for d in self.datasets if d.error]
+        out += [
+            f"dataset {d.name}: {d.unparseable} is not valid JSON (LLaMA-Factory's loader fails on the whole file)"
+            for d in self.datasets
+            if d.unparseable and not d.error
+        ]
         if not out and self.samples == 0:
             first = next((d.first_error for d in self.datasets if d.first_error), None)
             out.append("no valid samples" + (f" (first problem: {first})" if first else ""))

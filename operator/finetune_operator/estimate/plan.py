@@ -292,6 +292,8 @@ def plan_stage(
     gpu, notes = gpu_for(job, stage, gpu_override)
     if not shape.known_family:
         notes.append(f"model_type {shape.model_type!r} counted as a Llama-style decoder")
+    if stage.type == "ppo":
+        notes.append("ppo: the reward, reference and value-head models are not in the memory estimate")
     seq_len = None
     if data is not None and data.longest:
         seq_len = min(data.longest, s.cutoff_len)

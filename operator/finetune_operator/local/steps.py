@@ -148,6 +148,25 @@ def _download(step: Step, run: LocalRun) -> StepOutcome:
     return StepOutcome(summary=None)
 
 
+@local_step("preflight")
+def _preflight(step: Step, run: LocalRun) -> StepOutcome:
+    """The pod's check with local folders: memory, data, steps; refuses (exit 3/12) under ``Enforce``."""
+    from finetune_operator.estimate.report import to_text
+    from finetune_operator.worker.preflight import enforce, outcome, plan_status, run_preflight
+
+    with run.console.status("preflight: memory estimate and data check"):
+        result = run_preflight(run.job, run.resolver)
+    run.console.print(to_text(result.plans).rstrip(), markup=False, highlight=False)
+    for note in result.notes:
+        run.console.print(f"  note: {note}", markup=False, highlight=False)
+    warning = enforce(result, run.job.spec.preflight.mode)  # raises the refusal under Enforce
+    reason, _ = outcome(result)
+    if warning:
+        run.console.print(f"[yellow]preflight warning:[/yellow] {warning}", highlight=False)
+    run.console.print(f"preflight: {reason or 'ok'}")
+    return StepOutcome(summary={"plan": plan_status(result)})
+
+
 @local_step("train")
 def _train(step: Step, run: LocalRun) -> StepOutcome:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

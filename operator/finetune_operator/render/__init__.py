@@ -9,6 +9,7 @@ Plan layout::
     shared:   ConfigMap <job>-config   (<stage>.yaml per stage, merge.yaml, download.yaml,
                                         dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
     steps:    download   Job                       (only when model.source is set)
+              preflight  Job (CPU only)            (unless spec.preflight.mode is Disabled)
               <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob | TrainJob
               merge      Job                       (merge.enabled)
               eval       Job  (ftctl worker eval)  (spec.evaluate; the promotion gate reads its metrics)
@@ -45,7 +46,15 @@ from finetune_operator.render.workloads import suspend_path
 #: Step names the pipeline uses itself; training stages may not take them (their config files, output folders
 #: and child objects would collide). Validation rejects the same set (validation.RESERVED_STAGE_NAMES).
 RESERVED_STAGE_NAMES: frozenset[str] = frozenset(
-    {workloads.DOWNLOAD, workloads.MERGE, serve.SERVE, paths.MERGED_DIR, evaluation.EVAL, evaluation.PUBLISH}
+    {
+        workloads.DOWNLOAD,
+        workloads.PREFLIGHT,
+        workloads.MERGE,
+        serve.SERVE,
+        paths.MERGED_DIR,
+        evaluation.EVAL,
+        evaluation.PUBLISH,
+    }
 )
 
 
@@ -76,6 +85,8 @@ def config_files(
     files: dict[str, str] = {"dataset_info.json": to_json(lf.dataset_info(job, res))}
     if job.spec.model.source:
         files["download.yaml"] = to_yaml(workloads.download_config(job, res))
+    if workloads.preflight_enabled(job):
+        files["preflight.json"] = to_json(workloads.preflight_config(job))
     for stage in job.spec.stages:
         files[f"{stage.name}.yaml"] = to_yaml(lf.train_config(job, stage.name, res, stage_chain=ch))
         if stage.deepspeed is not None:
@@ -125,6 +136,11 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
     if job.spec.model.source:
         wl = workloads.download_job(job, worker_image, backoff, res)
         add(workloads.DOWNLOAD, "download", "download", [wl], wl, paths.model_dir(job, res))
+    if workloads.preflight_enabled(job):
+        wl = workloads.preflight_job(
+            job, worker_image, opts.worker_service_account or identity.worker_identity_name(job), res
+        )
+        add(workloads.PREFLIGHT, "preflight", "preflight", [wl], wl, None)
     for stage in job.spec.stages:
         objs, wl = workloads.train_objects(
             job,

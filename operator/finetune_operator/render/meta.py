@@ -17,6 +17,7 @@ from finetune_operator.api.types import FineTuneJob
 #: ``app.kubernetes.io/component`` values, one per kind of step (plus the shared configuration).
 COMPONENT_CONFIG = "config"
 COMPONENT_DOWNLOAD = "download"
+COMPONENT_PREFLIGHT = "preflight"
 COMPONENT_TRAIN = "train"
 COMPONENT_MERGE = "merge"
 COMPONENT_SERVE = "serve"

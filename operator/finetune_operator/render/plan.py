@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from finetune_operator.api.types import FineTuneJob, StageSpec, VolumeRef
 
-StepKind = Literal["download", "train", "merge", "eval", "publish", "serve"]
+StepKind = Literal["download", "preflight", "train", "merge", "eval", "publish", "serve"]
 
 #: Where every PersistentVolumeClaim is mounted in pods: ``/mnt/volumes/<claimName>``.
 VOLUME_ROOT = "/mnt/volumes"

@@ -36,22 +36,24 @@ HF_HOME = "/tmp/hf-home"
 #: Name of the main container of every workload (the Job podFailurePolicy refers to it).
 WORKER_CONTAINER = "worker"
 #: Exit codes of worker errors a retry cannot fix (bad data, model missing): see finetune_operator.errors.
-NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = (3, 4)
+NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = (3, 4, 12)
 
-WorkerStep = Literal["download", "train", "merge", "eval", "publish"]
+WorkerStep = Literal["download", "preflight", "train", "merge", "eval", "publish"]
 
 
 def worker_command(step: WorkerStep, stage: str | None = None, *, config_dir: str = CONFIG_DIR) -> list[str]:
     """The argv of a worker container: ``ftctl worker <step> --config <config_dir>/<name>.yaml``.
 
-    ``<name>`` is the stage for ``train``, ``download`` for the download step and ``merge`` for the merge.
+    ``<name>`` is the stage for ``train``, ``download`` for the download step and ``merge`` for the merge;
+    the preflight step reads ``preflight.json`` (the FineTuneJob it plans).
     Everything else the worker needs comes from the config file and the ``FT_*`` environment variables
     (:func:`worker_env`), so that the same argv works under every backend.
     """
     name = stage if step == "train" else step
     if not name:
         raise ValueError("worker_command('train') needs the stage name")
-    return ["ftctl", "worker", step, "--config", f"{config_dir.rstrip('/')}/{name}.yaml"]
+    ext = "json" if step == "preflight" else "yaml"
+    return ["ftctl", "worker", step, "--config", f"{config_dir.rstrip('/')}/{name}.{ext}"]
 
 
 def worker_env(

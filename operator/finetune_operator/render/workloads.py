@@ -22,6 +22,7 @@ from finetune_operator.render import checkpoint, paths, tracking
 from finetune_operator.render.meta import (
     COMPONENT_DOWNLOAD,
     COMPONENT_MERGE,
+    COMPONENT_PREFLIGHT,
     COMPONENT_TRAIN,
     metadata,
     run_scope,
@@ -46,6 +47,7 @@ MASTER_PORT = 29500
 TTL_SECONDS_AFTER_FINISHED = 7 * 24 * 3600
 
 DOWNLOAD = "download"
+PREFLIGHT = "preflight"
 MERGE = "merge"
 
 
@@ -164,6 +166,58 @@ def download_job(job: FineTuneJob, image: str, backoff_limit: int, resolver: Pat
     )
     return batch_job(
         job, workload_name(run_scope(job), DOWNLOAD), COMPONENT_DOWNLOAD, DOWNLOAD, tpl, backoff_limit=backoff_limit
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Preflight
+# --------------------------------------------------------------------------------------------------
+
+
+def preflight_enabled(job: FineTuneJob) -> bool:
+    """The preflight step runs unless ``spec.preflight.mode`` is ``Disabled``."""
+    return job.spec.preflight.mode != "Disabled"
+
+
+def preflight_config(job: FineTuneJob) -> dict[str, Any]:
+    """``preflight.json``: the FineTuneJob the preflight pod plans (name, namespace, spec). Not even the *name*
+    of the hub-token Secret goes in (the ConfigMap carries no reference to credentials; planning needs none)."""
+    spec = job.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    spec.get("model", {}).pop("tokenSecretRef", None)
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": {"name": job.name, "namespace": job.namespace},
+        "spec": spec,
+    }
+
+
+def preflight_job(job: FineTuneJob, image: str, service_account: str | None, resolver: PathResolver) -> dict[str, Any]:
+    """The CPU-only Job that plans every stage against the real volumes (read-only) before any GPU workload.
+
+    It reads the model's config.json and tokenizer and every dataset of every stage (LLaMA-Factory's own
+    loaders, no model weights), writes ``status.plan`` through the worker ServiceAccount (which may patch
+    ``finetunejobs/status`` only), and exits 3 (``InvalidData``) or 12 (``WillNotFit``) to refuse: both are
+    FailJob exit codes, so a refused job is not retried. No retries either way (``backoffLimit: 0``): the
+    check is deterministic.
+    """
+    read = [job.spec.model.volume.claim_name] + [d.volume.claim_name for d in job.spec.datasets]
+    tpl = pod_template(
+        job,
+        PodOptions(
+            component=COMPONENT_PREFLIGHT,
+            stage=PREFLIGHT,
+            image=image,
+            command=worker_command("preflight", config_dir=resolver.config_dir),
+            env=worker_env(job, PREFLIGHT, "job"),
+            resources=Resources(cpu="2", memory="8Gi"),
+            read_claims=read,
+            service_account=service_account,
+        ),
+        resolver,
+    )
+    return batch_job(
+        job, workload_name(run_scope(job), PREFLIGHT), COMPONENT_PREFLIGHT, PREFLIGHT, tpl, backoff_limit=0
     )
 
 

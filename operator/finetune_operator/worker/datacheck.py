@@ -244,6 +244,8 @@ def _check_dataset(
                     ds.rows += 1
                     reason = error and "malformed"
                     detail = error
+                    if error and error.startswith("not valid JSON") and ds.unparseable is None:
+                        ds.unparseable = f"{file}:{line}"
                     if reason is None:
                         reason, detail = _check_row(
                             row, required, optional, converter, processor, stage, capture, ds, cutoff

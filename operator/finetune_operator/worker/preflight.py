@@ -25,7 +25,7 @@ from typing import Any
 
 from finetune_operator.api.constants import Reason
 from finetune_operator.api.types import FineTuneJob
-from finetune_operator.errors import DataError, ModelNotFoundError
+from finetune_operator.errors import DataError, ModelNotFoundError, WillNotFitError
 from finetune_operator.estimate.data import StageData
 from finetune_operator.estimate.plan import NO_FIT, StagePlan, plan_job
 from finetune_operator.estimate.shape import ModelShape, ShapeError, shape_from_config
@@ -68,7 +68,7 @@ def load_shape(
                 f"model.source {job.spec.model.source} has no local copy at {where} yet: give the folder of its "
                 "config.json (--model-config DIR), or run the download step first"
             )
-        raise ModelNotFoundError(f"no config.json at {path} (spec.model.volume: {where})")
+        raise ModelNotFoundError(f"base model not found: no config.json at {path} (spec.model.volume: {where})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -144,3 +144,75 @@ def outcome(result: PreflightResult) -> tuple[str | None, str]:
                 f"{p.gpu.memory_gib:.1f} GiB of {p.gpu.name}{fix}"
             )
     return None, ""
+
+
+def plan_status(result: PreflightResult) -> dict[str, Any]:
+    """``status.plan`` (camelCase, bounded like :class:`~finetune_operator.api.types.PlanStatus`)."""
+    from finetune_operator.api.types import PlannedStage, PlanStatus
+
+    stages = []
+    for p in result.plans:
+        data = p.data
+        stages.append(
+            PlannedStage(
+                name=p.name,
+                gpu_memory_gi_b=p.gpu_memory_gib,
+                gpu=p.gpu.name if p.gpu else None,
+                gpu_capacity_gi_b=p.gpu.memory_gib if p.gpu else None,
+                verdict=p.verdict,
+                suggestion=(p.suggestion or None) and str(p.suggestion)[:1024],
+                samples=data.samples if data is not None else None,
+                dropped=sum(sum(d.dropped.values()) for d in data.datasets) if data is not None else None,
+                truncated=data.truncated if data is not None else None,
+                tokens=p.tokens,
+                total_steps=p.total_steps,
+                estimated_seconds=round(p.duration_seconds) if p.duration_seconds is not None else None,
+            )
+        )
+    reason, message = outcome(result)
+    status = PlanStatus(stages=stages, reason=reason, message=message[:2048] or None)
+    return dict(status.model_dump(by_alias=True, exclude_none=True, mode="json"))
+
+
+def enforce(result: PreflightResult, mode: str) -> str | None:
+    """Raise the refusal (``Enforce``): :class:`DataError` (exit 3) or :class:`WillNotFitError` (exit 12).
+    Returns the warning to log in ``Warn`` mode, else None."""
+    reason, message = outcome(result)
+    if reason is None:
+        return None
+    if mode == "Enforce":
+        if reason == Reason.INVALID_DATA:
+            raise DataError(f"{Reason.INVALID_DATA}: {message}")
+        raise WillNotFitError(f"{Reason.WILL_NOT_FIT}: {message}")
+    return f"{reason}: {message} (spec.preflight.mode {mode}: continuing)"
+
+
+def run_in_pod(config: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> int:
+    """``ftctl worker preflight --config preflight.json``: plan, report ``status.plan``, refuse or pass.
+
+    Volumes are where the pod mounts them (``/mnt/volumes/<claim>``); ``FT_VOLUME_ROOT`` moves that root for
+    tests and out-of-cluster use (like ``FT_KUBE_API`` for the API server)."""
+    import logging
+
+    from finetune_operator.estimate.report import to_text
+    from finetune_operator.worker.progress import StatusReporter
+
+    log = logging.getLogger("finetune_operator.worker.preflight")
+    try:
+        doc = json.loads(Path(config).read_text(encoding="utf-8"))
+        job = FineTuneJob.model_validate(doc)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the preflight config {config}: {exc}") from exc
+    env = os.environ if environ is None else environ
+    root = env.get("FT_VOLUME_ROOT")
+    result = run_preflight(job, PathResolver(volume_root=root) if root else PathResolver())
+    log.info("plan of %s:\n%s", job.name, to_text(result.plans))
+    for note in result.notes:
+        log.info("note: %s", note)
+    reporter = StatusReporter.from_env("preflight", environ)
+    if reporter is not None:
+        reporter.patch_status({"plan": plan_status(result)})
+    warning = enforce(result, job.spec.preflight.mode)
+    if warning:
+        log.warning("%s", warning)
+    return 0

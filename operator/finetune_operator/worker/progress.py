@@ -256,7 +256,13 @@ class StatusReporter:
         return self.report(pending, force=True)
 
     def _patch(self, progress: Progress) -> bool:
-        body = json.dumps({"status": {"reported": {self.stage: progress.to_status()}}}).encode()
+        return self.patch_status({"reported": {self.stage: progress.to_status()}})
+
+    def patch_status(self, fields: Mapping[str, Any]) -> bool:
+        """One JSON merge PATCH of ``status`` with ``fields`` (the preflight pod's ``plan``; progress reports)."""
+        if self._disabled:
+            return False
+        body = json.dumps({"status": dict(fields)}).encode()
         headers = {
             "Content-Type": "application/merge-patch+json",
             "Accept": "application/json",

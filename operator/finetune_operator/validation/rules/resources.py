@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from finetune_operator.api import patterns
 from finetune_operator.api.types import ResourcesSpec, ServeResources
 from finetune_operator.errors import FieldError
+from finetune_operator.estimate.plan import parse_gib
 from finetune_operator.validation.context import Context
 from finetune_operator.validation.registry import rule
 
@@ -28,3 +29,6 @@ def resource_quantities_valid(ctx: Context) -> Iterator[FieldError]:
             value = getattr(res, key)
             if isinstance(value, str) and not patterns.is_quantity(value):
                 yield FieldError(f"{path}.{key}", f"{value!r} is not a Kubernetes quantity (e.g. '8', '500m', '64Gi')")
+        gpu_memory = getattr(res, "gpu_memory", None)
+        if isinstance(gpu_memory, str) and (not patterns.is_quantity(gpu_memory) or parse_gib(gpu_memory) is None):
+            yield FieldError(f"{path}.gpuMemory", f"{gpu_memory!r} is not a memory quantity (e.g. '80Gi', '24G')")
