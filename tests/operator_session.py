@@ -40,6 +40,8 @@ from tests.emulator.players import player as play
 from tests.install_tools import EXAMPLES, OPERATOR_SA, OPERATOR_TOKEN, ROOT, find_helm, one, render_chart
 
 CANARY = "hf_CANARY-7f3c9e1d-never-print-me"
+#: Example 04 runs a worker image of its own registry: the install allows it, as an admin would.
+ALLOWED_IMAGE_PREFIXES = ("registry.example.com/",)
 TOKEN_SECRET = {"name": "hf-token", "key": "token"}
 FTJ = "finetunejobs.finetune.dev"
 
@@ -143,7 +145,8 @@ class Player:
         """(step kind, workload kind, workload name) in pipeline order, from the pure renderer."""
         from finetune_operator.controller.runtime import OperatorConfig, make_render, make_validate
 
-        plan = make_render(OperatorConfig())(make_validate()(doc))
+        config = OperatorConfig(allowed_image_prefixes=ALLOWED_IMAGE_PREFIXES)
+        plan = make_render(config)(make_validate(config)(doc))
         return [(s.kind, s.workload["kind"], s.workload["metadata"]["name"]) for s in plan.steps]
 
     def run_pipeline(
@@ -177,6 +180,7 @@ class Player:
 def record_session(mode: str) -> Session:
     """Run the scenario with the chart rendered for ``mode`` ("cluster-wide" or "namespaced")."""
     values: dict[str, Any] = {} if mode == "cluster-wide" else {"watchNamespaces": ["ml", "research"]}
+    values["policy"] = {"allowedImagePrefixes": list(ALLOWED_IMAGE_PREFIXES)}
     with tempfile.TemporaryDirectory(prefix="ft-operator-session-") as tmp_dir:
         tmp = Path(tmp_dir)
         chart_objects = render_chart(find_helm(), values, tmp_path=tmp)

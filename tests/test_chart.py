@@ -180,10 +180,13 @@ def test_default_render_creates_the_documented_objects(rendered: dict[str, list[
     assert kinds == [
         ("ClusterRole", "finetune-operator", ""),
         ("ClusterRoleBinding", "finetune-operator", ""),
+        ("ConfigMap", "finetune-operator-no-borrowed-privileges-params", "finetune-system"),
         ("CustomResourceDefinition", f"{constants.PLURAL}.{constants.GROUP}", ""),
         ("Deployment", "finetune-operator", "finetune-system"),
         ("Service", "finetune-operator-metrics", "finetune-system"),
         ("ServiceAccount", "finetune-operator", "finetune-system"),
+        ("ValidatingAdmissionPolicy", "finetune-operator-no-borrowed-privileges", ""),
+        ("ValidatingAdmissionPolicyBinding", "finetune-operator-no-borrowed-privileges", ""),
     ]
     # Workers get a ServiceAccount per FineTuneJob from the operator: no shared one, and no env to choose it.
     assert "FT_WORKER_SERVICE_ACCOUNT" not in _env(_operator_container(objects))
@@ -486,7 +489,8 @@ def test_install_yaml_is_complete_and_valid() -> None:
     assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount"} <= kinds
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}:
+        cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+        if obj["kind"] not in cluster_scoped | {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}:
             assert obj["metadata"]["namespace"] in {"finetune-system", "default"}
 
 

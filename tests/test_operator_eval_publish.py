@@ -246,3 +246,37 @@ def test_a_passing_gate_rolls_the_deployment(cluster: EmulatorServer, operator: 
     assert final["gate"] == {"result": "Passed", "metric": "eval_loss", "value": 1.05, "servingValue": 1.0,
                              "message": "eval_loss 1.05 is no worse than the serving model's 1 (margin 0.1)"}
     assert final["metric"] == "eval_loss=1.05"
+
+
+def test_a_forged_serving_metric_in_status_does_not_move_the_gate(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    """The ``noWorseThanServing`` baseline is recorded on the Deployment (only the operator writes it), not read
+    from ``status``, which worker pods may patch: a worker claiming the serving model was bad changes nothing."""
+    gate = {"metric": "eval_loss", "noWorseThanServing": True, "margin": 0.1}
+    _serve_run1(cluster, "forge", gate, 1.0)
+    dep = cluster.get("deployments.apps", "forge-serve")
+    assert json.loads(dep["metadata"]["annotations"][c.ANNOTATION_METRICS]) == {"eval_loss": 1.0}
+
+    stage = {**minimal()["spec"]["stages"][0], "args": {"learning_rate": 1e-5}}
+    cluster.patch(harness.FTJ, "forge", {"spec": {"runId": "r2", "stages": [stage]}})
+    wait_child(cluster, "Job", "forge-r2-sft")
+    succeed(cluster, "Job", "forge-r2-sft")
+    wait_child(cluster, "Job", "forge-r2-eval")
+    # A worker pod of the job (it may patch status) claims the serving model's loss was 99.
+    cluster.patch_status(harness.FTJ, "forge", {"outputs": {"metrics": {"eval_loss": 99.0}}})
+    finish_with_result(cluster, "forge-r2-eval", {"metrics": {"eval_loss": 1.3}})
+    [warning] = wait_event(cluster, "forge", c.Reason.GATE_FAILED)
+    assert "eval_loss 1.3 is worse than the serving model's 1 (margin 0.1)" in warning[2]
+
+
+def test_a_rolled_deployment_records_the_new_runs_metrics(cluster: EmulatorServer, operator: OperatorThread) -> None:
+    gate = {"metric": "eval_loss", "noWorseThanServing": True, "margin": 0.1}
+    _serve_run1(cluster, "record", gate, 1.0)
+    _rerun(cluster, "record", 0.9)
+    rolled = cluster.wait_for_object(
+        "deployments.apps",
+        "record-serve",
+        condition=lambda d: (d["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) == "r2",
+    )
+    assert json.loads(rolled["metadata"]["annotations"][c.ANNOTATION_METRICS]) == {"eval_loss": 0.9}

@@ -161,11 +161,16 @@ def wait_event(
 # ------------------------------------------------------------------------------------------ the operator
 
 
+#: The examples' own registry (example 04 runs a custom worker image): the test install allows it.
+EXAMPLE_IMAGE_PREFIXES = ("registry.example.com/",)
+
+
 def fast_config(**overrides: Any) -> OperatorConfig:
     """The operator's default (long) resync and drift intervals, so that every reaction a test waits for comes
     from a watch event (a broken watch fails the tests instead of being covered by a resync); where a test wants
     "another look" it asks for one (:meth:`OperatorThread.wait_reconciled`). Short progress interval only."""
     kw: dict[str, Any] = {
+        "allowed_image_prefixes": EXAMPLE_IMAGE_PREFIXES,
         "progress_interval": 0.3,
         "workers": 4,
         "watch_timeout": 30,

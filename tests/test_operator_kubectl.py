@@ -25,7 +25,7 @@ from finetune_operator.controller.runtime import OperatorConfig, make_render, ma
 from .emulator import EmulatorServer
 from .emulator.players import PLAYERS, RESOURCE, player
 from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
-from .test_operator_harness import CRDS, EXAMPLES, ftj_status
+from .test_operator_harness import CRDS, EXAMPLE_IMAGE_PREFIXES, EXAMPLES, ftj_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = next(EXAMPLES.glob("04-*.yaml"))
@@ -60,7 +60,13 @@ def operator_process(
     logging to a file (shown when a test fails); kubectl stays an admin."""
     emulator_server.enforce_rbac(installed_chart(), {OPERATOR_TOKEN: OPERATOR_SA})
     config = emulator_server.kubeconfig(tmp_path / "operator-kubeconfig", token=OPERATOR_TOKEN)
-    env = dict(kube_env, KUBECONFIG=str(config), FT_PROGRESS_INTERVAL_SECONDS="0.5")  # default (long) resync
+    # The example runs a worker image of the examples' registry: this install allows it.
+    env = dict(
+        kube_env,
+        KUBECONFIG=str(config),
+        FT_PROGRESS_INTERVAL_SECONDS="0.5",  # default (long) resync
+        FT_ALLOWED_IMAGE_PREFIXES=",".join(EXAMPLE_IMAGE_PREFIXES),
+    )
     log = (tmp_path / "operator.log").open("w")
     ftctl = [sys.executable, "-c", "from finetune_operator.cli import run; run()"]
     ports = {"liveness": free_port(), "metrics": free_port()}
@@ -99,7 +105,8 @@ def test_kubectl_apply_and_wait_for_ready(
     )
     kubectl("apply", "-f", str(EXAMPLE))
 
-    plan = make_render(OperatorConfig())(make_validate()(doc))
+    config = OperatorConfig(allowed_image_prefixes=EXAMPLE_IMAGE_PREFIXES)
+    plan = make_render(config)(make_validate(config)(doc))
     for step in plan.steps:
         kind, child = step.workload["kind"], step.workload["metadata"]["name"]
         emulator_server.wait_for_object(RESOURCE[kind], child, ns, timeout=30)

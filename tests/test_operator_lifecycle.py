@@ -36,8 +36,8 @@ operator = harness.operator
 
 
 def plan_of(doc: dict[str, Any]) -> Any:
-    job = make_validate()(doc)
-    return make_render(OperatorConfig())(job)
+    config = OperatorConfig(allowed_image_prefixes=harness.EXAMPLE_IMAGE_PREFIXES)
+    return make_render(config)(make_validate(config)(doc))
 
 
 @pytest.mark.parametrize(

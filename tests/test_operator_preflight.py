@@ -113,6 +113,8 @@ def test_warn_mode_trains_anyway_with_a_warning(cluster: EmulatorServer, operato
     report(cluster, "warned", c.Reason.WILL_NOT_FIT, PLAN_MESSAGE)
     succeed(cluster, "Job", "warned-preflight")
     wait_child(cluster, "Job", "warned-sft", attempt=1)
+    # the progress column shows the planned total steps from the start
+    cluster.wait_for(lambda: harness.ftj_status(cluster, "warned").get("progress") == "0/900 (0%)", 20, "no 0/900")
     event = wait_event(cluster, "warned", c.Reason.WILL_NOT_FIT)
     assert "training anyway" in event[0][2] and "153.5 GiB" in event[0][2]
 

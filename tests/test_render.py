@@ -18,6 +18,7 @@ from typing import Any
 import celpy
 import jsonschema
 import kubernetes_validate
+import pydantic
 import pytest
 import yaml
 
@@ -167,7 +168,11 @@ def test_injection_creates_no_object(where: str) -> None:
     baseline = render(FineTuneJob.model_validate(raw))
     evil = copy.deepcopy(raw)
     if where == "servedModelName":
-        evil["spec"]["serve"]["servedModelName"] = EVIL
+        # The type refuses it now (a model id has no newlines); the renderer must still be safe without that.
+        refused = copy.deepcopy(raw)
+        refused["spec"]["serve"]["servedModelName"] = EVIL
+        with pytest.raises(pydantic.ValidationError):
+            FineTuneJob.model_validate(refused)
     elif where == "datasetSubPath":
         evil["spec"]["datasets"][0]["volume"]["subPath"] = EVIL
     elif where == "template":
@@ -175,8 +180,11 @@ def test_injection_creates_no_object(where: str) -> None:
     else:
         evil["spec"]["serve"]["env"] = [{"name": "X", "value": EVIL}]
     # Shape-validated only: the renderer must be safe even for input the semantic checks would reject.
-    plan = render(FineTuneJob.model_validate(evil))
-    text = render_yaml(FineTuneJob.model_validate(evil))
+    job = FineTuneJob.model_validate(evil)
+    if where == "servedModelName":
+        job.spec.serve.served_model_name = EVIL
+    plan = render(job)
+    text = render_yaml(job)
     docs = [d for d in yaml.safe_load_all(text) if d is not None]
     assert len(docs) == len(baseline.objects()) == len(plan.objects())
     assert [d["kind"] for d in docs] == [o["kind"] for o in baseline.objects()]

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _record(step: int, total: int = 10, loss: float | None = 1.0) -> dict[str, Any]:
-    rec: dict[str, Any] = {"current_steps": step, "total_steps": total, "epoch": step / total,
-                           "percentage": 100.0 * step / total, "elapsed_time": "0:00:01", "remaining_time": "0:00:09"}
+    rec: dict[str, Any] = {
+        "current_steps": step,
+        "total_steps": total,
+        "epoch": step / total,
+        "percentage": 100.0 * step / total,
+        "elapsed_time": "0:00:01",
+        "remaining_time": "0:00:09",
+    }
     if loss is not None:
         rec["loss"] = loss
     return rec
@@ -49,6 +55,26 @@ def test_follower_keeps_loss_of_final_record_and_restarts_on_truncation(tmp_path
     assert got[-1].step == 10 and got[-1].loss == 0.5
     log.write_text(json.dumps(_record(1, loss=3.0)) + "\n")  # overwrite_output_dir recreated the log
     assert [p.step for p in f.poll()] == [1]
+
+
+def test_follower_deduplicates_the_steps_a_resumed_run_replays(tmp_path: Path) -> None:
+    """A run killed at step 7 with its last checkpoint at 5 resumes and logs 6 and 7 again: progress (and the
+    loss history built from it) must not go back, and the final record is the highest step's."""
+    log = tmp_path / "trainer_log.jsonl"
+    first = [_record(s, loss=3.0 - 0.1 * s) for s in range(1, 8)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in first))
+    f = TrainerLogFollower(log)
+    assert [p.step for p in f.poll()] == [1, 2, 3, 4, 5, 6, 7]
+    resumed = [_record(s, loss=2.0 - 0.1 * s) for s in range(6, 11)]
+    with log.open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in resumed))
+    steps = [p.step for p in f.poll()]
+    assert steps == [7, 8, 9, 10] and steps == sorted(steps)
+    assert f.last is not None and f.last.step == 10 and f.last.loss == pytest.approx(1.0)
+    # a fresh reader of the whole file (the worker after a restart) sees the same monotonic sequence
+    g = TrainerLogFollower(log)
+    all_steps = [p.step for p in g.poll()]
+    assert all_steps == sorted(all_steps) and all_steps[-1] == 10
 
 
 def test_progress_status_shape() -> None:
@@ -82,8 +108,13 @@ def ftj_server(emulator_server: Any) -> Any:
 def _env(server: Any, tmp_path: Path, name: str = "demo") -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("node-0-token\n")
-    return {"FT_JOB_NAME": name, "FT_JOB_NAMESPACE": "default", "FT_KUBE_API": server.url,
-            "FT_KUBE_TOKEN_FILE": str(token), "FT_PROGRESS_INTERVAL": "3600"}
+    return {
+        "FT_JOB_NAME": name,
+        "FT_JOB_NAMESPACE": "default",
+        "FT_KUBE_API": server.url,
+        "FT_KUBE_TOKEN_FILE": str(token),
+        "FT_PROGRESS_INTERVAL": "3600",
+    }
 
 
 def test_reporter_patches_only_the_status_subresource(ftj_server: Any, tmp_path: Path) -> None:
@@ -122,8 +153,15 @@ def test_worker_token_gets_403_outside_its_role(ftj_server: Any, tmp_path: Path)
 def test_reporter_rate_limits_and_flushes(ftj_server: Any, tmp_path: Path) -> None:
     clock = [0.0]
     env = _env(ftj_server, tmp_path)
-    reporter = StatusReporter(env["FT_KUBE_API"], "default", "demo", "sft", token_file=env["FT_KUBE_TOKEN_FILE"],
-                              interval=10.0, clock=lambda: clock[0])
+    reporter = StatusReporter(
+        env["FT_KUBE_API"],
+        "default",
+        "demo",
+        "sft",
+        token_file=env["FT_KUBE_TOKEN_FILE"],
+        interval=10.0,
+        clock=lambda: clock[0],
+    )
     assert reporter.report(Progress(step=1, total_steps=10, loss=3.0))
     clock[0] = 5.0
     assert not reporter.report(Progress(step=2, total_steps=10, loss=2.0))  # held back
@@ -145,8 +183,12 @@ def test_reporter_gives_up_on_missing_object(ftj_server: Any, tmp_path: Path) ->
 def test_no_reporter_without_job_or_credentials(tmp_path: Path) -> None:
     assert StatusReporter.from_env("sft", {}) is None
     assert StatusReporter.from_env("sft", {"FT_JOB_NAME": "a", "FT_JOB_NAMESPACE": "b"}) is None
-    env = {"FT_JOB_NAME": "a", "FT_JOB_NAMESPACE": "b", "KUBERNETES_SERVICE_HOST": "10.0.0.1",
-           "FT_KUBE_TOKEN_FILE": str(tmp_path / "missing")}
+    env = {
+        "FT_JOB_NAME": "a",
+        "FT_JOB_NAMESPACE": "b",
+        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+        "FT_KUBE_TOKEN_FILE": str(tmp_path / "missing"),
+    }
     assert StatusReporter.from_env("sft", env) is None
     (tmp_path / "token").write_text("t")
     env["FT_KUBE_TOKEN_FILE"] = str(tmp_path / "token")
@@ -163,9 +205,21 @@ def test_ftctl_worker_progress_cli_reports(ftj_server: Any, tmp_path: Path) -> N
     )
     env = {**_env(ftj_server, tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ftctl"), "worker", "progress", "--output-dir", str(stage_dir),
-         "--stage", "sft", "--report"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            str(Path(sys.executable).parent / "ftctl"),
+            "worker",
+            "progress",
+            "--output-dir",
+            str(stage_dir),
+            "--stage",
+            "sft",
+            "--report",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "[sft] step 3/5 (60%) loss=1.7000" in proc.stdout

@@ -25,6 +25,7 @@ def _model(tmp_path: Path) -> Path:
     m = tmp_path / "model"
     m.mkdir()
     (m / "config.json").write_text("{}")
+    (m / "tokenizer.json").write_text("{}")
     return m
 
 
@@ -32,10 +33,14 @@ def _cfg(tmp_path: Path, **extra: object) -> dict[str, object]:
     data = tmp_path / "chat.jsonl"
     if not data.exists():
         data.write_text('{"messages": []}\n')
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": {"file_name": str(data)}}))
-    cfg: dict[str, object] = {"model_name_or_path": str(_model(tmp_path) if not (tmp_path / "model").exists()
-                                                        else tmp_path / "model"),
-                              "dataset": "chat", "dataset_dir": str(tmp_path), "output_dir": str(tmp_path / "out")}
+    entry = {"file_name": str(data), "formatting": "sharegpt", "columns": {"messages": "messages"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": entry}))
+    cfg: dict[str, object] = {
+        "model_name_or_path": str(_model(tmp_path) if not (tmp_path / "model").exists() else tmp_path / "model"),
+        "dataset": "chat",
+        "dataset_dir": str(tmp_path),
+        "output_dir": str(tmp_path / "out"),
+    }
     cfg.update(extra)
     return cfg
 
@@ -68,6 +73,85 @@ def test_check_inputs_bad_data_files(tmp_path: Path, content: str, message: str)
     with pytest.raises(DataError, match=message) as info:
         check_inputs(_cfg(tmp_path))
     assert info.value.exit_code == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"messages": []}\n{"messages": []}\n{"messages": [oops\n', r"chat\.jsonl line 3 is not JSON"),
+        ('{"messages": []}\n\n[1, 2]\n', r"chat\.jsonl line 3 is not a JSON object"),
+        ('{"conversations": []}\n{"text": "x"}\n', r"no column 'messages' .*columns found: conversations, text"),
+        ("\n\n", "has no records"),
+    ],
+    ids=["corrupt-row-3", "not-an-object", "wrong-columns", "blank-lines"],
+)
+def test_data_check_names_file_line_and_columns(tmp_path: Path, content: str, message: str) -> None:
+    """Every row is read (a corrupt row N used to end as DatasetGenerationError), and missing columns name the
+    dataset, the file and the columns found (they used to end as ``KeyError: 'messages'``)."""
+    (tmp_path / "chat.jsonl").write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        check_inputs(_cfg(tmp_path))
+    assert "dataset 'chat'" in str(info.value)
+    assert info.value.exit_code == 3
+
+
+def test_data_check_json_array_position_and_utf8(tmp_path: Path) -> None:
+    data = tmp_path / "chat.json"
+    data.write_text('[\n  {"messages": []},\n  {"messages": [}\n]\n')
+    entry = {"file_name": str(data), "formatting": "sharegpt", "columns": {"messages": "messages"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": entry}))
+    cfg = _cfg(tmp_path)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": entry}))
+    with pytest.raises(DataError, match=r"chat\.json is not valid JSON: .* at line 3, column"):
+        check_inputs(cfg)
+    data.write_bytes(b'[{"messages": ["caf\xe9"]}]')
+    with pytest.raises(DataError, match="not UTF-8"):
+        check_inputs(cfg)
+
+
+def test_alpaca_defaults_need_their_columns(tmp_path: Path) -> None:
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    cfg = _cfg(tmp_path)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": {"file_name": str(data)}}))
+    with pytest.raises(DataError, match="no column 'input'"):  # LLaMA-Factory reads example['input']
+        check_inputs(cfg)
+    data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    check_inputs(cfg)
+
+
+def test_model_without_tokenizer_files_is_refused(tmp_path: Path) -> None:
+    """A model folder without tokenizer files used to train on an empty tokenizer and exit 0."""
+    cfg = _cfg(tmp_path)
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="no tokenizer files") as info:
+        check_inputs(cfg)
+    assert info.value.exit_code == 4
+    (tmp_path / "model" / "tokenizer.model").write_bytes(b"sp")
+    check_inputs(cfg)
+
+
+def test_worker_turns_an_unwritable_output_into_a_message(tmp_path: Path) -> None:
+    """An OSError on the output volume (read-only, a file in the way) is a message naming the file and a
+    termination message, not a traceback."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    cfg = _cfg(tmp_path, output_dir=str(tmp_path / "blocker" / "sft"))
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps(cfg))
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FT_TERMINATION_LOG": str(term)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "blocker" in proc.stderr and "Not a directory" in proc.stderr
+    assert "blocker" in term.read_text()
 
 
 def test_missing_data_file(tmp_path: Path) -> None:
@@ -122,8 +206,14 @@ def test_finished_stage_is_a_noop_without_launching(tmp_path: Path) -> None:
     markers.write_marker(out, {"steps": 5, "finalLoss": 1.0})
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(json.dumps({"model_name_or_path": "/nonexistent", "output_dir": str(out), "dataset": "x"}))
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg)], capture_output=True, text=True,
-                          timeout=120, check=False, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "already complete" in proc.stderr
 
@@ -133,8 +223,14 @@ def test_exit_code_and_termination_message_for_missing_model(tmp_path: Path) -> 
     cfg.write_text(json.dumps({"model_name_or_path": "/nonexistent/qwen", "output_dir": str(tmp_path / "o")}))
     term = tmp_path / "termination-log"
     term.write_text("")
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg)], capture_output=True, text=True,
-                          timeout=120, check=False, env={**os.environ, "FT_TERMINATION_LOG": str(term)})
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "FT_TERMINATION_LOG": str(term)},
+    )
     assert proc.returncode == 4
     assert "base model not found: /nonexistent/qwen" in term.read_text()
 
@@ -190,7 +286,12 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path: Path) -> N
     markers.write_marker(out, {"steps": 3})
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(json.dumps({"output_dir": str(out)}))
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg), "max_steps=3", "--local_rank=1"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg), "max_steps=3", "--local_rank=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert args.config == "x.yaml"

@@ -40,6 +40,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api import naming, patterns
 from finetune_operator.api.patterns import DNS_LABEL_PATTERN
 from finetune_operator.api.types import PREFERENCE_STAGES, FineTuneJob
+from finetune_operator.render.serve import LOADER_ENV, OWNED_ENV
 
 __all__ = ["CEL_RULES", "CRD_NAME", "build_crd", "open_api_schema"]
 
@@ -95,8 +96,14 @@ _RERUN = "(has(self.spec.runId) && (!has(oldSelf.spec.runId) || self.spec.runId 
 
 CelRule = tuple[str, str, str | None]
 
+
+def _cel_list(items: list[str]) -> str:
+    """A CEL list literal of plain strings."""
+    return "[" + ", ".join(f"'{t}'" for t in items) + "]"
+
+
 #: The preference stage types as a CEL list literal (``['dpo', 'rm']``), from the one constant.
-_PREFERENCE = "[" + ", ".join(f"'{t}'" for t in sorted(PREFERENCE_STAGES)) + "]"
+_PREFERENCE = _cel_list(sorted(PREFERENCE_STAGES))
 
 
 def _immutable_once_started(fields: tuple[str, ...]) -> list[CelRule]:
@@ -252,6 +259,18 @@ CEL_RULES: dict[str, list[CelRule]] = {
             "(has(self.resources) && has(self.resources.gpusPerNode) ? self.resources.gpusPerNode : 1)",
             "tensorParallelSize must not exceed serve.resources.gpusPerNode",
             ".tensorParallelSize",
+        ),
+    ],
+    "spec.serve.env[]": [
+        (
+            "!has(self.valueFrom) || !has(self.value) || self.value == ''",
+            "set either value or valueFrom, not both",
+            ".valueFrom",
+        ),
+        (
+            f"!(self.name in {_cel_list(sorted(OWNED_ENV | LOADER_ENV))})",
+            "this variable is set by the operator or changes which code runs: it cannot be set in serve.env",
+            ".name",
         ),
     ],
     "spec.scheduling.tolerations[]": [

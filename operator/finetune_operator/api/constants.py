@@ -37,6 +37,9 @@ ANNOTATION_SPEC_HASH: Final = f"{GROUP}/spec-hash"
 ANNOTATION_ATTEMPT: Final = f"{GROUP}/attempt"
 #: On the vLLM Deployment: the ``spec.runId`` whose model it serves (the operator rolls it when a new run is done).
 ANNOTATION_RUN: Final = f"{GROUP}/run"
+#: On the vLLM Deployment: the evaluation metrics (JSON) of the model it serves, the promotion gate's
+#: ``noWorseThanServing`` baseline. Only the operator may write Deployments; worker pods may write status.
+ANNOTATION_METRICS: Final = f"{GROUP}/metrics"
 
 # Default images (overridable per job with ``spec.image``/``spec.serve.image`` and per install with Helm values).
 DEFAULT_WORKER_IMAGE: Final = "ghcr.io/finetune-dev/finetune-worker:0.1.0"

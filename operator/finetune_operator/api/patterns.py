@@ -31,6 +31,15 @@ HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$"
 #: An environment variable name (the Pod API's C_IDENTIFIER-like rule, relaxed as kubelet allows).
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
+#: A container image reference, ``[registry[:port]/]path[:tag][@digest]`` (the distribution grammar, compact
+#: enough for the CRD). No whitespace or newlines: the string reaches the kubelet and the allowlist unchanged.
+IMAGE_PATTERN = (
+    r"^[a-zA-Z0-9][a-zA-Z0-9.:-]*(/[a-z0-9][a-z0-9._-]*)*"
+    r"(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(@[a-z0-9]+:[a-fA-F0-9]{32,})?$"
+)
+#: A model id clients send in OpenAI API requests (``"model": ...``): printable, no spaces or newlines.
+SERVED_MODEL_NAME_PATTERN = r"^[A-Za-z0-9][-A-Za-z0-9._:/@+]*$"
+
 DNS_LABEL_RE = re.compile(DNS_LABEL_PATTERN)
 DNS_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
 QUANTITY_RE = re.compile(QUANTITY_PATTERN)

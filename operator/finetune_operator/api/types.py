@@ -22,7 +22,7 @@ from finetune_operator.api.checkpointing import DURATION_PATTERN, MIN_GRACE_SECO
 from finetune_operator.api.patterns import DATASET_NAME_PATTERN as DATASET_NAME_PATTERN
 from finetune_operator.api.patterns import DNS_LABEL_PATTERN as DNS_LABEL_PATTERN
 from finetune_operator.api.patterns import DNS_SUBDOMAIN_PATTERN as DNS_SUBDOMAIN_PATTERN
-from finetune_operator.api.patterns import ENV_NAME_PATTERN
+from finetune_operator.api.patterns import ENV_NAME_PATTERN, IMAGE_PATTERN, SERVED_MODEL_NAME_PATTERN
 
 #: The training backends: exactly the names of finetune_operator.backends.REGISTRY (checked when that loads).
 Backend = Literal["job", "pytorchjob", "deepspeedjob", "trainjob"]
@@ -379,6 +379,13 @@ class MergeSpec(_Model):
     """Scheduling of the merge pod, over ``spec.scheduling``."""
 
 
+class EnvVarSource(_Model):
+    """Where an environment variable's value comes from: a key of a Secret (never a plain value in the spec)."""
+
+    secret_key_ref: SecretKeyRef
+    """The Secret key; the value reaches the container through ``valueFrom.secretKeyRef`` only."""
+
+
 class BenchmarkSpec(_Model):
     """A multiple-choice benchmark in LLaMA-Factory's eval format (its evaluator: MMLU, CMMLU, C-Eval or your
     own task laid out the same way), read from a volume."""
@@ -508,12 +515,14 @@ class PublishSpec(_Model):
 
 
 class EnvVar(_Model):
-    """A plain environment variable. Secrets belong in ``valueFrom``-style references, not here."""
+    """An environment variable: a plain ``value``, or ``valueFrom.secretKeyRef`` for anything secret."""
 
     name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
     """Variable name."""
     value: str = Field(default="", max_length=4096)
-    """Variable value."""
+    """Variable value (not with ``valueFrom``)."""
+    value_from: EnvVarSource | None = None
+    """Take the value from a Secret key (API keys, tokens): it is never stored in the FineTuneJob."""
 
 
 class ServeResources(_Model):
@@ -532,11 +541,11 @@ class ServeSpec(_Model):
 
     enabled: bool = False
     """Create the vLLM Deployment once training (and merging) succeeded."""
-    image: str | None = Field(default=None, max_length=512)
-    """vLLM image; the operator's default when omitted."""
+    image: str | None = Field(default=None, max_length=512, pattern=IMAGE_PATTERN)
+    """vLLM image; the operator's default when omitted (the operator may allow only some images)."""
     replicas: int = Field(default=1, ge=0, le=64)
     """Number of vLLM pods (mutable: scales the Deployment)."""
-    served_model_name: str | None = Field(default=None, max_length=128)
+    served_model_name: str | None = Field(default=None, max_length=128, pattern=SERVED_MODEL_NAME_PATTERN)
     """Model name clients use; the FineTuneJob's name when omitted."""
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     """vLLM ``--tensor-parallel-size``."""
@@ -549,7 +558,11 @@ class ServeSpec(_Model):
     args: list[str] = Field(default_factory=list, max_length=64)
     """Extra vLLM command-line arguments."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
-    """Extra environment variables of the vLLM container."""
+    """Extra environment variables of the vLLM container (secrets through ``valueFrom.secretKeyRef``). The
+    variables the operator sets (``HF_HUB_OFFLINE``, ``HF_HOME``, ...) and loader variables (``LD_PRELOAD``,
+    ``PYTHONPATH``, ...) are refused."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """A Secret key holding the API key clients must send (vLLM's ``VLLM_API_KEY``); no key when omitted."""
     scheduling: StepScheduling | None = None
     """Scheduling of the vLLM pods, over ``spec.scheduling``."""
 
@@ -568,7 +581,7 @@ class SchedulingSpec(_Model):
     """Affinity of every pod (a step's own ``scheduling.affinity`` replaces it)."""
     queue_name: str | None = Field(default=None, max_length=63)
     """Kueue LocalQueue: workloads get ``kueue.x-k8s.io/queue-name`` and are created suspended."""
-    scheduler_name: str | None = Field(default=None, max_length=253)
+    scheduler_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """Scheduler (e.g. ``volcano``; with the pytorchjob backend also set as its schedulingPolicy)."""
 
 
@@ -638,8 +651,9 @@ class FineTuneJobSpec(_Model):
     training_runtime: TrainingRuntimeRef | None = None
     """Trainer v2 runtime of ``backend: trainjob`` (default: the ``torch-distributed``
     ClusterTrainingRuntime); only valid with that backend."""
-    image: str | None = Field(default=None, max_length=512)
-    """Worker image (LLaMA-Factory); the operator's default when omitted."""
+    image: str | None = Field(default=None, max_length=512, pattern=IMAGE_PATTERN)
+    """Worker image (LLaMA-Factory); the operator's default when omitted (the operator may allow only some
+    images)."""
     model: ModelSpec
     """The base model."""
     datasets: list[DatasetSpec] = Field(min_length=1, max_length=64)

@@ -5,22 +5,27 @@ each step gets its own file, numbered in pipeline order (``00-shared.yaml`` with
 ``01-download.yaml``, ``02-sft.yaml``, ... ``NN-serve.yaml``), so a GitOps repository can apply them in order or
 review them one stage at a time. A FILE with several FineTuneJobs renders each into ``DIR/<job name>/``.
 
-Exit codes: 0 ok, 1 invalid spec (every error printed with its field path), 2 usage (missing file, bad args).
+Documents of other kinds in FILE are skipped (as ``ftctl validate`` skips them), with a note on stderr.
+
+Exit codes: 0 ok, 1 invalid spec or a file without a FineTuneJob (every error printed with its field path),
+2 usage (missing or unreadable file, bad args, an output folder that cannot be written).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.constants import KIND
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.errors import RenderError, SpecError
 from finetune_operator.render import RenderOptions, render
 from finetune_operator.render.dump import to_yaml_documents
 from finetune_operator.render.plan import Plan
+from finetune_operator.validation import Policy, load_documents, validate
+from finetune_operator.validation.files import duplicate_names, finetune_jobs, is_finetune_job
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -30,29 +35,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", metavar="DIR", help="write one file per step into DIR")
     parser.add_argument("--worker-image", help="worker image when spec.image is not set")
     parser.add_argument("--vllm-image", help="vLLM image when spec.serve.image is not set")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.set_defaults(func=run)
-
-
-def _validate(doc: Mapping[str, Any]) -> FineTuneJob:
-    """``validation.validate`` (all semantic checks) when available, else the models' shape checks."""
-    try:
-        from finetune_operator.validation import validate
-    except ImportError:  # pragma: no cover - only before validation.py existed
-        import pydantic
-
-        from finetune_operator.errors import FieldError
-
-        try:
-            return FineTuneJob.model_validate(dict(doc))
-        except pydantic.ValidationError as exc:
-            raise SpecError([FieldError(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]) from None
-    return validate(doc)
-
-
-def _load(path: str) -> list[dict[str, Any]]:
-    from finetune_operator.validation import load_documents
-
-    return load_documents(path)
 
 
 def step_files(plan: Plan) -> dict[str, str]:
@@ -65,31 +54,38 @@ def step_files(plan: Plan) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        docs = _load(args.filename)
+        docs = load_documents(args.filename)
     except OSError as exc:
         print(f"ftctl render: cannot read {args.filename}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except SpecError as exc:
         print(f"{args.filename}: {exc.render()}", file=sys.stderr)
         return EXIT_INVALID
-    if not docs:
-        print(f"ftctl render: {args.filename} contains no FineTuneJob", file=sys.stderr)
-        return EXIT_USAGE
+    jobs = finetune_jobs(docs)
+    if not jobs:
+        # The same exit code as ``ftctl validate`` for the same file: the file is readable, its content is not
+        # a FineTuneJob.
+        print(f"{args.filename}: no {KIND} found", file=sys.stderr)
+        return EXIT_INVALID
+    for i, other in enumerate(docs):
+        if not is_finetune_job(other):
+            print(f"{args.filename}: skipped document {i + 1} ({other.get('kind')!s}): not a {KIND}", file=sys.stderr)
+    duplicates = duplicate_names(jobs)
     opts_kw: dict[str, Any] = {}
     if args.worker_image:
         opts_kw["worker_image"] = args.worker_image
     if args.vllm_image:
         opts_kw["vllm_image"] = args.vllm_image
     options = RenderOptions(**opts_kw)
-    plans: list[Plan] = []
-    names: list[str] = []
+    plans: list[tuple[FineTuneJob, Plan]] = []
     failed = False
-    for i, doc in enumerate(docs):
+    for i, doc in jobs:
         where = args.filename if len(docs) == 1 else f"{args.filename} (document {i + 1})"
         try:
-            job = _validate(doc)
-            plans.append(render(job, options))
-            names.append(job.name)
+            if i in duplicates:
+                raise SpecError(duplicates[i])
+            job = validate(doc, Policy(allow_trust_remote_code=args.allow_trust_remote_code))
+            plans.append((job, render(job, options)))
         except SpecError as exc:
             print(f"{where}: {exc.render()}", file=sys.stderr)
             failed = True
@@ -99,16 +95,27 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_INVALID
     if not args.output_dir:
-        sys.stdout.write("".join(to_yaml_documents(p.objects()) for p in plans))
+        sys.stdout.write("".join(to_yaml_documents(p.objects()) for _, p in plans))
         return EXIT_OK
-    out = Path(args.output_dir)
+    return _write(Path(args.output_dir), plans)
+
+
+def _write(out: Path, plans: list[tuple[FineTuneJob, Plan]]) -> int:
+    """One folder per job when there are several: ``DIR/<name>/``, or ``DIR/<namespace>/<name>/`` when two jobs
+    of the file share a name in different namespaces."""
+    names = [job.name for job, _ in plans]
+    by_namespace = len(set(names)) != len(names)
     try:
-        for name, plan in zip(names, plans, strict=True):
-            target = out / name if len(plans) > 1 else out
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        for job, plan in plans:
+            target = out
+            if len(plans) > 1:
+                target = out / job.namespace / job.name if by_namespace else out / job.name
             target.mkdir(parents=True, exist_ok=True)
             for fname, text in step_files(plan).items():
                 (target / fname).write_text(text, encoding="utf-8")
     except OSError as exc:
-        print(f"ftctl render: cannot write to {args.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"ftctl render: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from finetune_operator.api.constants import KIND
 from finetune_operator.errors import FineTuneError, SpecError, WorkerError
@@ -24,13 +25,17 @@ EXIT_INVALID, EXIT_USAGE = 1, 2
 
 def _run(args: argparse.Namespace) -> int:
     from finetune_operator.local.runner import LocalOptions, parse_volumes, run_local, serve_local
-    from finetune_operator.validation import load_documents, validate
+    from finetune_operator.validation import Policy, load_documents, validate
+    from finetune_operator.validation.files import finetune_jobs
 
     console = Console(stderr=True, soft_wrap=True)  # paths stay on one line (copyable)
     if not args.local:
         console.print("ftctl run: only --local is supported (on a cluster: kubectl apply -f, or ftctl render)")
         return EXIT_USAGE
     workdir = Path(args.workdir or ("demo-workdir" if args.demo else "finetune-workdir"))
+    if workdir.exists() and not workdir.is_dir():
+        console.print(f"ftctl run: --workdir {workdir} is not a directory")
+        return EXIT_USAGE
     if args.demo:
         if args.file:
             console.print("ftctl run: give either --demo or -f FILE")
@@ -55,11 +60,14 @@ def _run(args: argparse.Namespace) -> int:
         console.print("ftctl run: --nproc must be at least 1")
         return EXIT_USAGE
     try:
-        docs = [d for d in load_documents(files[0]) if d.get("kind", KIND) == KIND]
+        docs = [d for _, d in finetune_jobs(load_documents(files[0]))]
+        if not docs:
+            console.print(f"ftctl run: {files[0]}: no {KIND} found")
+            return EXIT_INVALID
         if len(docs) != 1:
             console.print(f"ftctl run: {files[0]} must hold exactly one {KIND} (found {len(docs)})")
             return EXIT_INVALID
-        job = validate(docs[0])
+        job = validate(docs[0], Policy(allow_trust_remote_code=args.allow_trust_remote_code))
     except OSError as exc:
         console.print(f"ftctl run: cannot read {files[0]}: {exc.strerror or exc}")
         return EXIT_USAGE
@@ -87,6 +95,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: run the same command again to resume from the last checkpoint")
         return 130
+    except OSError as exc:  # a volume folder that cannot be created or written (read-only, a file in the way)
+        where = f": {exc.filename}" if exc.filename else ""
+        console.print(f"[red]error:[/red] {escape(str(exc.strerror or exc))}{escape(where)}", highlight=False)
+        return EXIT_USAGE
     if "serve" in result.deferred and not args.no_serve:
         return serve_local(job, opts, result, console)
     return 0
@@ -114,6 +126,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--smoke", action="store_true", help="two steps per stage, and a one-request smoke test of the served model"
     )
     parser.add_argument("--no-serve", action="store_true", help="stop after training and merging")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.add_argument(
         "--secrets-dir",
         metavar="DIR",

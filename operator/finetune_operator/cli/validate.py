@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.constants import GROUP, KIND
+from finetune_operator.api.constants import KIND
 from finetune_operator.errors import FieldError, SpecError
-from finetune_operator.validation import check, load_documents
+from finetune_operator.validation import OFFLINE, Policy, check, load_documents
+from finetune_operator.validation.files import duplicate_names, finetune_jobs
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -54,27 +55,22 @@ class _Result:
         return out
 
 
-def _is_ours(doc: dict[str, Any]) -> bool:
-    kind, api_version = doc.get("kind"), doc.get("apiVersion")
-    return kind in (None, KIND) or (isinstance(api_version, str) and api_version.startswith(f"{GROUP}/"))
-
-
-def _check_file(path: str, *, from_dir: bool) -> list[_Result]:
+def _check_file(path: str, *, from_dir: bool, policy: Policy = OFFLINE) -> list[_Result]:
     try:
         docs = load_documents(path)
     except OSError as exc:
         return [_Result(path, None, None, usage_error=f"cannot read: {exc.strerror or exc}")]
-    except UnicodeDecodeError:
-        return [_Result(path, None, None, usage_error="cannot read: not UTF-8 text")]
     except SpecError as exc:
         return [_Result(path, None, None, errors=exc.errors)]
-    jobs = [(i, d) for i, d in enumerate(docs) if _is_ours(d)]
+    jobs = finetune_jobs(docs)
+    duplicates = duplicate_names(jobs)
     if not jobs:
         # A folder may hold other manifests; a file named explicitly must contain a job.
         return [] if from_dir else [_Result(path, None, None, errors=[FieldError("<file>", f"no {KIND} found")])]
     results = []
     for i, doc in jobs:
-        _, errors = check(doc)
+        _, errors = check(doc, policy)
+        errors = [*duplicates.get(i, []), *errors]
         meta = doc.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
         results.append(_Result(path, i if len(jobs) > 1 else None, name, errors))
@@ -108,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
     results: list[_Result] = []
     for arg in [*args.files, *args.more]:
         for path, from_dir in _expand(arg):
-            file_results = _check_file(path, from_dir=from_dir)
+            file_results = _check_file(
+                path, from_dir=from_dir, policy=Policy(allow_trust_remote_code=args.allow_trust_remote_code)
+            )
             results.extend(file_results)
             if args.output == "text":
                 for result in file_results:
@@ -130,5 +128,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="FineTuneJob YAML file or directory (multi-document allowed; '-' reads stdin); repeatable",
     )
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="report format")
+    parser.add_argument(
+        "--allow-trust-remote-code",
+        action="store_true",
+        help="accept trust_remote_code / --trust-remote-code (an operator install allows it with "
+        "policy.allowTrustRemoteCode)",
+    )
     parser.add_argument("more", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)

@@ -1,7 +1,8 @@
 """``ftctl worker``: the entry point of worker pods (``download``, ``preflight``, ``train``, ``merge``, ``eval``,
 ``publish``, ``progress``).
 
-Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 3 bad data, 4 model missing,
+Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 1 an input/output error on a volume
+(read-only, full; the message names the file), 3 bad data, 4 model missing,
 5 download failed, 6 out of memory, 7 training failed, 8 bad distributed environment, 9 evaluation failed,
 10 publishing failed, 12 will not fit (preflight), 128+N stopped by signal N (resumable). The message of a
 failure is also written to the container's termination message file so that ``kubectl describe`` and the
@@ -72,6 +73,14 @@ def _run(step: str, args: argparse.Namespace) -> int:
         print(f"error: {msg}", file=sys.stderr)
         _termination_message(msg)
         return exc.exit_code
+    except OSError as exc:
+        # A read-only or full volume, a file where a folder should be: name the file, never a traceback, and
+        # leave the message where ``kubectl describe`` and the operator read it.
+        where = f": {exc.filename}" if exc.filename else ""
+        msg = f"{step} failed: {exc.strerror or exc}{where}"
+        print(f"error: {msg}", file=sys.stderr)
+        _termination_message(msg)
+        return 1
 
 
 def _download(args: argparse.Namespace) -> int:

@@ -13,8 +13,10 @@ Decisions that live here:
   Once a later step started, the gate was passed (the operator starts it only then), so a result that can
   no longer be read (the Job expired) does not undo it; before that, an unreadable result fails the gate
   (fail closed).
-* **The serving model's metric** for ``noWorseThanServing`` is ``status.outputs.metrics`` while a previous
-  run's model serves (the operator wrote it from that run's evaluation pod).
+* **The serving model's metric** for ``noWorseThanServing`` is the one recorded on the serving Deployment
+  (annotation ``finetune.dev/metrics``, written by the operator when it created or rolled the Deployment to a
+  run that passed its evaluation), while a previous run's model serves. Not ``status.outputs.metrics``: worker
+  pods may patch status, and a forged baseline would let a worse model through.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from finetune_operator.api.types import FineTuneJob, GateStatus, StageStatus
 from finetune_operator.controller import results
 from finetune_operator.controller import status as st
 from finetune_operator.controller.context import Ctx
-from finetune_operator.controller.serving import Serving
+from finetune_operator.controller.serving import Serving, served_metrics
 from finetune_operator.controller.stepping import Evidence
 from finetune_operator.render.plan import Plan
 
@@ -140,11 +142,6 @@ class Gating(Serving):
     async def _serving_metrics(
         self, ctx: Ctx, plan: Plan, stages: list[StageStatus], old_status: Mapping[str, Any]
     ) -> dict[str, float] | None:
-        """The metrics of the model serving now: ``status.outputs.metrics`` while a previous run's Deployment
-        is available (written by the operator from that run's evaluation pod); None when nothing serves."""
-        if not await self._previous_serves(ctx, plan, stages):
-            return None
-        raw = (old_status.get("outputs") or {}).get("metrics")
-        if not isinstance(raw, Mapping):
-            return None
-        return {str(k): float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        """The metrics of the model serving now, recorded on its Deployment when the operator created or rolled
+        it (never ``status``, which worker pods may patch); None when nothing serves or nothing was recorded."""
+        return served_metrics(await self._previous_deployment(ctx, plan, stages))

@@ -204,7 +204,9 @@ class Reconciler(Gating):
                     stages[j] = fresh_stage(plan.steps[j])
             try:
                 if step.kind == "serve":
-                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(ctx, job, step, sst)
+                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(
+                        ctx, job, step, sst, summary_kw.get("metrics")
+                    )
                     summary_kw["suspended"] = sst.state == StageState.SUSPENDED
                     break
                 outcome = await self._drive(ctx, job, plan, step, sst, first=i == 0, deep=deep)

@@ -31,6 +31,7 @@ from finetune_operator.controller import spec as specs
 from finetune_operator.controller.kube import CachingKube, Kube, RestKube, connect
 from finetune_operator.controller.queue import WorkQueue
 from finetune_operator.controller.reconciler import EventSink, Reconciler, ReconcilerConfig
+from finetune_operator.validation.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ Key = tuple[str, str]  # (namespace, name) of a FineTuneJob
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     return float(raw) if raw else default
+
+
+def _env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,26 @@ class OperatorConfig:
     api_retry_initial: float = 1.0
     #: Longest delay between retries; retries never stop during an outage (``FT_API_RETRY_MAX_SECONDS``).
     api_retry_max: float = 30.0
+    #: Images FineTuneJobs may use besides the two defaults (``FT_ALLOWED_IMAGES``, comma-separated; ``*``:
+    #: any image).
+    allowed_images: tuple[str, ...] = ()
+    #: Prefixes of further allowed images (``FT_ALLOWED_IMAGE_PREFIXES``, comma-separated).
+    allowed_image_prefixes: tuple[str, ...] = ()
+    #: Whether specs may set ``trust_remote_code`` / ``--trust-remote-code`` (``FT_ALLOW_TRUST_REMOTE_CODE``).
+    allow_trust_remote_code: bool = False
+
+    def policy(self) -> Policy:
+        """The validation policy of this install: a FineTuneJob grants its author no image the install did not
+        allow, whether or not the chart's admission policy is installed."""
+        if "*" in self.allowed_images:
+            images = None
+        else:
+            images = frozenset({self.worker_image, self.vllm_image, *self.allowed_images})
+        return Policy(
+            allowed_images=images,
+            allowed_image_prefixes=self.allowed_image_prefixes,
+            allow_trust_remote_code=self.allow_trust_remote_code,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> OperatorConfig:
@@ -90,6 +115,9 @@ class OperatorConfig:
         }
         if e.get("FT_METRICS_PORT"):
             kw["metrics_port"] = int(e["FT_METRICS_PORT"])
+        kw["allowed_images"] = _env_list(e, "FT_ALLOWED_IMAGES")
+        kw["allowed_image_prefixes"] = _env_list(e, "FT_ALLOWED_IMAGE_PREFIXES")
+        kw["allow_trust_remote_code"] = e.get("FT_ALLOW_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes")
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -108,13 +136,16 @@ def make_render(config: OperatorConfig) -> Callable[[Any], Any]:
     return lambda job: render(job, options)
 
 
-def make_validate() -> Callable[[Mapping[str, Any]], Any]:
+def make_validate(config: OperatorConfig | None = None) -> Callable[[Mapping[str, Any]], Any]:
     """The same validation ``ftctl validate`` runs (``spec.gate`` included: the operator enforces it, see
-    :mod:`finetune_operator.controller.gating`)."""
+    :mod:`finetune_operator.controller.gating`), with the install's policy (allowed images,
+    ``trust_remote_code``)."""
     from finetune_operator.validation import validate
 
+    policy = (config or OperatorConfig()).policy()
+
     def run(obj: Mapping[str, Any]) -> Any:
-        return validate(dict(obj))
+        return validate(dict(obj), policy)
 
     return run
 
@@ -204,7 +235,7 @@ class Controller:
         self.events = events if events is not None else ApiEventSink(kube)  # uncached: events are not read
         self.reconciler = Reconciler(
             kube,
-            validate=make_validate(),
+            validate=make_validate(config),
             render=make_render(config),
             events=self.events,
             config=ReconcilerConfig(progress_interval=config.progress_interval),

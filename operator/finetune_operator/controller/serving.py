@@ -14,6 +14,8 @@ Decisions that live here:
 from __future__ import annotations
 
 import copy
+import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,30 @@ from finetune_operator.controller import status as st
 from finetune_operator.controller.context import Blocked, Ctx, with_deletions
 from finetune_operator.controller.stepping import Stepping
 from finetune_operator.render.plan import Plan, Step
+
+
+def metrics_annotation(metrics: Mapping[str, float] | None) -> dict[str, str]:
+    """The Deployment annotation recording the served model's metrics (empty without metrics)."""
+    if not metrics:
+        return {}
+    return {c.ANNOTATION_METRICS: json.dumps(dict(metrics), sort_keys=True, separators=(",", ":"))}
+
+
+def served_metrics(deployment: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """The metrics recorded on a Deployment (finite numbers only); None when it records none."""
+    raw = ((deployment or {}).get("metadata") or {}).get("annotations", {}).get(c.ANNOTATION_METRICS)
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    out = {
+        str(k): float(v)
+        for k, v in doc.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    return out or None
 
 
 class Serving(Stepping):
@@ -45,19 +71,32 @@ class Serving(Stepping):
 
     async def _previous_serves(self, ctx: Ctx, plan: Plan, stages: list[StageStatus]) -> bool:
         """Whether the Deployment of an earlier serve (kept across runs) is ours, scaled up and available."""
+        return await self._previous_deployment(ctx, plan, stages) is not None
+
+    async def _previous_deployment(self, ctx: Ctx, plan: Plan, stages: list[StageStatus]) -> dict[str, Any] | None:
+        """The Deployment of an earlier serve when it is ours, scaled up and available; None otherwise."""
         idx = next((i for i, s in enumerate(plan.steps) if s.kind == "serve"), None)
         if idx is None or stages[idx].attempts == 0:
-            return False
+            return None
         wl = plan.steps[idx].workload
         dep = await self.kube.get(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
-        return (
+        if (
             dep is not None
             and ch.is_ours(dep, ctx.uid)
             and int((dep.get("spec") or {}).get("replicas") or 0) > 0
             and ch.is_available(dep)
-        )
+        ):
+            return dict(dep)
+        return None
 
-    async def _roll(self, ctx: Ctx, job: FineTuneJob, found: dict[str, Any], rendered: Mapping[str, Any]) -> Any:
+    async def _roll(
+        self,
+        ctx: Ctx,
+        job: FineTuneJob,
+        found: dict[str, Any],
+        rendered: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+    ) -> Any:
         """Patch the existing Deployment to the new run's pod template (same object, same uid, same Service).
 
         Kubernetes then rolls the pods with the rendered strategy (surge 1, maxUnavailable 0): the previous
@@ -67,7 +106,7 @@ class Serving(Stepping):
         meta = found["metadata"]
         old_tpl = (found.get("spec") or {}).get("template") or {}
         patch = {
-            "metadata": {"annotations": {c.ANNOTATION_RUN: job.spec.run_id}},
+            "metadata": {"annotations": {c.ANNOTATION_RUN: job.spec.run_id, **metrics_annotation(metrics)}},
             "spec": {"template": with_deletions(old_tpl, copy.deepcopy(rendered["spec"]["template"]))},
         }
         patch["spec"]["template"].update({k: None for k in old_tpl if k not in rendered["spec"]["template"]})
@@ -80,13 +119,17 @@ class Serving(Stepping):
         )
         return updated
 
-    async def _serve(self, ctx: Ctx, job: FineTuneJob, step: Step, sst: StageStatus) -> tuple[bool, bool]:
+    async def _serve(
+        self, ctx: Ctx, job: FineTuneJob, step: Step, sst: StageStatus, metrics: Mapping[str, float] | None = None
+    ) -> tuple[bool, bool]:
         """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; (serving, rolling).
 
         ``spec.suspend`` while serving scales the Deployment to 0 (the GPUs are what suspending frees) and
         resuming scales it back; the endpoint leaves ``status.outputs`` while nothing answers there. After a
         re-run the existing Deployment is rolled to the new model (:meth:`_roll`); ``rolling`` stays True
         until every replica runs it, and ``status.outputs`` keeps the previous run's paths until then.
+        ``metrics`` (this run's evaluation) are recorded on the Deployment it creates or rolls
+        (:data:`~finetune_operator.api.constants.ANNOTATION_METRICS`): the next run's gate compares with them.
         """
         deployment: dict[str, Any] | None = None
         existed_before = sst.attempts > 0
@@ -103,7 +146,10 @@ class Serving(Stepping):
                 raise Blocked(f"{obj['kind']} {meta['name']} exists but is not owned by this FineTuneJob", warn=True)
             if found is None:
                 await self._accept(ctx)
-                found = await self._create(ctx, ch.with_owner(obj, ctx.ftj))
+                body = ch.with_owner(obj, ctx.ftj)
+                if obj is step.workload and (note := metrics_annotation(metrics)):
+                    body["metadata"]["annotations"] = {**(body["metadata"].get("annotations") or {}), **note}
+                found = await self._create(ctx, body)
                 if existed_before:
                     ctx.events.append(
                         st.Event(
@@ -115,7 +161,7 @@ class Serving(Stepping):
                 and job.spec.run_id
                 and ((found["metadata"].get("annotations") or {}).get(c.ANNOTATION_RUN) != job.spec.run_id)
             ):
-                found = await self._roll(ctx, job, found, obj)
+                found = await self._roll(ctx, job, found, obj, metrics)
             if obj is step.workload:
                 deployment = found
         assert deployment is not None

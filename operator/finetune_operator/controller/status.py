@@ -156,6 +156,22 @@ def wire(model: _M) -> dict[str, Any]:
     return model.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
 
 
+#: Largest planned step count taken from the (pod-written) plan for the printer column.
+_PLANNED_STEPS_MAX = 10**9
+
+
+def planned_total_steps(status: Mapping[str, Any], stage: str) -> int | None:
+    """The preflight plan's total steps of ``stage`` (display only: the plan is written by the preflight pod)."""
+    plan = status.get("plan")
+    stages = plan.get("stages") if isinstance(plan, Mapping) else None
+    for entry in stages if isinstance(stages, list) else []:
+        if isinstance(entry, Mapping) and entry.get("name") == stage:
+            total = entry.get("totalSteps")
+            if isinstance(total, int) and not isinstance(total, bool) and 0 < total <= _PLANNED_STEPS_MAX:
+                return total
+    return None
+
+
 def format_progress(progress: Mapping[str, Any] | None) -> str | None:
     """``12/100 (12%)`` for the printer column; None without a report."""
     if not progress or progress.get("step") is None:

@@ -84,6 +84,12 @@ class StatusWriter(Base):
         )
         progress = next((s.progress for s in reversed(stages[:upto]) if s.progress is not None), None)
         columns = st.wire(progress) if progress is not None else None
+        # A training stage that has not reported yet shows the preflight plan's total from the start.
+        current = next((i for i, s in enumerate(plan.steps) if s.name == summary.current), None)
+        if current is not None and plan.steps[current].kind == "train" and stages[current].progress is None:
+            planned = st.planned_total_steps(old_status, plan.steps[current].name)
+            if planned is not None:
+                columns = {"step": 0, "totalSteps": planned, "percent": 0.0}
 
         outputs: Outputs | None = None
         # While the Deployment rolls, the previous run's outputs (if any) are what answers.

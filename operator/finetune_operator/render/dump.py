@@ -4,6 +4,12 @@ The renderer never builds YAML or JSON *text* from user strings: it builds dicts
 what makes a dataset path or a served model name containing ``"\\n---\\nkind: Secret"`` harmless (it stays a
 quoted scalar), and sorting keys is what makes the output byte-identical for the same input.
 
+Strings that look like something else are quoted. PyYAML quotes what *its* YAML 1.1 reader would retype
+(``"yes"``, ``"1.0"``), but kubectl reads YAML with Go (sigs.k8s.io/yaml), which also types ``1e3``, ``0o17``,
+``0x_1F``, ``1_000``, ``y`` and ``n``, and a YAML 1.2 reader types ``1e3`` and ``0o17`` too. Left plain, an env
+value ``1e3`` reaches the API server as a number and the object is refused. :func:`retyped` is the union of
+those readers' rules; such strings are dumped single-quoted.
+
 Floats: PyYAML dumps ``1e-05`` as ``1.0e-05`` (it inserts the ``.0``), which both PyYAML's ``safe_load`` and
 OmegaConf (LLaMA-Factory's loader) read back as a float; ``1e-05`` without the dot would be a string to PyYAML.
 
@@ -18,6 +24,7 @@ lines beyond the width it escapes or folds differently, reading back to the same
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,10 +38,41 @@ class _Dumper(yaml.CSafeDumper):
         return True
 
 
+#: YAML 1.2 core schema, YAML 1.1 and Go (go-yaml v2 as used by kubectl): words read as booleans or null.
+_WORDS = frozenset(
+    w
+    for base in ("y", "yes", "n", "no", "true", "false", "on", "off", "null")
+    for w in (base, base.capitalize(), base.upper())
+) | {"~", "", "<<", "="}
+#: Numbers of YAML 1.2 (core), YAML 1.1 (sexagesimal, underscores, ``0b``) and Go (``strconv.ParseInt`` base 0
+#: and go-yaml's float pattern after go-yaml strips every ``_``).
+_NUMBER = re.compile(
+    r"""[-+]?(
+        0[xX][0-9a-fA-F]+ | 0[oO][0-7]+ | 0[bB][01]+ | [0-9]+
+      | (\.[0-9]+ | [0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+      | \.(inf|Inf|INF) | [0-9]+(:[0-5]?[0-9])+(\.[0-9]*)?
+    )|\.(nan|NaN|NAN)""",
+    re.X,
+)
+
+
+def retyped(text: str) -> bool:
+    """Whether some YAML reader (1.1, 1.2, or Go's as used by kubectl) reads the plain scalar ``text`` as
+    something other than a string."""
+    if text in _WORDS:
+        return True
+    if not text or text[0] not in "0123456789+-.":
+        return False
+    return bool(_NUMBER.fullmatch(text) or _NUMBER.fullmatch(text.replace("_", "")))
+
+
 def _str_representer(dumper: yaml.representer.SafeRepresenter, data: str) -> yaml.ScalarNode:
-    """Multi-line strings (the files inside ConfigMaps) as literal blocks: readable and diffable."""
+    """Multi-line strings (the files inside ConfigMaps) as literal blocks: readable and diffable; strings that
+    a YAML reader would retype, single-quoted."""
     if "\n" in data:
         return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    if retyped(data):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'")
     return dumper.represent_scalar("tag:yaml.org,2002:str", data)
 
 

@@ -59,6 +59,9 @@ class VllmCommand:
     """Environment variables (defaults first, then ``serve.env``; later names win)."""
     lora_modules: tuple[tuple[str, str], ...] = ()
     """(name, adapter folder) pairs served with ``--lora-modules``."""
+    secret_env: tuple[tuple[str, str, str], ...] = ()
+    """(variable, Secret, key): variables whose values come from Secrets (``valueFrom.secretKeyRef``), never
+    written into any object. ``ftctl run --local`` takes them from its own environment."""
 
 
 def max_lora_rank(job: FineTuneJob, ranks: tuple[int, ...]) -> int:
@@ -77,8 +80,27 @@ def served_model_name(job: FineTuneJob) -> str:
     return job.spec.serve.served_model_name or job.name
 
 
-def _env(job: FineTuneJob) -> tuple[tuple[str, str], ...]:
-    env: dict[str, str] = {
+#: vLLM reads its API key from this variable (``--api-key`` would put it on the command line, in the object).
+API_KEY_ENV = "VLLM_API_KEY"
+
+#: Variables that change what runs or what is loaded rather than how vLLM serves: refused in ``serve.env``.
+LOADER_ENV: frozenset[str] = frozenset(
+    {
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "PYTHONINSPECT",
+        "PATH",
+    }
+)
+
+
+def _base_env() -> dict[str, str]:
+    return {
         "HF_HOME": HF_HOME,
         # Everything is on local volumes; never reach out to the hub for a config or tokenizer.
         "HF_HUB_OFFLINE": "1",
@@ -89,10 +111,31 @@ def _env(job: FineTuneJob) -> tuple[tuple[str, str], ...]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+
+
+#: Variables the operator sets on the vLLM container (or owns, like the API key): ``serve.env`` may not set them.
+OWNED_ENV: frozenset[str] = frozenset(_base_env()) | {API_KEY_ENV}
+
+
+def _env(job: FineTuneJob) -> tuple[tuple[str, str], ...]:
+    env = _base_env()
     for var in job.spec.serve.env:
-        env.pop(var.name, None)
-        env[var.name] = var.value
+        # Validation refuses owned and loader variables; skipping them here is the second line of defence.
+        if var.value_from is None and var.name not in OWNED_ENV and var.name not in LOADER_ENV:
+            env[var.name] = var.value
     return tuple(env.items())
+
+
+def _secret_env(job: FineTuneJob) -> tuple[tuple[str, str, str], ...]:
+    serve = job.spec.serve
+    out = [
+        (var.name, var.value_from.secret_key_ref.name, var.value_from.secret_key_ref.key)
+        for var in serve.env
+        if var.value_from is not None and var.name not in OWNED_ENV and var.name not in LOADER_ENV
+    ]
+    if serve.api_key_secret_ref is not None:
+        out.append((API_KEY_ENV, serve.api_key_secret_ref.name, serve.api_key_secret_ref.key))
+    return tuple(out)
 
 
 def vllm_command(
@@ -142,6 +185,7 @@ def vllm_command(
         args=tuple(args),
         env=_env(job),
         lora_modules=lora_modules,
+        secret_env=_secret_env(job),
     )
 
 
@@ -199,7 +243,13 @@ def deployment(job: FineTuneJob, image: str, cmd: VllmCommand, resolver: PathRes
             image=image,
             command=["vllm", "serve"],
             args=list(cmd.args),
-            env=[{"name": k, "value": v} for k, v in cmd.env],
+            env=[
+                *({"name": k, "value": v} for k, v in cmd.env),
+                *(
+                    {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                    for k, secret, key in cmd.secret_env
+                ),
+            ],
             resources=Resources(gpus=gpus, cpu=sres.cpu if sres else None, memory=sres.memory if sres else None),
             read_claims=read,
             restart_policy="Always",
@@ -245,6 +295,9 @@ def service(job: FineTuneJob) -> dict[str, Any]:
 
 
 __all__ = [
+    "API_KEY_ENV",
+    "LOADER_ENV",
+    "OWNED_ENV",
     "SERVE",
     "VllmCommand",
     "deployment",

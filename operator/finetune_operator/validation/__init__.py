@@ -8,7 +8,9 @@ module                   job
 :mod:`.loading`          YAML text -> documents, read as ``kubectl apply`` reads them
 :mod:`.shape`            pass 1: the pydantic types in strict mode; errors -> wire paths and sentences
 :mod:`.lenient`          the typed view the rules read, built even from an invalid object
-:mod:`.context`          what a rule sees (the lenient job, LLaMA-Factory's argument table)
+:mod:`.context`          what a rule sees (the lenient job, LLaMA-Factory's argument table, the policy)
+:mod:`.policy`           the install's policy (allowed images, trust_remote_code)
+:mod:`.files`            which documents of a file are FineTuneJobs; the same job twice in one file
 :mod:`.registry`         the rule registry (``RULES``)
 :mod:`.rules`            pass 2: the semantic rules, one module per topic (see its table)
 :mod:`.words`            how errors read (paths, kinds, "did you mean")
@@ -39,18 +41,21 @@ from finetune_operator.render import RESERVED_STAGE_NAMES
 from finetune_operator.validation import rules as _rules  # noqa: F401  (registers the rules)
 from finetune_operator.validation.context import Context
 from finetune_operator.validation.loading import load_documents
+from finetune_operator.validation.policy import OFFLINE, Policy
 from finetune_operator.validation.registry import RULES, Rule, rule
 from finetune_operator.validation.rules.arguments import RESERVED_ARGS, RESERVED_PREFIXES, SECRET_ARGS
-from finetune_operator.validation.shape import shape_errors
+from finetune_operator.validation.shape import non_string_keys, shape_errors
 from finetune_operator.validation.words import dedupe, kind
 
 __all__ = [
+    "OFFLINE",
     "RESERVED_ARGS",
     "RESERVED_PREFIXES",
     "RESERVED_STAGE_NAMES",
     "RULES",
     "SECRET_ARGS",
     "Context",
+    "Policy",
     "Rule",
     "check",
     "is_quantity",
@@ -60,15 +65,15 @@ __all__ = [
 ]
 
 
-def validate(obj: Mapping[str, Any]) -> FineTuneJob:
+def validate(obj: Mapping[str, Any], policy: Policy = OFFLINE) -> FineTuneJob:
     """Parse and check ``obj`` (a FineTuneJob as a dict); raise :class:`SpecError` listing every problem."""
-    job, errors = check(obj)
+    job, errors = check(obj, policy)
     if errors or job is None:
         raise SpecError(errors or [FieldError("", "invalid FineTuneJob")])
     return job
 
 
-def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
+def check(obj: Any, policy: Policy = OFFLINE) -> tuple[FineTuneJob | None, list[FieldError]]:
     """Like :func:`validate` but returns ``(job or None, errors)`` instead of raising (for the operator)."""
     if not isinstance(obj, Mapping):
         return None, [FieldError("<document>", f"expected a mapping (a FineTuneJob object), got {kind(obj)}")]
@@ -78,11 +83,15 @@ def check(obj: Any) -> tuple[FineTuneJob | None, list[FieldError]]:
     status = obj.pop("status", None)
     errors: list[FieldError] = []
     job: FineTuneJob | None = None
+    key_errors = non_string_keys(obj)
+    errors.extend(key_errors)
     try:
         job = FineTuneJob.model_validate(obj, strict=True)
     except pydantic.ValidationError as exc:
-        errors.extend(shape_errors(exc, obj))
-    ctx = Context(obj, load_lf_table())
+        # A mapping with a non-string key is reported at the key; pydantic's "wrong type" at the mapping is noise.
+        parents = {e.path.rsplit("[", 1)[0] for e in key_errors}
+        errors.extend(e for e in shape_errors(exc, obj) if e.path not in parents)
+    ctx = Context(obj, load_lf_table(), policy)
     for each in RULES:
         errors.extend(each(ctx))
     errors = dedupe(errors)

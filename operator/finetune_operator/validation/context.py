@@ -22,6 +22,7 @@ from finetune_operator.api.types import (
 from finetune_operator.lfargs import LfTable
 from finetune_operator.render import chain as walker
 from finetune_operator.validation import lenient
+from finetune_operator.validation.policy import OFFLINE, Policy
 
 __all__ = ["Context"]
 
@@ -32,6 +33,7 @@ class Context:
 
     obj: Mapping[str, Any]
     lf: LfTable
+    policy: Policy = OFFLINE
     job: FineTuneJob = field(init=False)
 
     def __post_init__(self) -> None:

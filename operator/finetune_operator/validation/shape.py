@@ -20,7 +20,7 @@ from finetune_operator.api.types import FineTuneJob
 from finetune_operator.errors import FieldError
 from finetune_operator.validation.words import hint, join, kind
 
-__all__ = ["shape_errors"]
+__all__ = ["non_string_keys", "shape_errors"]
 
 
 def shape_errors(exc: pydantic.ValidationError, obj: Mapping[str, Any]) -> list[FieldError]:
@@ -147,4 +147,32 @@ def _pattern_reason(pattern: str) -> str:
         return "must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
     if pattern == patterns.DATASET_NAME_PATTERN:
         return "must be letters, digits, '-', '_' or '.' (starting and ending alphanumeric; no commas or '/')"
+    if pattern == patterns.IMAGE_PATTERN:
+        return "must be an image reference ([registry/]repository[:tag][@digest], lowercase, no spaces)"
+    if pattern == patterns.SERVED_MODEL_NAME_PATTERN:
+        return "must be a model id: letters, digits and '-._:/@+', no spaces or newlines"
     return f"must match {pattern}"
+
+
+def non_string_keys(value: Any, path: str = "") -> list[FieldError]:
+    """Every mapping key that is not a string, at its own path.
+
+    JSON (and so the API server) has string keys only; YAML reads ``1:``, ``null:`` and YAML 1.1's ``on:`` as a
+    number, null or boolean. Pydantic would report "wrong type" at the mapping instead of naming the key.
+    """
+    out: list[FieldError] = []
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            where = join(path, key)
+            if not isinstance(key, str):
+                out.append(
+                    FieldError(
+                        where, f"keys must be strings, got {kind(key)}: quote the key (YAML reads it as {kind(key)})"
+                    )
+                )
+            else:
+                out.extend(non_string_keys(child, where))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            out.extend(non_string_keys(child, f"{path}[{i}]"))
+    return out

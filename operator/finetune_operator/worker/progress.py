@@ -114,6 +114,10 @@ class TrainerLogFollower:
 
     Copes with the file not existing yet, a half-written last line (kept for the next poll) and the file being
     recreated (``overwrite_output_dir`` deletes it): a shorter file restarts from the beginning.
+
+    A resumed run appends to the same file and logs again the steps since its checkpoint: those records are
+    de-duplicated by step (a step below the last one reported is a replay), so progress never goes backwards
+    and ``last`` is the record of the highest step, the loss the run ended with.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -129,6 +133,7 @@ class TrainerLogFollower:
             return []
         if size < self._offset:
             self._offset, self._partial = 0, b""
+            self.last = None
         if size == self._offset:
             return []
         with self.path.open("rb") as fh:
@@ -148,6 +153,8 @@ class TrainerLogFollower:
                 continue
             if isinstance(record, dict) and (p := parse_record(record)) is not None:
                 prev = out[-1] if out else self.last
+                if prev is not None and p.step < prev.step:
+                    continue  # a resumed run replaying the steps since its checkpoint
                 if p.loss is None and prev is not None and prev.loss is not None:
                     # LLaMA-Factory's last record (end of training) has no loss: keep the latest one.
                     p = dataclasses.replace(p, loss=prev.loss)

@@ -2,8 +2,9 @@
 
 1. A stage whose output folder has the completion marker is done: exit 0 without touching anything (a retried
    pod, a re-run of ``ftctl run --local``).
-2. Check inputs before paying for a launch: the model (and earlier adapters) and every dataset file of the
-   stage, with errors that name the file (exit 3 bad data, 4 missing model).
+2. Check inputs before paying for a launch: the model (and earlier adapters, and the tokenizer) and every
+   dataset file of the stage (every row parses, the named columns exist: :mod:`.inputcheck`), with errors that
+   name the file and line (exit 3 bad data, 4 missing model).
 3. Resume: LLaMA-Factory resumes from the last ``checkpoint-*`` of ``output_dir`` by itself when
    ``overwrite_output_dir`` is false. Checkpoints cut short by a kill (no ``trainer_state.json``) are moved aside
    so that the resume starts from the last *complete* one; an output folder with leftovers but no checkpoint
@@ -34,7 +35,7 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import envmap, markers, preempt
+from finetune_operator.worker import envmap, inputcheck, markers, preempt
 from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
@@ -90,6 +91,8 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         raise ModelNotFoundError(
             f"base model not found: {model} has no config.json (download it first, or fix spec.model.volume)"
         )
+    if os.path.isabs(model):
+        inputcheck.check_tokenizer(Path(model))
     for adapter in str(cfg.get("adapter_name_or_path") or "").split(","):
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"adapter of an earlier stage not found: {adapter} has no adapter_config.json")
@@ -113,30 +116,7 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
             continue  # hub datasets (hf_hub_url, ...) are LLaMA-Factory's business
         path = check_file(os.path.join(dataset_dir, str(file_name)), f"dataset {name!r}")
         if path.is_file():
-            _check_json_file(path, name)
-
-
-def _check_json_file(path: Path, name: str) -> None:
-    """A cheap format check: the first record of a .json/.jsonl file parses."""
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
-        return
-    with path.open("rb") as fh:
-        head = fh.read(1 << 16)
-    text = head.decode("utf-8", errors="replace").lstrip()
-    if suffix == ".jsonl" or not text.startswith("["):
-        first = text.split("\n", 1)[0]
-        try:
-            json.loads(first)
-        except ValueError as exc:
-            if suffix == ".jsonl":
-                raise DataError(f"dataset {name!r}: {path} line 1 is not JSON: {exc}") from exc
-            # a pretty-printed JSON object: parse all of it (small files only)
-            if path.stat().st_size < (64 << 20):
-                try:
-                    json.loads(path.read_text(encoding="utf-8"))
-                except ValueError as exc2:
-                    raise DataError(f"dataset {name!r}: {path} is not valid JSON: {exc2}") from exc2
+            inputcheck.check_dataset_file(path, name, entry)
 
 
 def resume_overrides(cfg: Mapping[str, Any], output_dir: Path, *, primary: bool) -> list[str]:

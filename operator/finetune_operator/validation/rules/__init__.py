@@ -15,8 +15,9 @@ module             decides
 ``scheduling``     queue, priority class, node selector, tolerations
 ``backend``        what the chosen backend's workload API cannot express (TrainJob names, runtime)
 ``tracking``       experiment trackers: credentials only through ``spec.tracking``'s Secret references
-``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, combinations
+``arguments``      LLaMA-Factory arguments: reserved, secret, unknown, typed, bounded, combinations
 ``promotion``      evaluation datasets and args, the gate's metric, publish artifact and destinations
+``policy``         the install's policy: allowed images, ``trust_remote_code``
 =================  ===============================================================================
 """
 
@@ -30,6 +31,7 @@ from finetune_operator.validation.rules import (
     graph,
     model,
     names,
+    policy,
     promotion,
     resources,
     scheduling,
@@ -54,6 +56,7 @@ ORDER = (
     tracking,
     arguments,
     promotion,
+    policy,
 )
 
 RULES.sort(key=lambda func: [m.__name__ for m in ORDER].index(func.__module__))

@@ -148,6 +148,83 @@ def args_values_typed(ctx: Context) -> Iterator[FieldError]:
                 yield FieldError(path, f"invalid choice {value!r}: expected one of {choices}{suggestion}")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range an argument must lie in, and whose check it mirrors."""
+
+    low: float | None
+    low_open: bool
+    high: float | None
+    source: str
+    whole_above_one: bool = False
+    """Values above 1 must be whole numbers (transformers reads values in (0, 1) as a ratio of the steps)."""
+
+    def violated(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return True
+        if self.high is not None and value > self.high:
+            return True
+        return self.whole_above_one and value > 1 and value != int(value)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"between {_num(self.low)} and {_num(self.high)}"
+        if self.low is not None:
+            return f"{'greater than' if self.low_open else 'at least'} {_num(self.low)}"
+        return f"at most {_num(self.high or 0)}"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+_STEPS = "transformers.TrainingArguments (a 'steps' strategy needs a non-zero interval)"
+_SEED = "numpy.random.seed and torch.manual_seed accept 0 .. 2**32-1 (transformers.set_seed calls both)"
+
+#: Ranges of numeric arguments, each from the check of LLaMA-Factory, transformers or torch that fails (or
+#: makes the run meaningless) at pod start. Integers and floats alike; booleans are not numbers here.
+ARG_BOUNDS: Mapping[str, Bound] = {
+    "logging_steps": Bound(0, True, None, _STEPS, whole_above_one=True),
+    "save_steps": Bound(0, True, None, _STEPS, whole_above_one=True),
+    "eval_steps": Bound(0, True, None, _STEPS, whole_above_one=True),
+    "seed": Bound(0, False, 2**32 - 1, _SEED),
+    "data_seed": Bound(0, False, 2**32 - 1, _SEED),
+    "per_device_train_batch_size": Bound(1, False, None, "a batch needs at least one sample"),
+    "per_device_eval_batch_size": Bound(1, False, None, "a batch needs at least one sample"),
+    "gradient_accumulation_steps": Bound(1, False, None, "transformers divides the steps by it"),
+    "learning_rate": Bound(0, False, None, "torch.optim refuses a negative learning rate"),
+    "warmup_ratio": Bound(0, False, 1, "transformers.TrainingArguments: warmup_ratio must lie in [0, 1]"),
+    "warmup_steps": Bound(0, False, None, "transformers.TrainingArguments: warmup_steps must not be negative"),
+    "weight_decay": Bound(0, False, None, "torch.optim refuses a negative weight decay"),
+    "adam_beta1": Bound(0, False, 0.999999, "torch.optim: betas must lie in [0, 1)"),
+    "adam_beta2": Bound(0, False, 0.999999, "torch.optim: betas must lie in [0, 1)"),
+    "adam_epsilon": Bound(0, False, None, "torch.optim refuses a negative epsilon"),
+    "max_grad_norm": Bound(0, False, None, "torch's clip_grad_norm_ would flip the gradients' sign"),
+    "num_train_epochs": Bound(0, True, None, "training for zero epochs trains nothing"),
+    "dataloader_num_workers": Bound(0, False, None, "torch.utils.data.DataLoader refuses negative workers"),
+    "save_total_limit": Bound(1, False, None, "keeping no checkpoint would leave nothing to resume from"),
+    "cutoff_len": Bound(1, False, None, "LLaMA-Factory would cut every sample to nothing"),
+    "val_size": Bound(0, False, None, "LLaMA-Factory: a fraction in [0, 1) or a number of samples"),
+    "max_samples": Bound(1, False, None, "LLaMA-Factory would keep no sample"),
+    "preprocessing_num_workers": Bound(1, False, None, "datasets.map needs at least one process"),
+}
+
+
+@rule
+def args_within_bounds(ctx: Context) -> Iterator[FieldError]:
+    for i, stage in ctx.stages():
+        for key, value in stage.args.items():
+            bound = ARG_BOUNDS.get(key)
+            if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if value != value or bound.violated(value):  # NaN compares false: never in range
+                extra = ", and a whole number above 1" if bound.whole_above_one else ""
+                yield FieldError(
+                    join(f"spec.stages[{i}].args", key),
+                    f"{value!r} is out of range: must be {bound.describe()}{extra} ({bound.source})",
+                )
+
+
 _TYPE_WORDS = {
     "int": "an integer",
     "float": "a number",

@@ -3,6 +3,10 @@
 Decisions:
 
 - ``merge.enabled`` without any LoRA stage is valid: the export re-shards the full model (``exportSize``).
+- ``serve.env`` may not set the variables the operator sets (:data:`~finetune_operator.render.serve.OWNED_ENV`)
+  nor loader variables (``LD_PRELOAD``, ``PYTHONPATH``, ...); secrets come through ``valueFrom.secretKeyRef``
+  and the API key through ``apiKeySecretRef``, never as text in ``env`` or ``args``.
+- An abbreviation of an operator-owned vLLM flag (``--por`` for ``--port``) is refused like the flag itself.
 - Serving without merge after LoRA stages serves the base model plus the adapter (vLLM ``--enable-lora``);
   vLLM cannot stack adapters, so this is rejected when the final model is more than one stacked adapter.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from finetune_operator.errors import FieldError
+from finetune_operator.render.serve import API_KEY_ENV, LOADER_ENV, OWNED_ENV
 from finetune_operator.validation.context import Context
 from finetune_operator.validation.registry import rule
 
@@ -27,7 +32,20 @@ SERVE_OWNED_FLAGS: Mapping[str, str] = {
     "--lora-modules": "the pipeline (set when adapters are served without merge)",
     "--port": "the operator (port 8000)",
     "--host": "the operator",
+    "--api-key": "spec.serve.apiKeySecretRef (a Secret: a key on the command line is stored in the Deployment)",
 }
+
+
+def owned_flag(flag: str) -> str | None:
+    """The operator-owned vLLM flag ``flag`` names: itself, or one it abbreviates (vLLM's argparse accepts an
+    unambiguous prefix: ``--por`` is ``--port``)."""
+    if flag in SERVE_OWNED_FLAGS:
+        return flag
+    if flag.startswith("--") and len(flag) > 2:
+        for owned in SERVE_OWNED_FLAGS:
+            if owned.startswith(flag):
+                return owned
+    return None
 
 
 @rule
@@ -47,8 +65,33 @@ def serve_tensor_parallel_fits(ctx: Context) -> Iterator[FieldError]:
 def serve_args_not_owned(ctx: Context) -> Iterator[FieldError]:
     for j, arg in enumerate(ctx.spec.serve.args):
         flag = arg.split("=", 1)[0]
-        if flag in SERVE_OWNED_FLAGS:
-            yield FieldError(f"spec.serve.args[{j}]", f"{flag} is set by the operator: use {SERVE_OWNED_FLAGS[flag]}")
+        owned = owned_flag(flag)
+        if owned is None:
+            continue
+        named = flag if owned == flag else f"{flag} (an abbreviation of {owned})"
+        yield FieldError(f"spec.serve.args[{j}]", f"{named} is set by the operator: use {SERVE_OWNED_FLAGS[owned]}")
+
+
+@rule
+def serve_env_allowed(ctx: Context) -> Iterator[FieldError]:
+    """``serve.env`` tunes vLLM; it may not undo the operator's settings, load other code, or carry secrets."""
+    seen: dict[str, int] = {}
+    for j, var in enumerate(ctx.spec.serve.env):
+        if var is None or var.name is None:
+            continue
+        path = f"spec.serve.env[{j}]"
+        if var.name == API_KEY_ENV:
+            yield FieldError(f"{path}.name", f"{API_KEY_ENV} is set by the operator: use spec.serve.apiKeySecretRef")
+        elif var.name in OWNED_ENV:
+            yield FieldError(f"{path}.name", f"{var.name} is set by the operator and cannot be overridden")
+        elif var.name in LOADER_ENV:
+            yield FieldError(f"{path}.name", f"{var.name} changes which code runs in the vLLM container: not allowed")
+        if var.value and var.value_from is not None:
+            yield FieldError(path, "set either value or valueFrom, not both")
+        if var.name in seen:
+            yield FieldError(f"{path}.name", f"duplicate variable {var.name!r} (also spec.serve.env[{seen[var.name]}])")
+        else:
+            seen[var.name] = j
 
 
 @rule
