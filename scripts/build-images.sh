@@ -156,10 +156,10 @@ build_python() {
 build_torch() {
   local ctr
   new_container "$PYTHON_IMAGE"
-  # A C++ compiler, as the PyTorch "devel" image has: DeepSpeed builds its CPU ops (the shared-memory
-  # collective it uses on CPU, cpu_adam) just in time.
+  # A C++ compiler and Python's headers, as the PyTorch "devel" image has: DeepSpeed builds its CPU ops (the
+  # shared-memory collective it uses on CPU, cpu_adam) just in time.
   buildah run "$ctr" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends g++ >/dev/null && rm -rf /var/lib/apt/lists/*'
+      --no-install-recommends g++ python3-dev >/dev/null && rm -rf /var/lib/apt/lists/*'
   # torchaudio: PyPI has CUDA builds only; its Python part is what LLaMA-Factory imports (scripts/setup.sh).
   buildah run "${pip_mount_args[@]}" "${pip_env_args[@]}" --env PIP_NO_CACHE_DIR=1 "$ctr" -- sh -c \
     "pip install -q 'torch==$TORCH_VERSION' \

@@ -119,6 +119,8 @@ def pod_users(cluster: Cluster) -> dict[str, str]:
             templates.append((obj["metadata"]["name"], spec_["template"]))
         for role, rs in (spec_.get("pytorchReplicaSpecs") or {}).items():
             templates.append((f"{obj['metadata']['name']}-{role.lower()}", rs["template"]))
+        if "worker" in spec_:  # DeepSpeedJob: the workers and T9k's launcher share the template
+            templates.append((obj["metadata"]["name"], spec_["worker"]["template"]))
         for name, tpl in templates:
             sc = tpl["spec"].get("securityContext") or {}
             csc = tpl["spec"]["containers"][0].get("securityContext") or {}
@@ -236,3 +238,25 @@ def test_pytorchjob_backend_end_to_end(cluster: Cluster) -> None:
     assert_common(cluster, name, "tiny-chat")
     stop_serving(cluster, name)
 
+
+
+def test_deepspeedjob_backend_end_to_end(cluster: Cluster) -> None:
+    """Two workers with sshd, DeepSpeed's launcher over SSH (pdsh), ZeRO-2, as T9k's controller runs it."""
+    name = "e2e-dsj"
+    doc = spec(name, "deepspeedjob", nodes=2)
+    for stage in doc["spec"]["stages"]:
+        stage["deepspeed"] = {"zeroStage": 2}
+    spec_for[name] = doc
+    apply(cluster, doc)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    for stage in ("sft", "dpo"):
+        pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
+        assert pods == {f"{name}-{stage}-worker-0", f"{name}-{stage}-worker-1", f"{name}-{stage}-launcher"}, pods
+    out = cluster.claim("demo-outputs") / name / "sft"
+    marker = json.loads((out / ".finetune-complete.json").read_text())
+    assert marker["writer"]["backend"] == "deepspeedjob"
+    launcher = next(r for r in cluster.agent.records if r.pod == f"{name}-sft-launcher")
+    log = launcher.log_path.read_text(errors="replace")
+    assert f"{name}-sft-worker-1" in log and launcher.exit_code == 0  # the runner reached both hosts
+    assert_common(cluster, name, "tiny-chat")
+    stop_serving(cluster, name)
