@@ -66,15 +66,30 @@ def run_local(work: Path, model: Path, doc: dict[str, Any]) -> float:
     spec.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "ftctl"), "run", "--local", "--no-serve", "-f", str(spec),
-                    "--workdir", str(wd)], env=env, check=True, capture_output=True, timeout=3600)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ftctl"),
+            "run",
+            "--local",
+            "--no-serve",
+            "-f",
+            str(spec),
+            "--workdir",
+            str(wd),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=3600,
+    )
     return time.perf_counter() - start
 
 
 def empty_run_seconds(image: str, runs: int = 3) -> float:
     env = {**os.environ, **ENV}
-    ctr = subprocess.run(["buildah", "from", "--pull-never", image], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    ctr = subprocess.run(
+        ["buildah", "from", "--pull-never", image], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         times = []
         for _ in range(runs):

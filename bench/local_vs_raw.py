@@ -78,8 +78,20 @@ def main() -> int:
         wd = root / f"ftctl-{i}"
         shutil.rmtree(wd, ignore_errors=True)
         shutil.copytree(root / "demo" / "demo-data", wd / "demo-data")
-        t = _run([str(BIN / "ftctl"), "run", "--local", "-f", str(spec), "--workdir", str(wd),
-                  "--volume", f"{MODEL_CLAIM}={model_root}"], root / f"ftctl-{i}.log")
+        t = _run(
+            [
+                str(BIN / "ftctl"),
+                "run",
+                "--local",
+                "-f",
+                str(spec),
+                "--workdir",
+                str(wd),
+                "--volume",
+                f"{MODEL_CLAIM}={model_root}",
+            ],
+            root / f"ftctl-{i}.log",
+        )
         ftctl_times.append(t)
         raw_out = root / f"raw-{i}"
         shutil.rmtree(raw_out, ignore_errors=True)

@@ -17,7 +17,7 @@ else
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check operator tests bench
-.venv/bin/ruff format --check operator
+.venv/bin/ruff format --check operator tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
 .venv/bin/pytest "$@"

@@ -34,8 +34,14 @@ TOKEN_SECRET = {"name": "hf-token", "key": "token"}
 
 def build_images(*targets: str) -> subprocess.CompletedProcess[str]:
     """scripts/build-images.sh (a no-op when nothing changed)."""
-    return subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), *targets], cwd=ROOT,
-                          capture_output=True, text=True, timeout=3600, check=False)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-images.sh"), *targets],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
 
 
 def _free_port() -> int:
@@ -55,8 +61,9 @@ class Cluster:
 
     def kubectl(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         kubectl = str(Path(sys.executable).parent / "kubectl")
-        proc = subprocess.run([kubectl, *args], env=self.kube_env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        proc = subprocess.run(
+            [kubectl, *args], env=self.kube_env, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check:
             assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}"
         return proc
@@ -81,14 +88,25 @@ def cluster(root: Path, model: Path, token: str) -> Iterator[Cluster]:
         server.apply_crd(ROOT / "crds")
         server.ensure_namespace(NS)
         # The Secret as `kubectl create secret generic` stores it (base64 data).
-        server.create({"apiVersion": "v1", "kind": "Secret",
-                       "metadata": {"name": TOKEN_SECRET["name"], "namespace": NS},
-                       "type": "Opaque", "data": {TOKEN_SECRET["key"]: base64.b64encode(token.encode()).decode()}})
+        server.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": TOKEN_SECRET["name"], "namespace": NS},
+                "type": "Opaque",
+                "data": {TOKEN_SECRET["key"]: base64.b64encode(token.encode()).decode()},
+            }
+        )
         chart = render_chart(find_helm(), {}, tmp_path=root)
         cmd, chart_env = operator_command(chart, _free_port(), _free_port())
         kube_env = server.env(server.kubeconfig(root / "kubeconfig", namespace=NS))
-        env = {**kube_env, **chart_env, "FT_WORKER_IMAGE": WORKER_IMAGE, "FT_VLLM_IMAGE": VLLM_IMAGE,
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **kube_env,
+            **chart_env,
+            "FT_WORKER_IMAGE": WORKER_IMAGE,
+            "FT_VLLM_IMAGE": VLLM_IMAGE,
+            "PYTHONUNBUFFERED": "1",
+        }
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
         # Node-level environment (tests/node_agent/README.md): the hub's address (huggingface.co cannot be

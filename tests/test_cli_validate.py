@@ -150,12 +150,16 @@ def test_json_output(tmp_path: Path) -> None:
     bad["spec"]["retries"] = -1
     good_path = _write(tmp_path / "good.yaml", base())
     bad_path = _write(tmp_path / "bad.yaml", bad)
-    proc = ftctl("validate", "-o", "json", "-f", str(good_path), "-f", str(bad_path),
-                 "-f", str(tmp_path / "missing.yaml"))
+    proc = ftctl(
+        "validate", "-o", "json", "-f", str(good_path), "-f", str(bad_path), "-f", str(tmp_path / "missing.yaml")
+    )
     assert proc.returncode == 2
     report = json.loads(proc.stdout)
-    assert [(r["file"], r["valid"]) for r in report] == [(str(good_path), True), (str(bad_path), False),
-                                                         (str(tmp_path / "missing.yaml"), False)]
+    assert [(r["file"], r["valid"]) for r in report] == [
+        (str(good_path), True),
+        (str(bad_path), False),
+        (str(tmp_path / "missing.yaml"), False),
+    ]
     assert report[0]["name"] == "demo" and report[0]["errors"] == []
     assert report[1]["errors"][0]["path"] == "spec.retries"
     assert report[2]["error"].startswith("cannot read")

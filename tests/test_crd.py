@@ -58,13 +58,23 @@ def test_crd_names_and_columns(crd: dict[str, Any]) -> None:
     assert spec["group"] == "finetune.dev" and spec["scope"] == "Namespaced"
     names = spec["names"]
     assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
-        "FineTuneJob", "finetunejobs", ["ftj"], ["finetune"])
+        "FineTuneJob",
+        "finetunejobs",
+        ["ftj"],
+        ["finetune"],
+    )
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns == {"Stage": ".status.currentStage", "State": ".status.state", "Progress": ".status.progress",
-                       "Loss": ".status.loss", "Metric": ".status.metric", "Age": ".metadata.creationTimestamp"}
+    assert columns == {
+        "Stage": ".status.currentStage",
+        "State": ".status.state",
+        "Progress": ".status.progress",
+        "Loss": ".status.loss",
+        "Metric": ".status.metric",
+        "Age": ".metadata.creationTimestamp",
+    }
 
 
 def test_crd_is_a_valid_kubernetes_object(crd: dict[str, Any]) -> None:
@@ -89,8 +99,9 @@ def test_schema_is_structural(schema: dict[str, Any]) -> None:
         assert "$ref" not in node and "$defs" not in node, path
         for junctor in ("anyOf", "oneOf", "allOf", "not"):
             assert junctor not in node, f"{path}: {junctor}"
-        typed = "type" in node or node.get("x-kubernetes-int-or-string") or node.get(
-            "x-kubernetes-preserve-unknown-fields")
+        typed = (
+            "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+        )
         assert typed, f"{path} has no type"
         assert not ("properties" in node and "additionalProperties" in node), path
         assert node.get("additionalProperties", {}) is not False, path
@@ -127,7 +138,11 @@ def test_enums_and_bounds_from_the_types(schema: dict[str, Any]) -> None:
     assert stage["type"]["enum"] == ["pt", "sft", "rm", "ppo", "dpo", "kto"]
     assert stage["method"]["enum"] == ["full", "freeze", "lora", "qlora"]
     assert stage["deepspeed"]["properties"]["zeroStage"] == {
-        "description": "ZeRO stage 0-3.", "maximum": 3, "minimum": 0, "type": "integer"}
+        "description": "ZeRO stage 0-3.",
+        "maximum": 3,
+        "minimum": 0,
+        "type": "integer",
+    }
     assert spec["retries"]["minimum"] == 0
     assert stage["resources"]["properties"]["nodes"]["minimum"] == 1
     assert schema["properties"]["metadata"]["properties"]["name"]["maxLength"] == 63
@@ -145,8 +160,10 @@ def _schema_errors(schema: dict[str, Any], obj: Any) -> list[str]:
     # OpenAPI v3.0 (boolean exclusiveMaximum) is closest to draft 4; x-kubernetes-* keywords are ignored here
     # (CEL is evaluated separately below) and additionalProperties is not pruning but rejecting: stricter.
     strict = _closed(copy.deepcopy(schema))
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in jsonschema.Draft4Validator(strict).iter_errors(obj)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft4Validator(strict).iter_errors(obj)
+    ]
 
 
 def _closed(node: dict[str, Any]) -> dict[str, Any]:
@@ -169,16 +186,20 @@ def test_base_spec_matches_the_crd_schema(schema: dict[str, Any]) -> None:
     assert _schema_errors(schema, base()) == []
 
 
-@pytest.mark.parametrize(("mutate", "where"), [
-    (put("spec.stages[0].type", "grpo"), "spec.stages.0.type"),
-    (put("spec.stages[0].deepspeed", {"zeroStage": 5}), "spec.stages.0.deepspeed.zeroStage"),
-    (put("spec.retries", -1), "spec.retries"),
-    (put("spec.stages[0].resources.memory", "16GB"), "spec.stages.0.resources.memory"),
-    (put("metadata.name", "x" * 64), "metadata.name"),
-    (put("spec.stages[0].lora.dropout", 1.0), "spec.stages.0.lora.dropout"),
-    (put("spec.stages[0].lora.target", "q proj"), "spec.stages.0.lora.target"),
-    (put("spec.modle", {}), "spec"),
-], ids=["stage-type", "zero-stage", "retries", "quantity", "name-length", "dropout", "lora-target", "unknown"])
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (put("spec.stages[0].type", "grpo"), "spec.stages.0.type"),
+        (put("spec.stages[0].deepspeed", {"zeroStage": 5}), "spec.stages.0.deepspeed.zeroStage"),
+        (put("spec.retries", -1), "spec.retries"),
+        (put("spec.stages[0].resources.memory", "16GB"), "spec.stages.0.resources.memory"),
+        (put("metadata.name", "x" * 64), "metadata.name"),
+        (put("spec.stages[0].lora.dropout", 1.0), "spec.stages.0.lora.dropout"),
+        (put("spec.stages[0].lora.target", "q proj"), "spec.stages.0.lora.target"),
+        (put("spec.modle", {}), "spec"),
+    ],
+    ids=["stage-type", "zero-stage", "retries", "quantity", "name-length", "dropout", "lora-target", "unknown"],
+)
 def test_schema_rejects(schema: dict[str, Any], mutate: Callable[[dict[str, Any]], None], where: str) -> None:
     obj = base()
     mutate(obj)
@@ -206,8 +227,9 @@ def _nodes(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
             if isinstance(value, dict) and name in value:
                 nxt.append((f"{loc}.{name}".lstrip("."), value[name]))
         if part.endswith("[]"):
-            nxt = [(f"{loc}[{i}]", item) for loc, value in nxt if isinstance(value, list)
-                   for i, item in enumerate(value)]
+            nxt = [
+                (f"{loc}[{i}]", item) for loc, value in nxt if isinstance(value, list) for i, item in enumerate(value)
+            ]
         found = nxt
     return iter(found)
 
@@ -276,17 +298,28 @@ CEL_BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("dpo-on-plain", put("spec.stages[1].datasets", ["chat"]), "rm and dpo stages need ranking"),
     ("sft-on-ranking", put("spec.stages[0].datasets", ["prefs"]), "cannot train on ranking"),
     ("kto-on-ranking", put("spec.stages[1].type", "kto"), "cannot train on ranking"),
-    ("kto-without-tag", both(put("spec.datasets[2]", KTO_DATA), put("spec.stages[1].type", "kto"),
-                             put("spec.stages[1].datasets", ["fb"])), "ktoTag"),
+    (
+        "kto-without-tag",
+        both(
+            put("spec.datasets[2]", KTO_DATA), put("spec.stages[1].type", "kto"), put("spec.stages[1].datasets", ["fb"])
+        ),
+        "ktoTag",
+    ),
     ("ranking-without-rejected", drop("spec.datasets[1].columns.rejected"), "columns.chosen and columns.rejected"),
     ("reserved-stage-name", put("spec.stages[1].name", "serve"), "reserved"),
     ("run-id-is-stage-name", put("spec.runId", "dpo"), "runId must not be a stage or step name"),
     ("run-id-is-merged", put("spec.runId", "merged"), "runId must not be a stage or step name"),
     ("tp-over-gpus", put("spec.serve", {"enabled": True, "tensorParallelSize": 2}), "tensorParallelSize"),
-    ("tp-over-gpus-explicit", put("spec.serve", {"tensorParallelSize": 8, "resources": {"gpusPerNode": 4}}),
-     "tensorParallelSize"),
-    ("toleration", put("spec.scheduling", {"tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]}),
-     "operator is Exists"),
+    (
+        "tp-over-gpus-explicit",
+        put("spec.serve", {"tensorParallelSize": 8, "resources": {"gpusPerNode": 4}}),
+        "tensorParallelSize",
+    ),
+    (
+        "toleration",
+        put("spec.scheduling", {"tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]}),
+        "operator is Exists",
+    ),
 ]
 
 
@@ -300,14 +333,21 @@ def test_cel_rejects(mutate: Callable[[dict[str, Any]], None], message: str) -> 
     assert check(obj)[1], "ftctl validate must reject what the CEL rules reject"
 
 
-@pytest.mark.parametrize("mutate", [
-    put("spec.serve", {"tensorParallelSize": 4, "resources": {"gpusPerNode": 0}}),
-    put("spec.serve", {"tensorParallelSize": 4, "resources": {"gpusPerNode": 4}}),
-    both(put("spec.stages[0].method", "qlora")),
-    both(put("spec.datasets[2]", {**KTO_DATA, "columns": {"ktoTag": "label"}}), put("spec.stages[1].type", "kto"),
-         put("spec.stages[1].datasets", ["fb"])),
-    drop("spec.stages[0].lora"),
-], ids=["cpu-serve", "tp-equal", "qlora", "kto", "no-lora-block"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        put("spec.serve", {"tensorParallelSize": 4, "resources": {"gpusPerNode": 0}}),
+        put("spec.serve", {"tensorParallelSize": 4, "resources": {"gpusPerNode": 4}}),
+        both(put("spec.stages[0].method", "qlora")),
+        both(
+            put("spec.datasets[2]", {**KTO_DATA, "columns": {"ktoTag": "label"}}),
+            put("spec.stages[1].type", "kto"),
+            put("spec.stages[1].datasets", ["fb"]),
+        ),
+        drop("spec.stages[0].lora"),
+    ],
+    ids=["cpu-serve", "tp-equal", "qlora", "kto", "no-lora-block"],
+)
 def test_cel_accepts(mutate: Callable[[dict[str, Any]], None]) -> None:
     obj = base()
     mutate(obj)
@@ -318,8 +358,11 @@ IMMUTABLE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("model", put("spec.model.template", "llama3"), "spec.model is immutable"),
     ("datasets", put("spec.datasets[0].volume.subPath", "other.jsonl"), "spec.datasets is immutable"),
     ("stages", put("spec.stages[0].method", "qlora"), "spec.stages is immutable"),
-    ("stage-added", put("spec.stages[2]", {"name": "x", "type": "sft", "datasets": ["chat"]}),
-     "spec.stages is immutable"),
+    (
+        "stage-added",
+        put("spec.stages[2]", {"name": "x", "type": "sft", "datasets": ["chat"]}),
+        "spec.stages is immutable",
+    ),
     ("output", put("spec.output.volume.subPath", "x"), "spec.output is immutable"),
     ("backend-added", put("spec.backend", "pytorchjob"), "spec.backend is immutable"),
 ]
@@ -337,25 +380,31 @@ def test_immutable_once_started(mutate: Callable[[dict[str, Any]], None], messag
     assert any(f.startswith(message) for f in _cel_failures(new, old))
 
 
-@pytest.mark.parametrize("status", [None, {}, {"state": "Failed"}, NOT_STARTED], ids=["none", "empty", "no-stages",
-                                                                                      "zero-attempts"])
+@pytest.mark.parametrize(
+    "status", [None, {}, {"state": "Failed"}, NOT_STARTED], ids=["none", "empty", "no-stages", "zero-attempts"]
+)
 @pytest.mark.parametrize(("mutate", "message"), [pytest.param(m, w, id=i) for i, m, w in IMMUTABLE])
-def test_spec_can_be_fixed_before_start(status: dict[str, Any] | None, mutate: Callable[[dict[str, Any]], None],
-                                        message: str) -> None:
+def test_spec_can_be_fixed_before_start(
+    status: dict[str, Any] | None, mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
     old = base() if status is None else {**base(), "status": status}
     new = copy.deepcopy(old)
     mutate(new)
     assert _cel_failures(new, old) == []
 
 
-@pytest.mark.parametrize("mutate", [
-    put("spec.suspend", True),
-    put("spec.retries", 5),
-    put("spec.serve", {"enabled": True, "replicas": 3}),
-    put("spec.merge.enabled", False),
-    put("spec.image", "registry.example.com/worker:0.2.0"),
-    put("status.state", "Succeeded"),
-], ids=["suspend", "retries", "serve-replicas", "merge", "image", "status"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        put("spec.suspend", True),
+        put("spec.retries", 5),
+        put("spec.serve", {"enabled": True, "replicas": 3}),
+        put("spec.merge.enabled", False),
+        put("spec.image", "registry.example.com/worker:0.2.0"),
+        put("status.state", "Succeeded"),
+    ],
+    ids=["suspend", "retries", "serve-replicas", "merge", "image", "status"],
+)
 def test_mutable_fields(mutate: Callable[[dict[str, Any]], None]) -> None:
     old = {**base(), "status": STARTED}
     new = copy.deepcopy(old)
@@ -388,15 +437,16 @@ def test_committed_crd_passes_yamllint() -> None:
 
 
 # A new spec.runId re-runs the pipeline: with it the training fields may change; without it they may not.
-RERUN: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
-    (i, m) for i, m, _ in IMMUTABLE
-] + [("several", both(put("spec.stages[0].args", {"learning_rate": 1e-5}), put("spec.model.template", "llama3")))]
+RERUN: list[tuple[str, Callable[[dict[str, Any]], None]]] = [(i, m) for i, m, _ in IMMUTABLE] + [
+    ("several", both(put("spec.stages[0].args", {"learning_rate": 1e-5}), put("spec.model.template", "llama3")))
+]
 
 
 @pytest.mark.parametrize("old_run", [None, "r1"], ids=["first-run-id", "new-run-id"])
 @pytest.mark.parametrize("mutate", [pytest.param(m, id=i) for i, m in RERUN])
-def test_training_fields_change_with_a_new_run_id(old_run: str | None,
-                                                  mutate: Callable[[dict[str, Any]], None]) -> None:
+def test_training_fields_change_with_a_new_run_id(
+    old_run: str | None, mutate: Callable[[dict[str, Any]], None]
+) -> None:
     old = {**base(), "status": STARTED}
     if old_run is not None:
         old["spec"]["runId"] = old_run
@@ -428,8 +478,10 @@ def test_run_id_cannot_be_removed_once_started() -> None:
     assert _cel_failures(new, old) == []
 
 
-@pytest.mark.parametrize(("value", "ok"), [("r2", True), ("2026-06-01", True), ("a" * 20, True), ("a" * 21, False),
-                                           ("Run2", False), ("-r", False)])
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("r2", True), ("2026-06-01", True), ("a" * 20, True), ("a" * 21, False), ("Run2", False), ("-r", False)],
+)
 def test_run_id_format_in_the_crd_schema(schema: dict[str, Any], value: str, ok: bool) -> None:
     obj = base()
     obj["spec"]["runId"] = value

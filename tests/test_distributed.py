@@ -71,8 +71,11 @@ def _assert_only_rank0_wrote(results: list[tuple[int, str]], out: Path, backend:
     assert "[sft] step 4/4" in rank0 and "[sft] step" not in rank1  # progress from rank 0 only
     assert "complete:" in rank0 and "complete:" not in rank1
     assert "2 node(s) x 1 process(es), node rank 1" in rank1
-    patches = [(r, m) for r, m in zip(server.emulator.request_log, server.emulator.request_log_meta, strict=True)
-               if r.verb == "patch"]
+    patches = [
+        (r, m)
+        for r, m in zip(server.emulator.request_log, server.emulator.request_log_meta, strict=True)
+        if r.verb == "patch"
+    ]
     assert patches and all(r.subresource == "status" and "node-0" in m.user_agent for r, m in patches)
     reported = server.get("finetunejobs", "dist", "default")["status"]["reported"]["sft"]
     assert reported["step"] == 4 and reported["totalSteps"] == 4 and reported["loss"] is not None
@@ -97,15 +100,22 @@ def _container_env(pod_template: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
-def _local_pod_env(rendered: dict[str, str], server: Any, tmp_path: Path, host: str,
-                   injected: dict[str, str]) -> dict[str, str]:
+def _local_pod_env(
+    rendered: dict[str, str], server: Any, tmp_path: Path, host: str, injected: dict[str, str]
+) -> dict[str, str]:
     """The rendered container env plus what Kubernetes/the training operator inject, with the API server, HOME
     and HF_HOME pointed at test folders."""
     token = tmp_path / f"{host}.token"
     token.write_text(f"{host}-token")
     env = lf_env(**{k: v for k, v in rendered.items() if k not in ("HOME", "HF_HOME")})
-    env.update(injected, HOSTNAME=host, FT_KUBE_API=server.url, FT_KUBE_TOKEN_FILE=str(token),
-               FT_PROGRESS_INTERVAL="0", FT_JOB_NAMESPACE="default")
+    env.update(
+        injected,
+        HOSTNAME=host,
+        FT_KUBE_API=server.url,
+        FT_KUBE_TOKEN_FILE=str(token),
+        FT_PROGRESS_INTERVAL="0",
+        FT_JOB_NAMESPACE="default",
+    )
     return env
 
 
@@ -123,11 +133,25 @@ def test_two_nodes_with_pytorchjob_environment(tiny_model: Path, tmp_path: Path,
         command = specs[role]["template"]["spec"]["containers"][0]["command"]
         assert command[:3] == ["ftctl", "worker", "train"]
         # What the training operator injects into the pods of a PyTorchJob with Master x1 + Worker x1.
-        envs.append(_local_pod_env(rendered, emulator_server, tmp_path, f"node-{rank}", {
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
-            "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
-            "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
-        }))
+        envs.append(
+            _local_pod_env(
+                rendered,
+                emulator_server,
+                tmp_path,
+                f"node-{rank}",
+                {
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                    "WORLD_SIZE": "2",
+                    "RANK": str(rank),
+                    "PET_NNODES": "2",
+                    "PET_NPROC_PER_NODE": "1",
+                    "PET_NODE_RANK": str(rank),
+                    "PET_MASTER_ADDR": "127.0.0.1",
+                    "PET_MASTER_PORT": port,
+                },
+            )
+        )
     results = _two_nodes([FTCTL, "worker", "train", "--config", str(cfg)], envs, tmp_path)
     _assert_only_rank0_wrote(results, out, "pytorchjob", emulator_server)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
@@ -145,9 +169,19 @@ def test_two_nodes_with_indexed_job_environment(tiny_model: Path, tmp_path: Path
     for index in (0, 1):
         # Kubernetes adds JOB_COMPLETION_INDEX; the headless Service's name resolves to pod 0, which the test
         # does with FT_HOST_ALIASES the way a pod's hostAliases would.
-        envs.append(_local_pod_env(rendered, emulator_server, tmp_path, f"node-{index}", {
-            "JOB_COMPLETION_INDEX": str(index), "FT_MASTER_PORT": port, "FT_HOST_ALIASES": f"{master}=127.0.0.1",
-        }))
+        envs.append(
+            _local_pod_env(
+                rendered,
+                emulator_server,
+                tmp_path,
+                f"node-{index}",
+                {
+                    "JOB_COMPLETION_INDEX": str(index),
+                    "FT_MASTER_PORT": port,
+                    "FT_HOST_ALIASES": f"{master}=127.0.0.1",
+                },
+            )
+        )
     results = _two_nodes([FTCTL, "worker", "train", "--config", str(cfg)], envs, tmp_path)
     _assert_only_rank0_wrote(results, out, "job", emulator_server)
     assert "master 127.0.0.1:" + port in results[1][1]
@@ -172,12 +206,23 @@ def test_two_nodes_with_trainjob_environment(tiny_model: Path, tmp_path: Path, e
     port = str(free_port())
     envs = []
     for index in (0, 1):
-        envs.append(_local_pod_env(rendered, emulator_server, tmp_path, f"node-{index}", {
-            "JOB_COMPLETION_INDEX": str(index),
-            "PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
-            "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": port,
-            "FT_HOST_ALIASES": f"{master}=127.0.0.1",
-        }))
+        envs.append(
+            _local_pod_env(
+                rendered,
+                emulator_server,
+                tmp_path,
+                f"node-{index}",
+                {
+                    "JOB_COMPLETION_INDEX": str(index),
+                    "PET_NNODES": str(trainer["numNodes"]),
+                    "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                    "PET_NODE_RANK": str(index),
+                    "PET_MASTER_ADDR": master,
+                    "PET_MASTER_PORT": port,
+                    "FT_HOST_ALIASES": f"{master}=127.0.0.1",
+                },
+            )
+        )
     results = _two_nodes([FTCTL, *trainer["command"][1:]], envs, tmp_path)
     _assert_only_rank0_wrote(results, out, "trainjob", emulator_server)
     assert f"master 127.0.0.1:{port}" in results[1][1]
@@ -192,9 +237,24 @@ def test_two_processes_zero2_lora_through_local_runner(tiny_model: Path, tmp_pat
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(doc))
     proc = subprocess.run(
-        [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(tmp_path / "wd"), "--nproc", "2",
-         "--volume", f"demo-models={tiny_model.parent}"],
-        env=lf_env(), capture_output=True, text=True, timeout=900, check=False,
+        [
+            FTCTL,
+            "run",
+            "--local",
+            "-f",
+            str(spec),
+            "--workdir",
+            str(tmp_path / "wd"),
+            "--nproc",
+            "2",
+            "--volume",
+            f"demo-models={tiny_model.parent}",
+        ],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     log = (tmp_path / "wd/.finetune/zero2/logs/sft.log").read_text()
     assert proc.returncode == 0, proc.stderr + log[-4000:]
@@ -231,8 +291,18 @@ def test_t9k_deepspeedjob_through_deepspeed_launcher(tiny_model: Path, tmp_path:
     env = lf_env(**{k: v for k, v in rendered.items() if k not in ("HOME", "HF_HOME", "FT_JOB_NAME")})
     world = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
     # What the launcher on the first replica runs for each host (pdsh), with exec (no python) and localRank false.
-    argv = [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "--no_python", "--no_local_rank", FTCTL, *command[1:]]
+    argv = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--no_python",
+        "--no_local_rank",
+        FTCTL,
+        *command[1:],
+    ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -275,12 +345,27 @@ def test_zero3_full_interrupted_resumes_and_saves_gathered_weights(tiny_model: P
     assert sum(p.numel() for p in model.parameters()) > 100_000
     # ...and the merge/export path accepts them (a full model: exported as is).
     merge_cfg = tmp_path / "merge.yaml"
-    merge_cfg.write_text(yaml.safe_dump({"model_name_or_path": str(out), "template": "qwen",
-                                         "finetuning_type": "full", "export_dir": str(tmp_path / "exported"),
-                                         "export_size": 1, "export_device": "cpu",
-                                         "export_legacy_format": False}))
-    merged = subprocess.run([FTCTL, "worker", "merge", "--config", str(merge_cfg)], env=lf_env(),
-                            capture_output=True, text=True, timeout=600, check=False)
+    merge_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(out),
+                "template": "qwen",
+                "finetuning_type": "full",
+                "export_dir": str(tmp_path / "exported"),
+                "export_size": 1,
+                "export_device": "cpu",
+                "export_legacy_format": False,
+            }
+        )
+    )
+    merged = subprocess.run(
+        [FTCTL, "worker", "merge", "--config", str(merge_cfg)],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert merged.returncode == 0, merged.stderr[-4000:]
     assert markers.read_marker(tmp_path / "exported") is not None
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))

@@ -92,8 +92,9 @@ def apply(cluster: Cluster, doc: dict[str, Any]) -> str:
 
 def chat(model: str) -> dict[str, Any]:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{VLLM_PORT}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{VLLM_PORT}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as resp:
         return dict(json.loads(resp.read()))
 
@@ -192,8 +193,9 @@ def test_job_backend_end_to_end(cluster: Cluster) -> None:
     def reported_step() -> int:
         return int(((cluster.status(name).get("reported") or {}).get("sft") or {}).get("step") or 0)
 
-    sft_job = cluster.server.wait_for(lambda: cluster.server.get("jobs.batch", f"{name}-sft", NS), 600,
-                                      "the SFT Job never appeared")
+    sft_job = cluster.server.wait_for(
+        lambda: cluster.server.get("jobs.batch", f"{name}-sft", NS), 600, "the SFT Job never appeared"
+    )
     cluster.server.wait_for(lambda: reported_step() >= 3, 600, "SFT never reported step 3")
     procs = cluster.agent.processes(sft_job["metadata"]["uid"])
     assert procs, "the SFT container is not running"
@@ -232,12 +234,10 @@ def test_pytorchjob_backend_end_to_end(cluster: Cluster) -> None:
     for stage in ("sft", "dpo"):
         pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
         assert pods == {f"{name}-{stage}-master-0", f"{name}-{stage}-worker-0"}, pods
-    marker = json.loads((cluster.claim("demo-outputs") / name / "sft" /
-                         ".finetune-complete.json").read_text())
+    marker = json.loads((cluster.claim("demo-outputs") / name / "sft" / ".finetune-complete.json").read_text())
     assert marker["writer"]["nnodes"] == 2 and marker["writer"]["backend"] == "pytorchjob"
     assert_common(cluster, name, "tiny-chat")
     stop_serving(cluster, name)
-
 
 
 def test_deepspeedjob_backend_end_to_end(cluster: Cluster) -> None:

@@ -15,24 +15,44 @@ RULES = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "creat
 def _objects() -> list[dict[str, Any]]:
     sa = [{"kind": "ServiceAccount", "name": "op", "namespace": "sys"}]
     return [
-        {"kind": "ClusterRole", "metadata": {"name": "cluster-reader"},
-         "rules": [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-                    "verbs": ["list"]}]},
-        {"kind": "ClusterRoleBinding", "metadata": {"name": "crb"}, "subjects": sa,
-         "roleRef": {"kind": "ClusterRole", "name": "cluster-reader"}},
+        {
+            "kind": "ClusterRole",
+            "metadata": {"name": "cluster-reader"},
+            "rules": [
+                {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list"]}
+            ],
+        },
+        {
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "crb"},
+            "subjects": sa,
+            "roleRef": {"kind": "ClusterRole", "name": "cluster-reader"},
+        },
         {"kind": "ClusterRole", "metadata": {"name": "jobs"}, "rules": RULES},
         # A ClusterRole bound by a RoleBinding grants only in the binding's namespace.
-        {"kind": "RoleBinding", "metadata": {"name": "rb", "namespace": "ml"}, "subjects": sa,
-         "roleRef": {"kind": "ClusterRole", "name": "jobs"}},
-        {"kind": "Role", "metadata": {"name": "status", "namespace": "lab"},
-         "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]}]},
-        {"kind": "RoleBinding", "metadata": {"name": "rb", "namespace": "lab"}, "subjects": sa,
-         "roleRef": {"kind": "Role", "name": "status"}},
+        {
+            "kind": "RoleBinding",
+            "metadata": {"name": "rb", "namespace": "ml"},
+            "subjects": sa,
+            "roleRef": {"kind": "ClusterRole", "name": "jobs"},
+        },
+        {
+            "kind": "Role",
+            "metadata": {"name": "status", "namespace": "lab"},
+            "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]}],
+        },
+        {
+            "kind": "RoleBinding",
+            "metadata": {"name": "rb", "namespace": "lab"},
+            "subjects": sa,
+            "roleRef": {"kind": "Role", "name": "status"},
+        },
     ]
 
 
-def _rec(verb: str, group: str, resource: str, ns: str | None, name: str | None = None,
-         sub: str | None = None) -> RequestRecord:
+def _rec(
+    verb: str, group: str, resource: str, ns: str | None, name: str | None = None, sub: str | None = None
+) -> RequestRecord:
     return RequestRecord(verb, group, "v1", resource, sub, ns, name)
 
 
@@ -69,6 +89,8 @@ def test_forbidden_status_body(auth: Authorizer) -> None:
     err = auth.check("Bearer op-token", _rec("list", "batch", "jobs", None))
     assert err is not None and err.code == 403
     assert err.status()["reason"] == "Forbidden"
-    assert err.message == ('jobs.batch is forbidden: User "system:serviceaccount:sys:op" cannot list resource "jobs" '
-                           'in API group "batch" at the cluster scope')
+    assert err.message == (
+        'jobs.batch is forbidden: User "system:serviceaccount:sys:op" cannot list resource "jobs" '
+        'in API group "batch" at the cluster scope'
+    )
     assert auth.denied == [("system:serviceaccount:sys:op", _rec("list", "batch", "jobs", None))]

@@ -42,14 +42,21 @@ def _secrets_dir(root: Path, skip: tuple[str, str] | None = None) -> Path:
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("local-servers")
     creds = SECRETS["registry-credentials"]
-    with serve_hub(SECRETS["hub-token"]["token"]) as (hub, state), s3_server(base / "s3") as s3, oci_registry(
-        base / "registry", creds["username"], creds["password"]
-    ) as registry:
+    with (
+        serve_hub(SECRETS["hub-token"]["token"]) as (hub, state),
+        s3_server(base / "s3") as s3,
+        oci_registry(base / "registry", creds["username"], creds["password"]) as registry,
+    ):
         import boto3
 
         s3c = SECRETS["s3-credentials"]
-        client = boto3.client("s3", endpoint_url=s3, aws_access_key_id=s3c["accessKeyId"],
-                              aws_secret_access_key=s3c["secretAccessKey"], region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3,
+            aws_access_key_id=s3c["accessKeyId"],
+            aws_secret_access_key=s3c["secretAccessKey"],
+            region_name="us-east-1",
+        )
         client.create_bucket(Bucket="models")
         yield {"hub": hub, "hub_state": state, "s3": s3, "s3_client": client, "registry": registry}
 
@@ -78,7 +85,11 @@ def _workdir(factory: pytest.TempPathFactory, root: Path) -> Path:
 def _ftctl(spec: Path, workdir: Path, secrets: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir), "--secrets-dir", str(secrets)],
-        env=lf_env(), capture_output=True, text=True, timeout=1500, check=False,
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
     )
 
 
@@ -151,7 +162,11 @@ def test_missing_secret_stops_before_training(servers: dict[str, Any], tmp_path:
     assert not (workdir / "demo-outputs").exists()  # nothing ran
     no_dir = subprocess.run(
         [FTCTL, "run", "--local", "-f", str(tmp_path / "job.yaml"), "--workdir", str(workdir)],
-        env=lf_env(), capture_output=True, text=True, timeout=300, check=False,
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert no_dir.returncode == 1 and "pass --secrets-dir DIR with DIR/hub-token/token" in no_dir.stderr
 
@@ -167,9 +182,18 @@ def test_benchmark_in_llamafactory_eval_format(tmp_path: Path, tmp_path_factory:
     config = {
         "outputDir": str(out),
         "metricsFile": str(out / "metrics.json"),
-        "runs": {"benchmark": {"model_name_or_path": str(model), "template": "qwen", "finetuning_type": "full",
-                               "task": "tiny_test", "task_dir": str(ROOT / "tests/fixtures/eval-tasks"),
-                               "lang": "en", "n_shot": 1, "save_dir": str(out / "benchmark")}},
+        "runs": {
+            "benchmark": {
+                "model_name_or_path": str(model),
+                "template": "qwen",
+                "finetuning_type": "full",
+                "task": "tiny_test",
+                "task_dir": str(ROOT / "tests/fixtures/eval-tasks"),
+                "lang": "en",
+                "n_shot": 1,
+                "save_dir": str(out / "benchmark"),
+            }
+        },
     }
     res = run_eval(config, environ=lf_env())
     assert res.ran and set(res.metrics) == {"benchmark_average", "benchmark_stem", "benchmark_humanities"}

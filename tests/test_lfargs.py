@@ -27,21 +27,24 @@ def test_table_loads_and_has_the_arguments_we_rely_on() -> None:
     assert {"qwen", "llama3", "default"} <= table.templates
 
 
-@pytest.mark.parametrize(("types", "value", "ok"), [
-    (("float",), 1, True),
-    (("float",), 1.5, True),
-    (("float",), True, False),
-    (("float",), "1e-4", False),
-    (("int",), 2, True),
-    (("int",), 2.0, False),
-    (("int",), False, False),
-    (("bool",), True, True),
-    (("bool",), 1, False),
-    (("null", "str"), None, True),
-    (("list", "str"), ["a"], True),
-    (("dict",), {"a": 1}, True),
-    (("any",), object(), True),
-])
+@pytest.mark.parametrize(
+    ("types", "value", "ok"),
+    [
+        (("float",), 1, True),
+        (("float",), 1.5, True),
+        (("float",), True, False),
+        (("float",), "1e-4", False),
+        (("int",), 2, True),
+        (("int",), 2.0, False),
+        (("int",), False, False),
+        (("bool",), True, True),
+        (("bool",), 1, False),
+        (("null", "str"), None, True),
+        (("list", "str"), ["a"], True),
+        (("dict",), {"a": 1}, True),
+        (("any",), object(), True),
+    ],
+)
 def test_accepts_type(types: tuple[str, ...], value: object, ok: bool) -> None:
     assert lfargs.ArgSpec("x", "G", types).accepts_type(value) is ok
 
@@ -61,11 +64,14 @@ def test_table_matches_installed_llamafactory() -> None:
         old, new = json.loads(committed), json.loads(fresh)
         added = sorted(set(new["arguments"]) - set(old["arguments"]))
         removed = sorted(set(old["arguments"]) - set(new["arguments"]))
-        changed = sorted(k for k in set(old["arguments"]) & set(new["arguments"])
-                         if old["arguments"][k] != new["arguments"][k])
-        pytest.fail(f"lf_arguments.json is stale: added {added}, removed {removed}, changed {changed}, "
-                    f"templates changed: {old['templates'] != new['templates']}, "
-                    f"versions {old['llamafactory_version']}->{new['llamafactory_version']}")
+        changed = sorted(
+            k for k in set(old["arguments"]) & set(new["arguments"]) if old["arguments"][k] != new["arguments"][k]
+        )
+        pytest.fail(
+            f"lf_arguments.json is stale: added {added}, removed {removed}, changed {changed}, "
+            f"templates changed: {old['templates'] != new['templates']}, "
+            f"versions {old['llamafactory_version']}->{new['llamafactory_version']}"
+        )
 
 
 # Rules of finetune_operator.validation that mirror LLaMA-Factory's own argument checks: each case must be
@@ -99,9 +105,17 @@ def get_train_args() -> object:
 
 def _lf_config(tmp: str, stage_type: str, method: str, args: dict[str, object]) -> dict[str, object]:
     cfg: dict[str, object] = {
-        "stage": stage_type, "do_train": True, "model_name_or_path": f"{tmp}/model", "dataset": "d",
-        "dataset_dir": tmp, "template": "qwen", "finetuning_type": "lora" if method == "qlora" else method,
-        "output_dir": f"{tmp}/out", "report_to": "none", "bf16": False, "fp16": False,
+        "stage": stage_type,
+        "do_train": True,
+        "model_name_or_path": f"{tmp}/model",
+        "dataset": "d",
+        "dataset_dir": tmp,
+        "template": "qwen",
+        "finetuning_type": "lora" if method == "qlora" else method,
+        "output_dir": f"{tmp}/out",
+        "report_to": "none",
+        "bf16": False,
+        "fp16": False,
     }
     if method == "qlora":
         cfg["quantization_bit"] = 4
@@ -115,8 +129,9 @@ def test_lf_accepts_the_base_config(get_train_args: Any, tmp_path: Path) -> None
 
 @pytest.mark.train
 @pytest.mark.parametrize(("index", "method", "args"), [pytest.param(i, m, a, id=n) for n, i, m, a in LF_MIRRORED])
-def test_rule_mirrors_llamafactory(get_train_args: Any, tmp_path: Path, index: int, method: str,
-                                   args: dict[str, object]) -> None:
+def test_rule_mirrors_llamafactory(
+    get_train_args: Any, tmp_path: Path, index: int, method: str, args: dict[str, object]
+) -> None:
     from tests.test_validation import base
 
     obj = base()

@@ -30,8 +30,12 @@ def shared_tiny_model(factory: pytest.TempPathFactory) -> Path:
 def lf_env(**extra: str) -> dict[str, str]:
     """Environment for LLaMA-Factory subprocesses: offline, no version check, quiet tokenizers."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false",
-               HF_HOME=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ft-test-hf-home"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        DISABLE_VERSION_CHECK="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HOME=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ft-test-hf-home"),
+    )
     # DeepSpeed JIT-builds a CPU communication op on first use behind a lock file in the extensions folder; a
     # build killed elsewhere leaves that lock behind and every later process waits on it forever. A folder of
     # this test session's own keeps runs independent (the op is built once per session).
@@ -91,8 +95,17 @@ def test_local_demo_pipeline_sft_dpo_merge(tiny_model: Path, tmp_path: Path) -> 
     build_demo_data(data)
     spec = tmp_path / "job.yaml"
     spec.write_text(demo.demo_spec_text())
-    argv = [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir),
-            "--volume", f"{demo.MODEL_CLAIM}={tiny_model.parent}"]
+    argv = [
+        FTCTL,
+        "run",
+        "--local",
+        "-f",
+        str(spec),
+        "--workdir",
+        str(workdir),
+        "--volume",
+        f"{demo.MODEL_CLAIM}={tiny_model.parent}",
+    ]
     proc = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -123,8 +136,12 @@ def test_local_demo_pipeline_sft_dpo_merge(tiny_model: Path, tmp_path: Path) -> 
 
     tok = AutoTokenizer.from_pretrained(str(merged))
     model = AutoModelForCausalLM.from_pretrained(str(merged))
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is two plus three?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is two plus three?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
     base = load_file(str(tiny_model / "model.safetensors"))
@@ -140,8 +157,13 @@ def test_local_demo_pipeline_sft_dpo_merge(tiny_model: Path, tmp_path: Path) -> 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
     png = tmp_path / "loss.png"
-    plot = subprocess.run([FTCTL, "plot", "--stage", str(out / "sft"), "-o", str(png)], capture_output=True,
-                          text=True, timeout=120, check=False)
+    plot = subprocess.run(
+        [FTCTL, "plot", "--stage", str(out / "sft"), "-o", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -154,14 +176,35 @@ def test_missing_model_and_bad_data_exit_codes(tiny_model: Path, tmp_path: Path)
     paths = build_demo_data(workdir / demo.DATA_CLAIM)
     spec = tmp_path / "job.yaml"
     spec.write_text(demo.demo_spec_text())
-    missing = subprocess.run([FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir)],
-                             env=lf_env(), capture_output=True, text=True, timeout=300, check=False)
+    missing = subprocess.run(
+        [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir)],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert missing.returncode == 4, missing.stderr
     assert "base model not found" in missing.stderr
     paths["sft_sharegpt"].write_text('{"messages": [oops\n')
-    bad = subprocess.run([FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir),
-                          "--volume", f"{demo.MODEL_CLAIM}={tiny_model.parent}"],
-                         env=lf_env(), capture_output=True, text=True, timeout=300, check=False)
+    bad = subprocess.run(
+        [
+            FTCTL,
+            "run",
+            "--local",
+            "-f",
+            str(spec),
+            "--workdir",
+            str(workdir),
+            "--volume",
+            f"{demo.MODEL_CLAIM}={tiny_model.parent}",
+        ],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert bad.returncode == 3, bad.stderr
     # the preflight step finds it before training starts: LLaMA-Factory's loader would fail on the whole file
     assert "InvalidData: stage sft: dataset chat:" in " ".join(bad.stderr.split())

@@ -31,8 +31,14 @@ def base_image() -> None:
     why = available()
     if why:
         pytest.skip(f"containers cannot run here: {why}")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), "base"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800, check=False)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-images.sh"), "base"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -50,15 +56,26 @@ def job(name: str, script: str, **spec: Any) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532},
-        "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", script],
-                        "env": spec.pop("env", []), "volumeMounts": spec.pop("mounts", []),
-                        "workingDir": "/tmp"}],
+        "containers": [
+            {
+                "name": "main",
+                "image": IMAGE,
+                "command": ["sh", "-c", script],
+                "env": spec.pop("env", []),
+                "volumeMounts": spec.pop("mounts", []),
+                "workingDir": "/tmp",
+            }
+        ],
         "volumes": spec.pop("volumes", []),
     }
     if "subdomain" in spec:
         pod_spec["subdomain"] = spec.pop("subdomain")
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": NS},
-            "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}, **spec}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}, **spec},
+    }
 
 
 def finished(server: EmulatorServer, name: str, timeout: float = 120) -> dict[str, Any]:
@@ -75,34 +92,67 @@ def conditions(status: dict[str, Any]) -> dict[str, str]:
 
 
 def test_indexed_job_volumes_env_and_users(agent: NodeAgent, emulator_server: EmulatorServer) -> None:
-    emulator_server.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NS},
-                            "data": {"k": base64.b64encode(b"from-secret").decode()}})
-    emulator_server.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "namespace": NS},
-                            "data": {"a.yaml": "x: 1\n"}})
-    emulator_server.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers", "namespace": NS},
-                            "spec": {"clusterIP": "None"}})
+    emulator_server.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s", "namespace": NS},
+            "data": {"k": base64.b64encode(b"from-secret").decode()},
+        }
+    )
+    emulator_server.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "cm", "namespace": NS},
+            "data": {"a.yaml": "x: 1\n"},
+        }
+    )
+    emulator_server.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "peers", "namespace": NS},
+            "spec": {"clusterIP": "None"},
+        }
+    )
     data = agent.kubelet.claim_dir(NS, "data")
     (data / "in").mkdir()
     (data / "in" / "x.txt").write_text("input")
     script = (
-        'set -e; i=$JOB_COMPLETION_INDEX; out=/mnt/out/$i; '
+        "set -e; i=$JOB_COMPLETION_INDEX; out=/mnt/out/$i; "
         'printf "%s\\n" "$(id -u):$(id -g)" "$S" "$POD" "$NODE_LEVEL" "$(cat /etc/cfg/a.yaml)" "$(cat /mnt/in/x.txt)" '
         '"$(pwd)" > $out; '
-        'getent hosts ev-0.peers >> $out; getent hosts ev-1.peers.default.svc >> $out; '
-        'touch /tmp/scratch /dev/shm/s; ! touch /mnt/in/nope 2>/dev/null'
+        "getent hosts ev-0.peers >> $out; getent hosts ev-1.peers.default.svc >> $out; "
+        "touch /tmp/scratch /dev/shm/s; ! touch /mnt/in/nope 2>/dev/null"
     )
-    emulator_server.create(job(
-        "ev", script, completionMode="Indexed", completions=2, parallelism=2, subdomain="peers",
-        env=[{"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
-             {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}},
-                 {"name": "c", "configMap": {"name": "cm"}}, {"name": "t", "emptyDir": {}},
-                 {"name": "shm", "emptyDir": {"medium": "Memory"}}],
-        mounts=[{"name": "d", "mountPath": "/mnt/out", "subPath": "out"},
+    emulator_server.create(
+        job(
+            "ev",
+            script,
+            completionMode="Indexed",
+            completions=2,
+            parallelism=2,
+            subdomain="peers",
+            env=[
+                {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+            volumes=[
+                {"name": "d", "persistentVolumeClaim": {"claimName": "data"}},
+                {"name": "c", "configMap": {"name": "cm"}},
+                {"name": "t", "emptyDir": {}},
+                {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            ],
+            mounts=[
+                {"name": "d", "mountPath": "/mnt/out", "subPath": "out"},
                 {"name": "d", "mountPath": "/mnt/in", "subPath": "in", "readOnly": True},
-                {"name": "c", "mountPath": "/etc/cfg", "readOnly": True}, {"name": "t", "mountPath": "/tmp"},
-                {"name": "shm", "mountPath": "/dev/shm"}],
-    ))
+                {"name": "c", "mountPath": "/etc/cfg", "readOnly": True},
+                {"name": "t", "mountPath": "/tmp"},
+                {"name": "shm", "mountPath": "/dev/shm"},
+            ],
+        )
+    )
     status = finished(emulator_server, "ev")
     assert "Complete" in conditions(status) and status["succeeded"] == 2
     for i in (0, 1):
@@ -118,8 +168,9 @@ def test_indexed_job_volumes_env_and_users(agent: NodeAgent, emulator_server: Em
 
 
 def test_exit_codes_to_job_conditions(agent: NodeAgent, emulator_server: EmulatorServer) -> None:
-    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In",
-                                                              "values": [3]}}]}
+    policy = {
+        "rules": [{"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]}}]
+    }
     emulator_server.create(job("permanent", "exit 3", backoffLimit=5, podFailurePolicy=policy))
     emulator_server.create(job("retried", "exit 7", backoffLimit=1))
     emulator_server.create(job("killed", "kill -9 $$", backoffLimit=0))
@@ -147,20 +198,33 @@ def test_deployment_is_available_once_its_probe_answers(agent: NodeAgent, emulat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     container = {
-        "name": "web", "image": IMAGE, "command": ["sh", "-c", f"sleep 2; exec python -m http.server {port}"],
+        "name": "web",
+        "image": IMAGE,
+        "command": ["sh", "-c", f"sleep 2; exec python -m http.server {port}"],
         "ports": [{"name": "http", "containerPort": port}],
         "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
     }
-    emulator_server.create({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": NS},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}},
-                 "template": {"metadata": {"labels": {"a": "b"}},
-                              "spec": {"securityContext": {"runAsUser": 1000}, "containers": [container]}}},
-    })
+    emulator_server.create(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"a": "b"}},
+                "template": {
+                    "metadata": {"labels": {"a": "b"}},
+                    "spec": {"securityContext": {"runAsUser": 1000}, "containers": [container]},
+                },
+            },
+        }
+    )
 
     def available_replicas() -> int:
-        return int(((emulator_server.get("deployments.apps", "web", NS) or {}).get("status") or {})
-                   .get("availableReplicas") or 0)
+        return int(
+            ((emulator_server.get("deployments.apps", "web", NS) or {}).get("status") or {}).get("availableReplicas")
+            or 0
+        )
 
     emulator_server.wait_for(lambda: available_replicas() == 1, 60, "never available")
     import urllib.request

@@ -39,9 +39,15 @@ SERVE = {"enabled": True, "replicas": 1, "resources": {"gpusPerNode": 1}}
 PUBLISH = {
     "artifact": "adapters",
     "destinations": [
-        {"name": "bucket", "s3": {"bucket": "models", "prefix": "tiny",
-                                  "accessKeyIdSecretRef": {"name": "s3", "key": "id"},
-                                  "secretAccessKeySecretRef": {"name": "s3", "key": "secret"}}},
+        {
+            "name": "bucket",
+            "s3": {
+                "bucket": "models",
+                "prefix": "tiny",
+                "accessKeyIdSecretRef": {"name": "s3", "key": "id"},
+                "secretAccessKeySecretRef": {"name": "s3", "key": "secret"},
+            },
+        },
     ],
 }
 
@@ -51,8 +57,11 @@ def job_pod(server: EmulatorServer, job: str, message: str | None, exit_code: in
     ``message`` to its termination log)."""
     owner = server.get(RESOURCE["Job"], job, "default")
     assert owner is not None
-    terminated: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                  "finishedAt": "2026-01-01T00:00:00Z"}
+    terminated: dict[str, Any] = {
+        "exitCode": exit_code,
+        "reason": "Completed" if exit_code == 0 else "Error",
+        "finishedAt": "2026-01-01T00:00:00Z",
+    }
     if message is not None:
         terminated["message"] = message
     pod = {
@@ -62,16 +71,37 @@ def job_pod(server: EmulatorServer, job: str, message: str | None, exit_code: in
             "name": f"{job}-abcde",
             "namespace": "default",
             "labels": {"batch.kubernetes.io/job-name": job, "job-name": job},
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job,
-                                 "uid": owner["metadata"]["uid"], "controller": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": job,
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
         },
         "spec": {"containers": [{"name": "worker", "image": "worker"}], "restartPolicy": "Never"},
     }
     created = server.create(pod)
     phase = "Succeeded" if exit_code == 0 else "Failed"
-    return server.patch_status("pods", created["metadata"]["name"], {
-        "phase": phase, "containerStatuses": [{"name": "worker", "ready": False, "restartCount": 0, "image": "worker",
-                                               "imageID": "", "state": {"terminated": terminated}}]})
+    return server.patch_status(
+        "pods",
+        created["metadata"]["name"],
+        {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "worker",
+                    "imageID": "",
+                    "state": {"terminated": terminated},
+                }
+            ],
+        },
+    )
 
 
 def finish_with_result(server: EmulatorServer, job: str, result: Any) -> None:
@@ -96,12 +126,20 @@ def test_eval_and_publish_run_as_steps_after_training(cluster: EmulatorServer, o
     finish_with_result(cluster, "evp-eval", {"metrics": {"eval_loss": 1.25, "eval_runtime": 3.5}})
     pub = wait_child(cluster, "Job", "evp-publish")
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in _env(pub) if "valueFrom" in e}
-    assert refs == {"FT_PUBLISH_0_ACCESS_KEY_ID": {"name": "s3", "key": "id", "optional": False},
-                    "FT_PUBLISH_0_SECRET_ACCESS_KEY": {"name": "s3", "key": "secret", "optional": False}}
-    finish_with_result(cluster, "evp-publish", {"published": [
-        {"name": "bucket", "type": "s3", "url": "s3://models/tiny"},
-        {"name": "forged", "type": "s3", "url": "s3://elsewhere/x"},  # not a destination of the spec: dropped
-    ]})
+    assert refs == {
+        "FT_PUBLISH_0_ACCESS_KEY_ID": {"name": "s3", "key": "id", "optional": False},
+        "FT_PUBLISH_0_SECRET_ACCESS_KEY": {"name": "s3", "key": "secret", "optional": False},
+    }
+    finish_with_result(
+        cluster,
+        "evp-publish",
+        {
+            "published": [
+                {"name": "bucket", "type": "s3", "url": "s3://models/tiny"},
+                {"name": "forged", "type": "s3", "url": "s3://elsewhere/x"},  # not a destination of the spec: dropped
+            ]
+        },
+    )
     status = wait_state(cluster, "evp", "Succeeded")
     assert [s["name"] for s in status["stages"]] == ["sft", "eval", "publish"]
     assert all(s["state"] == "Succeeded" for s in status["stages"])
@@ -126,8 +164,12 @@ def test_a_failing_gate_publishes_and_serves_nothing(cluster: EmulatorServer, op
     assert "eval_loss 2.5 misses the threshold (at most 2)" in failed["message"]
     assert condition(status, "Ready")["status"] == "False"
     assert condition(status, "Ready")["reason"] == c.Reason.GATE_FAILED
-    assert status["gate"] == {"result": "Failed", "metric": "eval_loss", "value": 2.5,
-                              "message": "eval_loss 2.5 misses the threshold (at most 2)"}
+    assert status["gate"] == {
+        "result": "Failed",
+        "metric": "eval_loss",
+        "value": 2.5,
+        "message": "eval_loss 2.5 misses the threshold (at most 2)",
+    }
     assert status["metric"] == "eval_loss=2.5"
     assert [s["state"] for s in status["stages"]] == ["Succeeded", "Succeeded", "Pending", "Pending"]
     [warning] = wait_event(cluster, "gated", c.Reason.GATE_FAILED)
@@ -243,8 +285,13 @@ def test_a_passing_gate_rolls_the_deployment(cluster: EmulatorServer, operator: 
         lambda: (s := ftj_status(cluster, "roll")).get("outputs", {}).get("metrics") == {"eval_loss": 1.05} and s
     )
     assert rolled is not None and final["state"] == "Serving" and final["run"] == "r2"
-    assert final["gate"] == {"result": "Passed", "metric": "eval_loss", "value": 1.05, "servingValue": 1.0,
-                             "message": "eval_loss 1.05 is no worse than the serving model's 1 (margin 0.1)"}
+    assert final["gate"] == {
+        "result": "Passed",
+        "metric": "eval_loss",
+        "value": 1.05,
+        "servingValue": 1.0,
+        "message": "eval_loss 1.05 is no worse than the serving model's 1 (margin 0.1)",
+    }
     assert final["metric"] == "eval_loss=1.05"
 
 

@@ -273,7 +273,8 @@ class OperatorThread:
             self.resync(name, namespace, deep=deep)
             with self._reconciled:
                 ok = self._reconciled.wait_for(
-                    lambda t=target: self._reconciles.get((namespace, name), 0) >= t, timeout  # type: ignore[misc]
+                    lambda t=target: self._reconciles.get((namespace, name), 0) >= t,
+                    timeout,  # type: ignore[misc]
                 )
             assert ok, f"{namespace}/{name} was not reconciled again within {timeout} s"
 

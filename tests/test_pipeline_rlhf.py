@@ -36,17 +36,36 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rlhf_job() -> dict[str, Any]:
     doc = copy.deepcopy(demo.demo_spec())
     doc["metadata"]["name"] = "rlhf"
-    fast = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3, "logging_steps": 1,
-            "save_steps": 100, "cutoff_len": 64, "max_samples": 8}
+    fast = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1.0e-3,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "cutoff_len": 64,
+        "max_samples": 8,
+    }
     sft, _dpo = doc["spec"]["stages"]
     sft["args"] = dict(fast)
     doc["spec"]["stages"] = [
         sft,
-        {"name": "rm", "type": "rm", "datasets": ["prefs"], "method": "lora", "resources": {"gpusPerNode": 0},
-         "args": dict(fast)},
-        {"name": "ppo", "type": "ppo", "datasets": ["chat"], "method": "lora", "resources": {"gpusPerNode": 0},
-         "rewardModel": {"stage": "rm"},
-         "args": {**fast, "ppo_epochs": 1, "ppo_buffer_size": 1, "max_new_tokens": 8}},
+        {
+            "name": "rm",
+            "type": "rm",
+            "datasets": ["prefs"],
+            "method": "lora",
+            "resources": {"gpusPerNode": 0},
+            "args": dict(fast),
+        },
+        {
+            "name": "ppo",
+            "type": "ppo",
+            "datasets": ["chat"],
+            "method": "lora",
+            "resources": {"gpusPerNode": 0},
+            "rewardModel": {"stage": "rm"},
+            "args": {**fast, "ppo_epochs": 1, "ppo_buffer_size": 1, "max_new_tokens": 8},
+        },
     ]
     doc["spec"]["merge"] = {"enabled": True}
     return doc
@@ -58,9 +77,23 @@ def test_sft_rm_ppo_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     spec = tmp_path / "rlhf.yaml"
     spec.write_text(yaml.safe_dump(rlhf_job()))
     proc = subprocess.run(
-        [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(wd), "--no-serve",
-         "--volume", f"{demo.MODEL_CLAIM}={tiny_model.parent}"],
-        env=lf_env(), capture_output=True, text=True, timeout=1200, check=False,
+        [
+            FTCTL,
+            "run",
+            "--local",
+            "-f",
+            str(spec),
+            "--workdir",
+            str(wd),
+            "--no-serve",
+            "--volume",
+            f"{demo.MODEL_CLAIM}={tiny_model.parent}",
+        ],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
     out = wd / "demo-outputs" / "rlhf"
     logs = wd / ".finetune" / "rlhf" / "logs"

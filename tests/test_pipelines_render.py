@@ -106,8 +106,14 @@ def configs(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def graph_job(*stages: dict[str, Any], merge: dict[str, Any] | None = None) -> dict[str, Any]:
     doc = base()
-    doc["spec"]["datasets"].append({"name": "prompts", "volume": {"claimName": "data", "subPath": "p.jsonl"},
-                                    "formatting": "sharegpt", "columns": {"messages": "messages"}})
+    doc["spec"]["datasets"].append(
+        {
+            "name": "prompts",
+            "volume": {"claimName": "data", "subPath": "p.jsonl"},
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+        }
+    )
     doc["spec"]["stages"] = list(stages)
     doc["spec"]["merge"] = merge or {"enabled": True}
     return doc
@@ -157,8 +163,7 @@ def test_ppo_with_a_reward_model_of_another_start_loads_it_whole() -> None:
 
 
 def test_ppo_with_a_volume_reward_model_and_a_stage_reference() -> None:
-    ppo = {**PPO, "rewardModel": {"volume": {"claimName": "models", "subPath": "rm-7b"}},
-           "reference": {"stage": "sft"}}
+    ppo = {**PPO, "rewardModel": {"volume": {"claimName": "models", "subPath": "rm-7b"}}, "reference": {"stage": "sft"}}
     cfg = configs(graph_job(SFT, ppo))["ppo.yaml"]
     assert (cfg["reward_model"], cfg["reward_model_type"]) == ("/mnt/volumes/models/rm-7b", "full")
     assert (cfg["ref_model"], cfg["ref_model_adapters"]) == ("/mnt/volumes/models/qwen2", f"{OUT}/sft")
@@ -180,25 +185,56 @@ def test_graph_example_renders_and_merges_without_rm() -> None:
         ([SFT, {**PPO, "rewardModel": None}], None, "spec.stages[1].rewardModel", "needs a reward model"),
         ([SFT, RM, {**PPO, "rewardModel": {"stage": "sft"}}], None, "spec.stages[2].rewardModel.stage", "not an rm"),
         ([SFT, {**PPO, "rewardModel": {"stage": "rm"}}, RM], None, "spec.stages[1].rewardModel.stage", "runs after"),
-        ([SFT, RM, {**PPO, "rewardModel": {"stage": "rm", "volume": {"claimName": "m"}}}], None,
-         "spec.stages[2].rewardModel", "exactly one"),
-        ([SFT, RM, {**SFT, "name": "sft2", "rewardModel": {"stage": "rm"}}], None, "spec.stages[2].rewardModel",
-         "ppo stages only"),
+        (
+            [SFT, RM, {**PPO, "rewardModel": {"stage": "rm", "volume": {"claimName": "m"}}}],
+            None,
+            "spec.stages[2].rewardModel",
+            "exactly one",
+        ),
+        (
+            [SFT, RM, {**SFT, "name": "sft2", "rewardModel": {"stage": "rm"}}],
+            None,
+            "spec.stages[2].rewardModel",
+            "ppo stages only",
+        ),
         ([SFT, {**ORPO, "reference": {"stage": "sft"}}], None, "spec.stages[1].reference", "reference-free"),
-        ([SFT, {**SFT, "name": "sft2", "reference": {"stage": "sft"}}], None, "spec.stages[1].reference",
-         "ppo and dpo and kto"),
+        (
+            [SFT, {**SFT, "name": "sft2", "reference": {"stage": "sft"}}],
+            None,
+            "spec.stages[1].reference",
+            "ppo and dpo and kto",
+        ),
         ([SFT, RM, {**PPO, "args": {"val_size": 0.1}}], None, "spec.stages[2].args.val_size", "evaluation"),
         ([SFT, RM, {**PPO, "datasets": ["prefs"]}], None, "spec.stages[2].datasets[0]", "ranking"),
         ([SFT, RM], {"enabled": True, "stage": "rmm"}, "spec.merge.stage", "did you mean 'rm'"),
-        ([SFT, {**SFT, "name": "full", "method": "full", "startFrom": "sft"}], None, "spec.stages[1].method",
-         "cannot start from the LoRA adapters"),
+        (
+            [SFT, {**SFT, "name": "full", "method": "full", "startFrom": "sft"}],
+            None,
+            "spec.stages[1].method",
+            "cannot start from the LoRA adapters",
+        ),
     ],
-    ids=["self-cycle", "forward", "unknown", "ambiguous-base", "ppo-no-rm", "rm-not-rm", "rm-later", "rm-both",
-         "rm-on-sft", "orpo-reference", "reference-on-sft", "ppo-eval", "ppo-ranking", "merge-stage",
-         "full-after-lora"],
+    ids=[
+        "self-cycle",
+        "forward",
+        "unknown",
+        "ambiguous-base",
+        "ppo-no-rm",
+        "rm-not-rm",
+        "rm-later",
+        "rm-both",
+        "rm-on-sft",
+        "orpo-reference",
+        "reference-on-sft",
+        "ppo-eval",
+        "ppo-ranking",
+        "merge-stage",
+        "full-after-lora",
+    ],
 )
-def test_bad_graphs_name_the_field(stages: list[dict[str, Any]], merge: dict[str, Any] | None, path: str,
-                                   word: str) -> None:
+def test_bad_graphs_name_the_field(
+    stages: list[dict[str, Any]], merge: dict[str, Any] | None, path: str, word: str
+) -> None:
     doc = graph_job(*[{k: v for k, v in s.items() if v is not None} for s in stages], merge=merge)
     found = errors(doc)
     assert path in found, found
@@ -250,21 +286,57 @@ def test_cpu_training_stage_does_not_inherit_gpu_placement() -> None:
 @pytest.mark.parametrize(
     ("where", "block", "path", "word"),
     [
-        ("spec.stages[0].scheduling", {"nodeSelector": {"bad key!": "x"}},
-         'spec.stages[0].scheduling.nodeSelector["bad key!"]', "invalid label key"),
-        ("spec.merge.scheduling", {"priorityClassName": "Not_Valid"}, "spec.merge.scheduling.priorityClassName",
-         "DNS-1123"),
-        ("spec.serve.scheduling", {"tolerations": [{"operator": "Exists", "value": "x"}]},
-         "spec.serve.scheduling.tolerations[0].value", "must be empty"),
-        ("spec.model.downloadScheduling", {"affinity": {"nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}},
-         "spec.model.downloadScheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
-         ".nodeSelectorTerms[0].matchExpressions[0].values", "must not be empty"),
-        ("spec.scheduling", {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-            {"weight": 1, "preference": {"matchExpressions": [{"key": "n", "operator": "Gt", "values": ["a"]}]}}]}}},
-         "spec.scheduling.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
-         ".matchExpressions[0].values", "single integer"),
+        (
+            "spec.stages[0].scheduling",
+            {"nodeSelector": {"bad key!": "x"}},
+            'spec.stages[0].scheduling.nodeSelector["bad key!"]',
+            "invalid label key",
+        ),
+        (
+            "spec.merge.scheduling",
+            {"priorityClassName": "Not_Valid"},
+            "spec.merge.scheduling.priorityClassName",
+            "DNS-1123",
+        ),
+        (
+            "spec.serve.scheduling",
+            {"tolerations": [{"operator": "Exists", "value": "x"}]},
+            "spec.serve.scheduling.tolerations[0].value",
+            "must be empty",
+        ),
+        (
+            "spec.model.downloadScheduling",
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]
+                        }
+                    }
+                }
+            },
+            "spec.model.downloadScheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+            ".nodeSelectorTerms[0].matchExpressions[0].values",
+            "must not be empty",
+        ),
+        (
+            "spec.scheduling",
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 1,
+                                "preference": {"matchExpressions": [{"key": "n", "operator": "Gt", "values": ["a"]}]},
+                            }
+                        ]
+                    }
+                }
+            },
+            "spec.scheduling.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+            ".matchExpressions[0].values",
+            "single integer",
+        ),
         ("spec.stages[0].scheduling", {"nodeSelectr": {}}, "spec.stages[0].scheduling.nodeSelectr", "did you mean"),
     ],
 )
@@ -308,21 +380,47 @@ def test_tracking_example_renders_report_to_and_credentials_by_reference() -> No
     ("change", "path", "word"),
     [
         (put("spec.stages[0].args.report_to", "wandb"), "spec.stages[0].args.report_to", "spec.tracking"),
-        (put("spec.stages[0].args.report_to", ["tensorboard", "mlflow"]), "spec.stages[0].args.report_to",
-         "credentials"),
+        (
+            put("spec.stages[0].args.report_to", ["tensorboard", "mlflow"]),
+            "spec.stages[0].args.report_to",
+            "credentials",
+        ),
         (put("spec.tracking", {"tensorboard": {}}), None, None),
-        (lambda d: (put("spec.tracking", {"tensorboard": {}})(d), put("spec.stages[0].args.report_to", "none")(d)),
-         "spec.stages[0].args.report_to", "set by spec.tracking"),
-        (put("spec.tracking", {"wandb": {"project": "p", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}}}),
-         "spec.tracking.wandb.apiKeySecretRef.name", "Secret name"),
+        (
+            lambda d: (put("spec.tracking", {"tensorboard": {}})(d), put("spec.stages[0].args.report_to", "none")(d)),
+            "spec.stages[0].args.report_to",
+            "set by spec.tracking",
+        ),
+        (
+            put("spec.tracking", {"wandb": {"project": "p", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}}}),
+            "spec.tracking.wandb.apiKeySecretRef.name",
+            "Secret name",
+        ),
         (put("spec.tracking", {"wandb": {"project": "p"}}), "spec.tracking.wandb.apiKeySecretRef", "required"),
-        (put("spec.tracking", {"mlflow": {"trackingUri": "https://m", "usernameSecretRef": {"name": "a", "key": "u"}}}),
-         "spec.tracking.mlflow", "both"),
-        (put("spec.tracking", {"mlflow": {"trackingUri": "ftp://m"}}), "spec.tracking.mlflow.trackingUri",
-         "must match"),
+        (
+            put(
+                "spec.tracking",
+                {"mlflow": {"trackingUri": "https://m", "usernameSecretRef": {"name": "a", "key": "u"}}},
+            ),
+            "spec.tracking.mlflow",
+            "both",
+        ),
+        (
+            put("spec.tracking", {"mlflow": {"trackingUri": "ftp://m"}}),
+            "spec.tracking.mlflow.trackingUri",
+            "must match",
+        ),
     ],
-    ids=["wandb-in-args", "mlflow-in-args", "tensorboard-ok", "report-to-owned", "bad-secret-name", "no-api-key",
-         "half-basic-auth", "bad-uri"],
+    ids=[
+        "wandb-in-args",
+        "mlflow-in-args",
+        "tensorboard-ok",
+        "report-to-owned",
+        "bad-secret-name",
+        "no-api-key",
+        "half-basic-auth",
+        "bad-uri",
+    ],
 )
 def test_bad_tracking_names_the_field(change: Any, path: str | None, word: str | None) -> None:
     doc = base()
@@ -366,8 +464,12 @@ def _media_job(*media: dict[str, Any] | None) -> dict[str, Any]:
     doc = base()
     doc["spec"]["datasets"] = []
     for j, m in enumerate(media):
-        ds: dict[str, Any] = {"name": f"mm{j}", "volume": {"claimName": "data", "subPath": f"mm{j}.jsonl"},
-                              "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}}
+        ds: dict[str, Any] = {
+            "name": f"mm{j}",
+            "volume": {"claimName": "data", "subPath": f"mm{j}.jsonl"},
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+        }
         if m is not None:
             ds["media"] = m
         doc["spec"]["datasets"].append(ds)

@@ -26,10 +26,21 @@ def test_tensorboard_and_wandb_offline(tiny_model: Path, tmp_path: Path) -> None
     }
     cfg, out = prepare(tmp_path, tiny_model, doc)
     # What the training pod's environment holds (tracking.training_env), with the key a Secret would give.
-    env = lf_env(WANDB_PROJECT="demo", WANDB_RUN_GROUP="tracked", WANDB_API_KEY="x" * 40, WANDB_MODE="offline",
-                 WANDB_DIR=str(tmp_path / "wandb-dir"))
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"], env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    env = lf_env(
+        WANDB_PROJECT="demo",
+        WANDB_RUN_GROUP="tracked",
+        WANDB_API_KEY="x" * 40,
+        WANDB_MODE="offline",
+        WANDB_DIR=str(tmp_path / "wandb-dir"),
+    )
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert markers.read_marker(out) is not None
     events = list((out / "runs").rglob("events.out.tfevents.*"))

@@ -71,8 +71,21 @@ def test_policy_follows_the_other_ranks() -> None:
 def test_torchrun_argv_mirrors_llamafactory_launcher() -> None:
     env = {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "4", "MASTER_ADDR": "m", "MASTER_PORT": "29500"}
     assert torchrun_argv(env, ["sft.yaml", "a=b"]) == [
-        "torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "4", "--master_addr", "m",
-        "--master_port", "29500", "-m", "finetune_operator.worker.lfentry", "sft.yaml", "a=b",
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--nproc_per_node",
+        "4",
+        "--master_addr",
+        "m",
+        "--master_port",
+        "29500",
+        "-m",
+        "finetune_operator.worker.lfentry",
+        "sft.yaml",
+        "a=b",
     ]
     elastic = torchrun_argv({**env, "RDZV_ID": "j", "MIN_NNODES": "1", "MAX_NNODES": "3"}, ["sft.yaml"])
     assert elastic[:4] == ["torchrun", "--nnodes", "1:3", "--nproc-per-node"] and "--rdzv-id" in elastic
@@ -101,7 +114,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_resume_loses_at_most_on
 
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stderr
-    resumed = trainer_log_steps(out)[len(logged):]
+    resumed = trainer_log_steps(out)[len(logged) :]
     assert resumed[0] == saved + 1 and resumed[-1] == 40
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 40
 
@@ -112,7 +125,13 @@ def test_time_based_checkpoints(tiny_model: Path, tmp_path: Path) -> None:
     far away (the wiring of the clock into the real Trainer; the clock itself is tested above)."""
     cfg, out = prepare(tmp_path, tiny_model, one_stage_job({"max_steps": 3, "save_steps": 1000}))
     env = lf_env(**{preempt.CHECKPOINT_EVERY_ENV: "0.000001"})
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert [s for s, p in checkpoints(out) if is_complete_checkpoint(p)] == [1, 2, 3]

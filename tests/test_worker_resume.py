@@ -29,14 +29,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_tiny_model(tmp_path_factory)
 
 
-def one_stage_job(stage_args: dict[str, Any], *, method: str = "lora", deepspeed: dict[str, Any] | None = None,
-                  name: str = "resume") -> dict[str, Any]:
+def one_stage_job(
+    stage_args: dict[str, Any], *, method: str = "lora", deepspeed: dict[str, Any] | None = None, name: str = "resume"
+) -> dict[str, Any]:
     """The demo spec reduced to one SFT stage with ``stage_args``."""
     doc = copy.deepcopy(demo.demo_spec())
     doc["metadata"]["name"] = name
     stage = doc["spec"]["stages"][0]
-    stage["args"] = {"logging_steps": 1, "cutoff_len": 64, "max_samples": 32, "per_device_train_batch_size": 2,
-                     "learning_rate": 1.0e-3, **stage_args}
+    stage["args"] = {
+        "logging_steps": 1,
+        "cutoff_len": 64,
+        "max_samples": 32,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1.0e-3,
+        **stage_args,
+    }
     stage["method"] = method
     if method != "lora":
         stage.pop("lora", None)
@@ -115,8 +122,14 @@ def test_leftovers_without_checkpoint_start_over(tiny_model: Path, tmp_path: Pat
     out.mkdir(parents=True)
     (out / "trainer_log.jsonl").write_text(json.dumps({"current_steps": 1, "total_steps": 2, "loss": 9.0}) + "\n")
     (out / "checkpoint-1").mkdir()  # cut short while saving: no trainer_state.json
-    proc = subprocess.run([FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"], env=lf_env(),
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"],
+        env=lf_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "incomplete" in proc.stderr and not (out / "checkpoint-1").exists()
     assert trainer_log_steps(out)[0] == 1 and json.loads((out / "trainer_state.json").read_text())["global_step"] == 2

@@ -17,12 +17,22 @@ def test_worker_creates_group_writable_folders(tmp_path: Path) -> None:
     cfg = tmp_path / "download.yaml"
     target = tmp_path / "volume" / "job" / "model"
     cfg.write_text(f"source: org/none\nhub: huggingface\nlocal_dir: {target}\n")
-    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "FT_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "FT_TERMINATION_LOG": str(tmp_path / "termination-log"),
+    }
     old = os.umask(0o022)
     try:
-        proc = subprocess.run([FTCTL, "worker", "download", "--config", str(cfg)], env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
+        proc = subprocess.run(
+            [FTCTL, "worker", "download", "--config", str(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     finally:
         os.umask(old)
     assert proc.returncode != 0  # offline: the download itself fails, after the folders were made

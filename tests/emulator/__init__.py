@@ -57,12 +57,12 @@ from .errors import ApiError
 from .runner import DEFAULT_NAMESPACES, EmulatorServer, make_emulator
 
 __all__ = [
-    'DEFAULT_NAMESPACES',
-    'ApiError',
-    'EmulatorServer',
-    'Fault',
-    'FidelityEmulator',
-    'RequestMeta',
-    'RequestRecord',
-    'make_emulator',
+    "DEFAULT_NAMESPACES",
+    "ApiError",
+    "EmulatorServer",
+    "Fault",
+    "FidelityEmulator",
+    "RequestMeta",
+    "RequestRecord",
+    "make_emulator",
 ]

@@ -30,43 +30,43 @@ class ApiError(Exception):
 
     def status(self) -> dict[str, Any]:
         return {
-            'kind': 'Status',
-            'apiVersion': 'v1',
-            'metadata': {},
-            'status': 'Failure',
-            'message': self.message,
-            'reason': self.reason,
-            'details': self.details,
-            'code': self.code,
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
         }
 
 
 def _qualified(plural: str, group: str) -> str:
-    return f'{plural}.{group}' if group else plural
+    return f"{plural}.{group}" if group else plural
 
 
 def _details(plural: str, group: str, name: str | None, kind: str | None = None) -> dict[str, Any]:
-    details: dict[str, Any] = {'group': group, 'kind': kind or plural}
+    details: dict[str, Any] = {"group": group, "kind": kind or plural}
     if name is not None:
-        details['name'] = name
+        details["name"] = name
     return details
 
 
 def not_found(plural: str, group: str, name: str) -> ApiError:
-    return ApiError(404, 'NotFound', f'{_qualified(plural, group)} "{name}" not found', _details(plural, group, name))
+    return ApiError(404, "NotFound", f'{_qualified(plural, group)} "{name}" not found', _details(plural, group, name))
 
 
 def already_exists(plural: str, group: str, name: str) -> ApiError:
     return ApiError(
-        409, 'AlreadyExists', f'{_qualified(plural, group)} "{name}" already exists', _details(plural, group, name)
+        409, "AlreadyExists", f'{_qualified(plural, group)} "{name}" already exists', _details(plural, group, name)
     )
 
 
 def conflict(plural: str, group: str, name: str, why: str | None = None) -> ApiError:
-    why = why or 'the object has been modified; please apply your changes to the latest version and try again'
+    why = why or "the object has been modified; please apply your changes to the latest version and try again"
     return ApiError(
         409,
-        'Conflict',
+        "Conflict",
         f'Operation cannot be fulfilled on {_qualified(plural, group)} "{name}": {why}',
         _details(plural, group, name),
     )
@@ -74,48 +74,52 @@ def conflict(plural: str, group: str, name: str, why: str | None = None) -> ApiE
 
 def invalid(plural: str, group: str, name: str | None, kind: str, causes: list[tuple[str, str]]) -> ApiError:
     """422 Invalid with field causes, as admission/validation would answer."""
-    text = '; '.join(f'{field}: {msg}' for field, msg in causes)
+    text = "; ".join(f"{field}: {msg}" for field, msg in causes)
     details = _details(plural, group, name, kind)
-    details['causes'] = [{'reason': 'FieldValueInvalid', 'message': msg, 'field': field} for field, msg in causes]
-    return ApiError(422, 'Invalid', f'{kind} "{name or ""}" is invalid: {text}', details)
+    details["causes"] = [{"reason": "FieldValueInvalid", "message": msg, "field": field} for field, msg in causes]
+    return ApiError(422, "Invalid", f'{kind} "{name or ""}" is invalid: {text}', details)
 
 
 def unprocessable(message: str) -> ApiError:
     """422 as answered for a JSON-patch that cannot be applied (failed ``test`` op, missing path)."""
-    return ApiError(422, 'Invalid', f'the server rejected our request due to an error in our request: {message}')
+    return ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {message}")
 
 
 def bad_request(message: str) -> ApiError:
-    return ApiError(400, 'BadRequest', message)
+    return ApiError(400, "BadRequest", message)
 
 
-def method_not_allowed(message: str = 'the server does not allow this method on the requested resource') -> ApiError:
-    return ApiError(405, 'MethodNotAllowed', message)
+def method_not_allowed(message: str = "the server does not allow this method on the requested resource") -> ApiError:
+    return ApiError(405, "MethodNotAllowed", message)
 
 
 def unsupported_media_type(content_type: str) -> ApiError:
-    return ApiError(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format - accepted media '
-                    f'types include: application/json-patch+json, application/merge-patch+json, '
-                    f'application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type!r})')
+    return ApiError(
+        415,
+        "UnsupportedMediaType",
+        f"the body of the request was in an unknown format - accepted media "
+        f"types include: application/json-patch+json, application/merge-patch+json, "
+        f"application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type!r})",
+    )
 
 
 def resource_not_found(path: str) -> ApiError:
-    return ApiError(404, 'NotFound', 'the server could not find the requested resource', {'path': path})
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {"path": path})
 
 
 def too_many_requests(retry_after: int = 1) -> ApiError:
     return ApiError(
         429,
-        'TooManyRequests',
-        'Too many requests, please try again later.',
-        {'retryAfterSeconds': retry_after},
-        headers={'Retry-After': str(retry_after)},
+        "TooManyRequests",
+        "Too many requests, please try again later.",
+        {"retryAfterSeconds": retry_after},
+        headers={"Retry-After": str(retry_after)},
     )
 
 
 def internal_error(message: str = 'an error on the server ("injected fault") has prevented the request') -> ApiError:
-    return ApiError(500, 'InternalError', message)
+    return ApiError(500, "InternalError", message)
 
 
 def gone(message: str) -> ApiError:
-    return ApiError(410, 'Expired', message)
+    return ApiError(410, "Expired", message)

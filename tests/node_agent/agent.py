@@ -70,8 +70,9 @@ class NodeAgent:
             return [p for p in self._procs.get(uid, []) if p.running()]
 
     def processes_of_kind(self, kind: str) -> list[Process]:
-        return [p for uid, (ctrl, _t) in list(self._controllers.items()) if ctrl.kind == kind
-                for p in self.processes(uid)]
+        return [
+            p for uid, (ctrl, _t) in list(self._controllers.items()) if ctrl.kind == kind for p in self.processes(uid)
+        ]
 
     # ---- loop
     def _scan(self) -> list[tuple[str, dict[str, Any]]]:
@@ -102,8 +103,12 @@ class NodeAgent:
                 live.add(uid)
                 if uid not in self._controllers:
                     ctrl = CONTROLLERS[kind](self, obj)
-                    thread = threading.Thread(target=self._guard, args=(ctrl,), daemon=True,
-                                              name=f"node-agent {ctrl.kind} {ctrl.namespace}/{ctrl.name}")
+                    thread = threading.Thread(
+                        target=self._guard,
+                        args=(ctrl,),
+                        daemon=True,
+                        name=f"node-agent {ctrl.kind} {ctrl.namespace}/{ctrl.name}",
+                    )
                     self._controllers[uid] = (ctrl, thread)
                     thread.start()
             for uid, (ctrl, _thread) in list(self._controllers.items()):

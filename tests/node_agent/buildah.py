@@ -137,8 +137,9 @@ class Process:
         pids = self._descendants()
         if not pids:
             return []
-        out = subprocess.run(["ps", "-o", "pid=,cmd=", "-p", ",".join(map(str, pids))], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["ps", "-o", "pid=,cmd=", "-p", ",".join(map(str, pids))], capture_output=True, text=True
+        ).stdout
         inner = []
         for line in out.splitlines():
             pid, _, cmd = line.strip().partition(" ")
@@ -194,7 +195,11 @@ class Containers:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **ENV},
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **ENV},
                 start_new_session=True,
             )
         return Process(popen, log_path, list(argv))

@@ -66,8 +66,14 @@ def suffix() -> str:
 
 def condition(ctype: str, reason: str, message: str = "") -> dict[str, Any]:
     t = now()
-    return {"type": ctype, "status": "True", "reason": reason, "message": message, "lastProbeTime": t,
-            "lastTransitionTime": t}
+    return {
+        "type": ctype,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": t,
+        "lastTransitionTime": t,
+    }
 
 
 class Controller:
@@ -162,8 +168,14 @@ class JobController(Controller):
         pending = list(range(completions))
         succeeded: set[int] = set()
         while pending:
-            self.patch_status({"startTime": start_time, "active": len(pending), "failed": failed or None,
-                               "succeeded": len(succeeded) or None})
+            self.patch_status(
+                {
+                    "startTime": start_time,
+                    "active": len(pending),
+                    "failed": failed or None,
+                    "succeeded": len(succeeded) or None,
+                }
+            )
             results: dict[int, Result] = {}
 
             def one(index: int, results: dict[int, Result] = results) -> None:
@@ -176,9 +188,13 @@ class JobController(Controller):
                     subdomain=subdomain,
                     extra_env={"JOB_COMPLETION_INDEX": str(index)} if indexed else {},
                     annotations={"batch.kubernetes.io/job-completion-index": str(index)} if indexed else {},
-                    hosts=[f"{self.name}-{i}.{subdomain}{tail}" for i in range(completions)
-                           for tail in ("", f".{self.namespace}.svc", f".{self.namespace}.svc.cluster.local")]
-                    if subdomain else (),
+                    hosts=[
+                        f"{self.name}-{i}.{subdomain}{tail}"
+                        for i in range(completions)
+                        for tail in ("", f".{self.namespace}.svc", f".{self.namespace}.svc.cluster.local")
+                    ]
+                    if subdomain
+                    else (),
                 )
                 results[index] = self.run_pod(pod)
 
@@ -201,21 +217,33 @@ class JobController(Controller):
                     return
                 pending.append(index)
             if pending and failed > backoff:
-                self._failed("BackoffLimitExceeded", "Job has reached the specified backoff limit", failed,
-                             len(succeeded))
+                self._failed(
+                    "BackoffLimitExceeded", "Job has reached the specified backoff limit", failed, len(succeeded)
+                )
                 return
         done = now()
-        self.patch_status({
-            "active": None, "succeeded": len(succeeded), "failed": failed or None, "completionTime": done,
-            "conditions": [condition(t, "CompletionsReached", "Reached expected number of succeeded pods")
-                           for t in ("SuccessCriteriaMet", "Complete")],
-        })
+        self.patch_status(
+            {
+                "active": None,
+                "succeeded": len(succeeded),
+                "failed": failed or None,
+                "completionTime": done,
+                "conditions": [
+                    condition(t, "CompletionsReached", "Reached expected number of succeeded pods")
+                    for t in ("SuccessCriteriaMet", "Complete")
+                ],
+            }
+        )
 
     def _failed(self, reason: str, message: str, failed: int, succeeded: int) -> None:
-        self.patch_status({
-            "active": None, "failed": failed, "succeeded": succeeded or None,
-            "conditions": [condition("FailureTarget", reason, message), condition("Failed", reason, message)],
-        })
+        self.patch_status(
+            {
+                "active": None,
+                "failed": failed,
+                "succeeded": succeeded or None,
+                "conditions": [condition("FailureTarget", reason, message), condition("Failed", reason, message)],
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,16 +277,23 @@ class PyTorchJobController(Controller):
         restarts = 0
         while True:
             conditions.append(condition("Running", "PyTorchJobRunning", f"PyTorchJob {self.name} is running."))
-            self.patch_status({"startTime": now(), "conditions": conditions,
-                               "replicaStatuses": {r: {"active": 1} for r in replicas}})
+            self.patch_status(
+                {"startTime": now(), "conditions": conditions, "replicaStatuses": {r: {"active": 1} for r in replicas}}
+            )
             results: dict[tuple[str, int], Result] = {}
 
             def one(role: str, index: int, results: dict[tuple[str, int], Result] = results) -> None:
                 rank = 0 if role == "Master" else index + 1
                 env = {
-                    "MASTER_ADDR": master, "MASTER_PORT": str(port), "WORLD_SIZE": str(nnodes * nproc),
-                    "RANK": str(rank), "PET_NNODES": str(nnodes), "PET_NPROC_PER_NODE": str(nproc),
-                    "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": str(port),
+                    "MASTER_ADDR": master,
+                    "MASTER_PORT": str(port),
+                    "WORLD_SIZE": str(nnodes * nproc),
+                    "RANK": str(rank),
+                    "PET_NNODES": str(nnodes),
+                    "PET_NPROC_PER_NODE": str(nproc),
+                    "PET_NODE_RANK": str(rank),
+                    "PET_MASTER_ADDR": master,
+                    "PET_MASTER_PORT": str(port),
                     "PYTHONUNBUFFERED": "1",
                 }
                 hostname = f"{self.name}-{role.lower()}-{index}"
@@ -280,10 +315,16 @@ class PyTorchJobController(Controller):
             bad = [(k, r) for k, r in results.items() if r[0] != 0]
             if not bad:
                 conditions[-1]["status"] = "False"
-                conditions.append(condition("Succeeded", "PyTorchJobSucceeded",
-                                            f"PyTorchJob {self.name} is successfully completed."))
-                self.patch_status({"completionTime": now(), "conditions": conditions,
-                                   "replicaStatuses": {r: {"succeeded": 1} for r in replicas}})
+                conditions.append(
+                    condition("Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {self.name} is successfully completed.")
+                )
+                self.patch_status(
+                    {
+                        "completionTime": now(),
+                        "conditions": conditions,
+                        "replicaStatuses": {r: {"succeeded": 1} for r in replicas},
+                    }
+                )
                 return
             (role, _), (code, message) = bad[0]
             retryable = code > 127  # restartPolicy ExitCode: signals are retryable, 1-127 are permanent
@@ -313,8 +354,9 @@ class DeploymentController(Controller):
         if isinstance(port, str):
             port = next(p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{http.get('path', '/')}",
-                                        timeout=int(probe.get("timeoutSeconds", 1))) as resp:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{http.get('path', '/')}", timeout=int(probe.get("timeoutSeconds", 1))
+            ) as resp:
                 return 200 <= resp.status < 400
         except (urllib.error.URLError, OSError):
             return False
@@ -338,34 +380,60 @@ class DeploymentController(Controller):
                     p.wait(30)
                 procs, ready, generation = [], False, gen
                 if want > 0:
-                    pod = Pod(self.namespace, f"{self.name}-{suffix()}-{suffix()}", template,
-                              f"{self.name}-{suffix()}")
+                    pod = Pod(self.namespace, f"{self.name}-{suffix()}-{suffix()}", template, f"{self.name}-{suffix()}")
                     try:
                         started = self.agent.kubelet.start(pod, self.agent.logs)
                     except PodError as exc:
-                        self.patch_status({"observedGeneration": gen, "conditions": [
-                            condition("Progressing", "FailedCreate", str(exc)) | {"status": "False"}]})
+                        self.patch_status(
+                            {
+                                "observedGeneration": gen,
+                                "conditions": [
+                                    condition("Progressing", "FailedCreate", str(exc)) | {"status": "False"}
+                                ],
+                            }
+                        )
                         return
                     record_list = [r for r, _ in started]
                     procs = [p for _, p in started]
                     self.agent.track(self.uid, procs)
-                self.patch_status({"observedGeneration": gen, "replicas": want, "updatedReplicas": want,
-                                   "readyReplicas": 0, "availableReplicas": 0, "unavailableReplicas": want,
-                                   "conditions": [condition("Progressing", "ReplicaSetUpdated")]})
+                self.patch_status(
+                    {
+                        "observedGeneration": gen,
+                        "replicas": want,
+                        "updatedReplicas": want,
+                        "readyReplicas": 0,
+                        "availableReplicas": 0,
+                        "unavailableReplicas": want,
+                        "conditions": [condition("Progressing", "ReplicaSetUpdated")],
+                    }
+                )
             if procs and not all(p.running() for p in procs):
                 for r, p in zip(record_list, procs, strict=True):
                     if not p.running():
                         r.exit_code = p.wait(5)
-                self.patch_status({"readyReplicas": 0, "availableReplicas": 0, "conditions": [
-                    condition("Available", "MinimumReplicasUnavailable") | {"status": "False"}]})
+                self.patch_status(
+                    {
+                        "readyReplicas": 0,
+                        "availableReplicas": 0,
+                        "conditions": [condition("Available", "MinimumReplicasUnavailable") | {"status": "False"}],
+                    }
+                )
                 generation = 0  # restart (restartPolicy: Always)
                 time.sleep(2)
                 continue
             if procs and not ready and self._probe_ok(template):
                 ready = True
-                self.patch_status({"readyReplicas": want, "availableReplicas": want, "unavailableReplicas": None,
-                                   "conditions": [condition("Progressing", "NewReplicaSetAvailable"),
-                                                  condition("Available", "MinimumReplicasAvailable")]})
+                self.patch_status(
+                    {
+                        "readyReplicas": want,
+                        "availableReplicas": want,
+                        "unavailableReplicas": None,
+                        "conditions": [
+                            condition("Progressing", "NewReplicaSetAvailable"),
+                            condition("Available", "MinimumReplicasAvailable"),
+                        ],
+                    }
+                )
             # The kubelet probes on a period; between probes, wake up early on a change of the object.
             period = 1.0 if not ready else 5.0
             self.wait_changed(gen, period)
@@ -375,4 +443,3 @@ class DeploymentController(Controller):
     def wait_changed(self, generation: int, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             self.wait(lambda o: int(o["metadata"].get("generation") or 1) != generation, timeout)
-

@@ -76,8 +76,11 @@ class DeepSpeedJobController(Controller):
     def _keys(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("id_ed25519", "host_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"t9k-{self.name}",
-                            "-f", str(folder / name)], check=True, capture_output=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"t9k-{self.name}", "-f", str(folder / name)],
+                check=True,
+                capture_output=True,
+            )
         (folder / "authorized_keys").write_text((folder / "id_ed25519.pub").read_text())
 
     def run(self) -> None:
@@ -98,38 +101,74 @@ class DeepSpeedJobController(Controller):
             if self.current() is None:
                 return
             if code == 0:
-                self.patch_status({"phase": "Succeeded", "completionTime": now(),
-                                   "conditions": [condition("Completed", "DeepSpeedJobSucceeded", "")]})
+                self.patch_status(
+                    {
+                        "phase": "Succeeded",
+                        "completionTime": now(),
+                        "conditions": [condition("Completed", "DeepSpeedJobSucceeded", "")],
+                    }
+                )
                 return
             attempts += 1
             if code <= 127 or attempts > backoff:  # restartPolicy ExitCode: only signals are retried
-                self.patch_status({"phase": "Failed", "completionTime": now(),
-                                   "conditions": [condition("Failed", "DeepSpeedJobFailed", message)]})
+                self.patch_status(
+                    {
+                        "phase": "Failed",
+                        "completionTime": now(),
+                        "conditions": [condition("Failed", "DeepSpeedJobFailed", message)],
+                    }
+                )
                 return
 
-    def _attempt(self, template: dict[str, Any], hosts: list[str], slots: int, exec_argv: list[str],
-                 config: dict[str, Any]) -> Result:
+    def _attempt(
+        self, template: dict[str, Any], hosts: list[str], slots: int, exec_argv: list[str], config: dict[str, Any]
+    ) -> Result:
         ssh = Path(tempfile.mkdtemp(prefix=f"ssh-{self.name}-", dir=self.agent.root))
         self._keys(ssh)
         base = _free_port_block(len(hosts))
         ports = {h: base + i for i, h in enumerate(hosts)}
         (ssh / "hostfile").write_text("".join(f"{h} slots={slots}\n" for h in hosts))
-        (ssh / "config").write_text("".join(
-            f"Host {h}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n  IdentityFile {SSH_DIR}/id_ed25519\n"
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n" for h, p in ports.items()))
+        (ssh / "config").write_text(
+            "".join(
+                f"Host {h}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n  IdentityFile {SSH_DIR}/id_ed25519\n"
+                "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+                for h, p in ports.items()
+            )
+        )
         for p in ssh.iterdir():
             os.chmod(p, 0o600 if p.name in ("id_ed25519", "host_key") else 0o644)
         os.chmod(ssh, 0o700)
-        self.patch_status({"phase": "Running", "startTime": now(),
-                           "conditions": [condition("Running", "DeepSpeedJobRunning", "")]})
+        self.patch_status(
+            {"phase": "Running", "startTime": now(), "conditions": [condition("Running", "DeepSpeedJobRunning", "")]}
+        )
         volumes = [*list(template["spec"].get("volumes") or []), {"name": "t9k-ssh", "hostPath": {"path": str(ssh)}}]
         workers: list[Any] = []
         for h, port in ports.items():
-            tpl = _with(template, volumes, ["/usr/sbin/sshd", "-D", "-e", "-p", str(port), "-h", f"{SSH_DIR}/host_key",
-                                            "-o", f"AuthorizedKeysFile={SSH_DIR}/authorized_keys",
-                                            "-o", "StrictModes=no", "-o", "UsePAM=no",
-                                            "-o", "PermitRootLogin=prohibit-password",
-                                            "-o", "PidFile=/tmp/sshd.pid", "-o", "ListenAddress=127.0.0.1"])
+            tpl = _with(
+                template,
+                volumes,
+                [
+                    "/usr/sbin/sshd",
+                    "-D",
+                    "-e",
+                    "-p",
+                    str(port),
+                    "-h",
+                    f"{SSH_DIR}/host_key",
+                    "-o",
+                    f"AuthorizedKeysFile={SSH_DIR}/authorized_keys",
+                    "-o",
+                    "StrictModes=no",
+                    "-o",
+                    "UsePAM=no",
+                    "-o",
+                    "PermitRootLogin=prohibit-password",
+                    "-o",
+                    "PidFile=/tmp/sshd.pid",
+                    "-o",
+                    "ListenAddress=127.0.0.1",
+                ],
+            )
             pod = Pod(self.namespace, h, tpl, h, hosts=hosts)
             started = self.agent.kubelet.start(pod, self.agent.logs)
             self.agent.track(self.uid, [p for _, p in started])
@@ -141,17 +180,29 @@ class DeepSpeedJobController(Controller):
             # The launcher: DeepSpeed's runner with the pod's environment in ~/.deepspeed_env.
             container = template["spec"]["containers"][0]
             image_env = dict(e.split("=", 1) for e in image_config(container["image"]).get("Env") or [])
-            env = {**image_env, **self.agent.kubelet.node_env,
-                   **{e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e}}
+            env = {
+                **image_env,
+                **self.agent.kubelet.node_env,
+                **{e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e},
+            }
             home = env.get("HOME", "/root")
             (ssh / "deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items() if k != "HOME"))
-            argv = ["deepspeed", "--hostfile", f"{SSH_DIR}/hostfile", "--master_addr", hosts[0],
-                    "--master_port", str(MASTER_PORT)]
+            argv = [
+                "deepspeed",
+                "--hostfile",
+                f"{SSH_DIR}/hostfile",
+                "--master_addr",
+                hosts[0],
+                "--master_port",
+                str(MASTER_PORT),
+            ]
             if not config.get("localRank", True):
                 argv.append("--no_local_rank")
             argv += ["--no_python", *exec_argv]
-            script = (f"mkdir -p /root/.ssh && cp {SSH_DIR}/config /root/.ssh/config && "
-                      f"cp {SSH_DIR}/deepspeed_env {shlex.quote(home)}/.deepspeed_env && exec " + shlex.join(argv))
+            script = (
+                f"mkdir -p /root/.ssh && cp {SSH_DIR}/config /root/.ssh/config && "
+                f"cp {SSH_DIR}/deepspeed_env {shlex.quote(home)}/.deepspeed_env && exec " + shlex.join(argv)
+            )
             launcher_tpl = _with(template, volumes, ["sh", "-c", script])
             launcher = Pod(self.namespace, f"{self.name}-launcher", launcher_tpl, f"{self.name}-launcher", hosts=hosts)
             return self.run_pod(launcher)
@@ -173,4 +224,3 @@ def _with(template: dict[str, Any], volumes: list[dict[str, Any]], command: list
     c.pop("args", None)
     c["volumeMounts"] = [*(c.get("volumeMounts") or []), {"name": "t9k-ssh", "mountPath": SSH_DIR, "readOnly": True}]
     return tpl
-

@@ -65,11 +65,16 @@ class Hub:
                     return
                 body = b""
                 if self.path.startswith(f"/api/models/{hub.repo}/tree/"):
-                    body = json.dumps([{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                                       for n, d in hub.files.items()]).encode()
+                    body = json.dumps(
+                        [
+                            {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                            for n, d in hub.files.items()
+                        ]
+                    ).encode()
                 elif self.path.startswith((f"/api/models/{hub.repo}/revision/", f"/api/models/{hub.repo}?")):
-                    body = json.dumps({"id": hub.repo, "sha": SHA,
-                                       "siblings": [{"rfilename": n} for n in hub.files]}).encode()
+                    body = json.dumps(
+                        {"id": hub.repo, "sha": SHA, "siblings": [{"rfilename": n} for n in hub.files]}
+                    ).encode()
                 if body:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")

@@ -156,8 +156,10 @@ class Kubelet:
             return simple[path]
         for prefix, source in (
             ("metadata.labels", (pod.template.get("metadata") or {}).get("labels") or {}),
-            ("metadata.annotations", {**((pod.template.get("metadata") or {}).get("annotations") or {}),
-                                      **pod.annotations}),
+            (
+                "metadata.annotations",
+                {**((pod.template.get("metadata") or {}).get("annotations") or {}), **pod.annotations},
+            ),
         ):
             if path.startswith(prefix + "['") and path.endswith("']"):
                 return str(source.get(path[len(prefix) + 2 : -2], ""))
@@ -201,12 +203,19 @@ class Kubelet:
     def _hosts_file(self, pod: Pod, pod_dir: Path) -> Path:
         names = {pod.hostname}
         if pod.subdomain:
-            names |= {f"{pod.hostname}.{pod.subdomain}", f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc",
-                      f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc.cluster.local"}
+            names |= {
+                f"{pod.hostname}.{pod.subdomain}",
+                f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc",
+                f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc.cluster.local",
+            }
         names |= set(pod.hosts)
         for svc in self.namespace_names(pod.namespace):
-            names |= {svc, f"{svc}.{pod.namespace}", f"{svc}.{pod.namespace}.svc",
-                      f"{svc}.{pod.namespace}.svc.cluster.local"}
+            names |= {
+                svc,
+                f"{svc}.{pod.namespace}",
+                f"{svc}.{pod.namespace}.svc",
+                f"{svc}.{pod.namespace}.svc.cluster.local",
+            }
         path = pod_dir / "hosts"
         path.write_text("127.0.0.1\tlocalhost\n" + "".join(f"127.0.0.1\t{n}\n" for n in sorted(names)))
         os.chmod(path, 0o644)
@@ -269,11 +278,24 @@ class Kubelet:
                         host.mkdir(parents=True)
                 mounts.append(Mount(str(host), vm["mountPath"], read_only=bool(vm.get("readOnly"))))
             env = self._env(pod, container)
-            record = ContainerRecord(pod.namespace, pod.name, container["name"], image, user, argv,
-                                     logs / f"{pod.namespace}_{pod.name}_{container['name']}.log")
+            record = ContainerRecord(
+                pod.namespace,
+                pod.name,
+                container["name"],
+                image,
+                user,
+                argv,
+                logs / f"{pod.namespace}_{pod.name}_{container['name']}.log",
+            )
             proc = self.containers.run(
-                image, argv, user=user, workdir=container.get("workingDir") or cfg.get("WorkingDir") or None,
-                env=env, mounts=mounts, hostname=pod.hostname, log_path=record.log_path,
+                image,
+                argv,
+                user=user,
+                workdir=container.get("workingDir") or cfg.get("WorkingDir") or None,
+                env=env,
+                mounts=mounts,
+                hostname=pod.hostname,
+                log_path=record.log_path,
             )
             self.records.append(record)
             started.append((record, proc))
