@@ -59,6 +59,42 @@ def test_pages_escape_what_users_wrote() -> None:
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+def test_job_page_shows_the_plan_and_the_evaluation_when_they_exist() -> None:
+    """``status.plan`` (the preflight step's) as a table per stage; metrics and the promotion gate's result."""
+    from finetune_operator.console.app import _env
+
+    job = job_manifest("bot", "ml")
+    job["status"] = serving_status("bot", "ml", loss_history(3))
+    job["status"]["plan"] = {
+        "stages": [
+            {
+                "name": "sft",
+                "gpuMemoryGiB": 18.4,
+                "gpu": "NVIDIA-A100-SXM4-40GB",
+                "gpuCapacityGiB": 40.0,
+                "verdict": "fits",
+                "samples": 980,
+                "dropped": 20,
+                "truncated": 3,
+                "totalSteps": 123,
+                "estimatedSeconds": 5400,
+            }
+        ]
+    }
+    job["status"]["outputs"]["metrics"] = {"eval_loss": 1.25}
+    job["status"]["gate"] = {"result": "Failed", "message": "eval_loss 1.3 is worse than the serving model's 1.25"}
+    html = _env().get_template("job.html").render(job=views.detail(job))
+    assert '<tr data-stage="sft"><td>sft</td><td>18.4</td>' in html
+    assert "NVIDIA-A100-SXM4-40GB (40.0 GiB)" in html and "<td>fits</td>" in html and "1 h 30 min" in html
+    assert "<th>eval_loss</th><td>1.25</td>" in html
+    assert "Promotion gate: Failed" in html and "worse than the serving model&#39;s 1.25" in html
+    job["status"].pop("plan")
+    job["status"].pop("gate")
+    job["status"]["outputs"].pop("metrics")
+    html = _env().get_template("job.html").render(job=views.detail(job))
+    assert 'id="plan"' not in html and 'id="metrics"' not in html
+
+
 # ------------------------------------------------------------------------------------------------ the server
 
 

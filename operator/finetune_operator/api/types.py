@@ -435,8 +435,8 @@ class GateSpec(_Model):
     threshold: float | None = None
     """Absolute bound: the metric must be at most (lower is better) or at least (higher is better) this."""
     no_worse_than_serving: bool = False
-    """Compare with the metric of the model serving now (``status.outputs.metrics``); passes when nothing
-    serves yet or the serving model was not evaluated with this metric."""
+    """Compare with the metric of the model serving now (recorded by the operator on its Deployment, never read
+    from status); passes when nothing serves yet or the serving model was not evaluated with this metric."""
     margin: float = Field(default=0.0, ge=0.0)
     """How much worse than the serving model the new one may be (in the metric's units)."""
 

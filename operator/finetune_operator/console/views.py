@@ -55,6 +55,41 @@ def _metrics(status: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        return ""
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
+def _plan(raw: Any) -> dict[str, Any] | None:
+    """The preflight plan (``status.plan``): per-stage rows, the reason and message when the job was refused."""
+    if not isinstance(raw, Mapping):
+        return None
+    keys = (
+        "name",
+        "gpuMemoryGiB",
+        "gpu",
+        "gpuCapacityGiB",
+        "verdict",
+        "samples",
+        "dropped",
+        "truncated",
+        "totalSteps",
+        "suggestion",
+    )
+    stages = [
+        {
+            **{k: s.get(k) if s.get(k) is not None else "" for k in keys},
+            "estimated": _duration(s.get("estimatedSeconds")),
+        }
+        for s in raw.get("stages") or []
+        if isinstance(s, Mapping)
+    ]
+    return {"stages": stages, "reason": str(raw.get("reason") or ""), "message": str(raw.get("message") or "")}
+
+
 def detail(job: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the job page shows."""
     status = job.get("status") or {}
@@ -86,7 +121,8 @@ def detail(job: Mapping[str, Any]) -> dict[str, Any]:
         for cond in status.get("conditions") or []
         if isinstance(cond, Mapping)
     ]
-    plan = status.get("plan") if isinstance(status.get("plan"), Mapping) else None
+    plan = _plan(status.get("plan"))
+    gate = status.get("gate") if isinstance(status.get("gate"), Mapping) else None
     return {
         **row(job),
         "stages": stages,
@@ -95,5 +131,6 @@ def detail(job: Mapping[str, Any]) -> dict[str, Any]:
         "endpoint": _s(status, "outputs", "endpoint") or "",
         "chat": chat,
         "plan": plan,
+        "gate": {"result": str(gate.get("result") or ""), "message": str(gate.get("message") or "")} if gate else None,
         "metrics": _metrics(status),
     }
