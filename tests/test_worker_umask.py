@@ -39,3 +39,24 @@ def test_worker_creates_group_writable_folders(tmp_path: Path) -> None:
     made = tmp_path / "volume" / "job"
     assert made.is_dir(), proc.stderr
     assert stat.S_IMODE(made.stat().st_mode) & 0o020, oct(made.stat().st_mode)
+
+
+def test_a_completed_folder_is_shared_with_the_group(tmp_path: Path) -> None:
+    """safetensors writes 0600 whatever the umask; the marker makes the folder group-readable for the next
+    step's pod (a non-root merge pod reading what a root DeepSpeedJob pod trained)."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from finetune_operator.worker import markers
+
+    out = tmp_path / "sft"
+    (out / "checkpoint-2").mkdir(parents=True)
+    os.chmod(out / "checkpoint-2", 0o700)
+    save_file({"w": torch.zeros(1)}, str(out / "adapter_model.safetensors"))
+    assert stat.S_IMODE(os.stat(out / "adapter_model.safetensors").st_mode) & stat.S_IRGRP == 0
+    marker = markers.write_marker(out, {"stage": "sft"})
+    for path in (out / "adapter_model.safetensors", marker):
+        assert stat.S_IMODE(os.stat(path).st_mode) & (stat.S_IRGRP | stat.S_IWGRP) == stat.S_IRGRP | stat.S_IWGRP
+    assert stat.S_IMODE(os.stat(out / "checkpoint-2").st_mode) & stat.S_IRWXG == stat.S_IRWXG

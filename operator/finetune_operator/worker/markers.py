@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,35 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+def share_with_group(directory: str | os.PathLike[str]) -> None:
+    """Give the group read and write access to everything under ``directory`` (folders: search too).
+
+    Why: the pods of a job share their volumes through one group (the pod's ``fsGroup``; the folders are
+    setgid), but some libraries create files ``0600`` whatever the umask (safetensors' ``save_file`` does, so
+    every adapter and model shard). With DeepSpeedJob pods running as root, the non-root merge pod could then
+    not read the adapter a training pod wrote (found by running the pods in their images). Files this process
+    does not own are left as they are.
+    """
+    for root, dirs, files in os.walk(directory):
+        for name, bits in [(d, stat.S_IRWXG) for d in dirs] + [(f, stat.S_IRGRP | stat.S_IWGRP) for f in files]:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                mode = os.lstat(path).st_mode
+                if not stat.S_ISLNK(mode) and mode & bits != bits:
+                    os.chmod(path, stat.S_IMODE(mode) | bits)
+
+
 def write_marker(directory: str | os.PathLike[str], summary: dict[str, Any], name: str = COMPLETE) -> Path:
-    """Mark ``directory`` complete with ``summary``; returns the marker's path."""
+    """Mark ``directory`` complete with ``summary``; returns the marker's path.
+
+    What the folder holds is shared with the group first (:func:`share_with_group`): the next step's pod, of
+    another user, reads it.
+    """
+    share_with_group(directory)
     path = Path(directory) / name
     write_json_atomic(path, summary)
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) | stat.S_IRGRP | stat.S_IWGRP)
     return path
 
 
