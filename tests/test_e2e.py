@@ -182,21 +182,28 @@ def stop_serving(cluster: Cluster, name: str) -> None:
         proc.popen.wait(60)
 
 
+#: SFT steps of the job-backend run, whose training container is killed mid-run.
+SFT_STEPS = 120
+
+
 def test_job_backend_end_to_end(cluster: Cluster) -> None:
     name = "e2e-job"
     doc = spec(name, "job")
+    # Long enough that the kill below lands mid-run whatever the machine's load: six steps take a fraction of a
+    # second on CPU, less than it takes to see a report and send the signal.
+    doc["spec"]["stages"][0]["args"].update(max_steps=SFT_STEPS, save_steps=10)
     spec_for[name] = doc
     apply(cluster, doc)
 
-    # SIGKILL the SFT container once its first checkpoint is complete (the worker reports step 3 only after
-    # checkpoint-2 was written and marked).
+    # SIGKILL the SFT container once a checkpoint is complete (the worker reports step 12 only after
+    # checkpoint-10 was written).
     def reported_step() -> int:
         return int(((cluster.status(name).get("reported") or {}).get("sft") or {}).get("step") or 0)
 
     sft_job = cluster.server.wait_for(
         lambda: cluster.server.get("jobs.batch", f"{name}-sft", NS), 600, "the SFT Job never appeared"
     )
-    cluster.server.wait_for(lambda: reported_step() >= 3, 600, "SFT never reported step 3")
+    cluster.server.wait_for(lambda: reported_step() >= 12, 600, "SFT never reported step 12")
     procs = cluster.agent.processes(sft_job["metadata"]["uid"])
     assert procs, "the SFT container is not running"
     for proc in procs:
@@ -219,7 +226,8 @@ def test_job_backend_end_to_end(cluster: Cluster) -> None:
     resumed = re.search(r"resuming from .*checkpoint-(\d+)", sft_logs[1].log_path.read_text())
     assert resumed, sft_logs[1].log_path.read_text()[-3000:]
     assert int(resumed.group(1)) == max(complete), (resumed.group(0), complete)
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    assert max(complete) < SFT_STEPS, "the kill came after the last step: nothing was resumed mid-run"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == SFT_STEPS
     assert_common(cluster, name, "tiny-chat")
     stop_serving(cluster, name)
 
