@@ -217,7 +217,7 @@ def test_job_backend_end_to_end(cluster: Cluster) -> None:
     complete = [step for step, path in checkpoints(out) if is_complete_checkpoint(path)]
     assert complete, "no complete checkpoint before the kill"
     # The Job fails (exit 137, backoffLimit 0), the operator retries the stage, the worker resumes.
-    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=900s", timeout=960)
     status = cluster.status(name)
     sft = next(s for s in status["stages"] if s["name"] == "sft")
     assert sft["attempts"] == 2, sft
@@ -238,7 +238,7 @@ def test_pytorchjob_backend_end_to_end(cluster: Cluster) -> None:
     doc = spec(name, "pytorchjob", nodes=2)
     spec_for[name] = doc
     apply(cluster, doc)
-    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=900s", timeout=960)
     for stage in ("sft", "dpo"):
         pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
         assert pods == {f"{name}-{stage}-master-0", f"{name}-{stage}-worker-0"}, pods
@@ -256,7 +256,7 @@ def test_deepspeedjob_backend_end_to_end(cluster: Cluster) -> None:
         stage["deepspeed"] = {"zeroStage": 2}
     spec_for[name] = doc
     apply(cluster, doc)
-    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=1500s", timeout=1600)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=900s", timeout=960)
     for stage in ("sft", "dpo"):
         pods = {r.pod for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
         assert pods == {f"{name}-{stage}-worker-0", f"{name}-{stage}-worker-1", f"{name}-{stage}-launcher"}, pods
