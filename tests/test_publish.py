@@ -36,6 +36,20 @@ SECRETS = (HUB_TOKEN, S3_SECRET, OCI_PASSWORD)
 BUCKET = "models"
 
 
+@pytest.fixture(autouse=True)
+def _online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in-process publishing as the publish pod runs: online.
+
+    The test command exports ``HF_HUB_OFFLINE=1`` for everything else, and ``huggingface_hub`` reads it once, at
+    import, into ``constants``; the rendered publish pod has no such variable (``test_eval_publish_spec`` checks
+    that), so both the variable and the frozen constant are cleared here.
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("servers")
