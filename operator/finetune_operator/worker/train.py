@@ -38,7 +38,7 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import envmap, inputcheck, markers, preempt
+from finetune_operator.worker import envmap, inputcheck, markers, preempt, stopping
 from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
@@ -306,6 +306,7 @@ def run_train(
                 return True
 
             graceful = GracefulStop(request=_request, deadline=preempt.stop_deadline(env_in))
+            stack.enter_context(stopping.announced(env_in))
         with monitor:
             result: ChildResult = run_child(
                 argv, env, echo=echo, log_file=log_file, on_start=on_start, graceful=graceful
