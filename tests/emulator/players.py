@@ -92,3 +92,71 @@ def player(kind: str) -> Player:
         return PLAYERS[kind]
     except KeyError:
         raise KeyError(f"no player for workload kind {kind!r}: add it to tests/emulator/players.py") from None
+
+
+# ------------------------------------------------------------------------------------------ pods (kubelet)
+
+
+def pod_of(owner: dict[str, Any], template: dict[str, Any], name: str) -> dict[str, Any]:
+    """A pod as the workload's controller creates it: the template's labels (plus the Job controller's own
+    ``job-name`` labels for a Job) and a controller ownerReference to the workload."""
+    meta = owner["metadata"]
+    labels = dict((template.get("metadata") or {}).get("labels") or {})
+    if owner["kind"] == "Job":
+        labels |= {
+            "batch.kubernetes.io/job-name": meta["name"],
+            "job-name": meta["name"],
+            "batch.kubernetes.io/controller-uid": meta["uid"],
+            "controller-uid": meta["uid"],
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta.get("namespace") or "default",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": owner["apiVersion"],
+                    "kind": owner["kind"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": template["spec"],
+    }
+
+
+def missing_secret_message(namespace: str, secret: str, key: str, *, secret_exists: bool) -> str:
+    """The kubelet's message for an env ``secretKeyRef`` it cannot resolve (pkg/kubelet/kubelet_pods.go)."""
+    if secret_exists:
+        return f"couldn't find key {key} in Secret {namespace}/{secret}"
+    return f'secret "{secret}" not found'
+
+
+def pod_config_error(spec: dict[str, Any], container: str, message: str) -> dict[str, Any]:
+    """A pod's status while the kubelet cannot create ``container`` (``CreateContainerConfigError``): Pending,
+    init containers before it done, it and every later container waiting."""
+    inits = [c["name"] for c in spec.get("initContainers") or []]
+    mains = [c["name"] for c in spec.get("containers") or []]
+    order = inits + mains
+    at = order.index(container)
+
+    def status(name: str, i: int) -> dict[str, Any]:
+        if i < at:
+            state: dict[str, Any] = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        elif i == at:
+            state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
+        else:
+            state = {"waiting": {"reason": "PodInitializing"}}
+        return {"name": name, "ready": False, "restartCount": 0, "image": "", "imageID": "", "state": state}
+
+    out: dict[str, Any] = {"phase": "Pending"}
+    if inits:
+        out["initContainerStatuses"] = [status(n, i) for i, n in enumerate(inits)]
+    out["containerStatuses"] = [status(n, len(inits) + i) for i, n in enumerate(mains)]
+    return out

@@ -104,6 +104,8 @@ class Reason:
     PLANNED: Final = "Planned"
     #: The promotion gate (spec.gate) refused the run's model: not published, not served.
     GATE_FAILED: Final = "GateFailed"
+    #: A pod of the pipeline names a Secret (or a key of one) that does not exist: the kubelet cannot start it.
+    SECRET_NOT_FOUND: Final = "SecretNotFound"
 
 
 class State:

@@ -49,6 +49,9 @@ class ReconcilerConfig:
     refused_interval: float = 30.0
     #: Times a reconcile is recomputed after a status write conflict before giving up (then backoff).
     conflict_retries: int = 8
+    #: Seconds between looks at the pods of a step that have not started (pods are not watched): a pod
+    #: waiting for a missing Secret fails the job. The wait grows with the step's age, up to 5 minutes.
+    pod_check_interval: float = 5.0
 
 
 class StepOutcome(enum.Enum):
