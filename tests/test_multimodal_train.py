@@ -30,7 +30,7 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_vlm.shared_tiny_vlm(tmp_path_factory)
 
 
-def job_doc(args: dict[str, Any] | None = None) -> dict[str, Any]:
+def job_doc(args: dict[str, Any] | None = None, merge: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -60,7 +60,9 @@ def job_doc(args: dict[str, Any] | None = None) -> dict[str, Any]:
                     "args": args or {},
                 }
             ],
-            "merge": {"enabled": False},
+            "merge": {"enabled": True, "exportSize": 1, "exportDevice": "cpu", "resources": {"gpusPerNode": 0}}
+            if merge
+            else {"enabled": False},
             "serve": {"enabled": False},
         },
     }
@@ -120,10 +122,12 @@ def test_data_check_reads_every_image_and_names_the_bad_rows(vlm: Path, tmp_path
     assert ds.lengths[4] - ds.lengths[0] == tiny_vlm.TOKENS_PER_IMAGE
 
 
-def test_lora_sft_on_images_with_ftctl_run_local(vlm: Path, tmp_path: Path) -> None:
-    """Three LoRA steps on image-text pairs, CPU. LoRA also targets the vision tower
+@pytest.mark.slow
+def test_lora_sft_on_images_then_merge_with_ftctl_run_local(vlm: Path, tmp_path: Path) -> None:
+    """Three LoRA steps on image-text pairs, CPU, then the merge. LoRA also targets the vision tower
     (``freeze_vision_tower: false``): its LoRA B matrices start at zero and move only if the images' pixels
-    reached the model, so the adapter proves the images were trained on, not only their placeholder tokens."""
+    reached the model, so the adapter proves the images were trained on, not only their placeholder tokens.
+    The merged model is a LLaVA again, with its processor, and answers about an image."""
     workdir = tmp_path / "wd"
     tiny_vlm.build_color_data(workdir / "vlm-data")
     spec = tmp_path / "job.yaml"
@@ -136,7 +140,7 @@ def test_lora_sft_on_images_with_ftctl_run_local(vlm: Path, tmp_path: Path) -> N
         "cutoff_len": 256,
         "freeze_vision_tower": False,
     }
-    spec.write_text(yaml.safe_dump(job_doc(args)))
+    spec.write_text(yaml.safe_dump(job_doc(args, merge=True)))
     argv = [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir)]
     argv += ["--volume", f"vlm-models={vlm.parent}"]
     proc = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=900, check=False)
@@ -170,3 +174,23 @@ def test_lora_sft_on_images_with_ftctl_run_local(vlm: Path, tmp_path: Path) -> N
     assert any(bool(v.abs().sum() > 0) for v in vision_b.values()), "the vision tower's LoRA did not move"
     assert any(bool(v.abs().sum() > 0) for v in text_b.values())
     assert (out / "processor_config.json").is_file()  # the processor travels with the adapter (merge, serve)
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    merged = Path(state["outputs"]["mergedModel"])
+    assert markers.read_marker(merged) is not None
+    base = load_file(str(vlm / "model.safetensors"))
+    new = {k: v for f in merged.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert set(new) == set(base)
+    moved = {k for k in base if not torch.equal(base[k], new[k])}
+    assert any("vision_tower" in k for k in moved) and any("language_model" in k for k in moved), sorted(moved)
+    model = AutoModelForImageTextToText.from_pretrained(str(merged))
+    processor = AutoProcessor.from_pretrained(str(merged))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    image = Image.open(workdir / "vlm-data" / "media" / "plain" / "red.png")
+    inputs = processor(images=[image], text="USER: <image>What color is this? ASSISTANT:", return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (tiny_vlm.IMAGE_SIZE, tiny_vlm.IMAGE_SIZE)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]

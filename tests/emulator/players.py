@@ -5,8 +5,8 @@ those controllers would write. One table per kind, keyed by the backend registry
 fails tests/test_operator_harness.py::test_every_backend_has_a_player), so a new backend is played everywhere
 at once. The shapes follow the upstream controllers: batch/v1 Job (``Complete``/``SuccessCriteriaMet``/
 ``Failed``), Kubeflow training-operator v1 (``Created``/``Running``/``Succeeded``/``Failed`` with
-``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (``Created`` ``JobsCreationSucceeded``,
-``Complete`` ``JobSetCompleted``, ``Failed`` ``JobSetFailed``).
+``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (JobSet's conditions copied: ``Complete``
+``AllJobsCompleted``, ``Failed`` ``FailedJobs``; ``jobsStatus``).
 """
 
 from __future__ import annotations
@@ -63,16 +63,12 @@ PLAYERS: dict[str, Player] = {
     ),
     "TrainJob": Player(
         succeeded=lambda: {
-            "conditions": [
-                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
-                _cond("Complete", "JobSetCompleted", "jobset completed successfully"),
-            ]
+            "conditions": [_cond("Complete", "AllJobsCompleted", "jobset completed successfully")],
+            "jobsStatus": [{"name": "node", "ready": 0, "succeeded": 1, "failed": 0, "active": 0, "suspended": 0}],
         },
         failed=lambda reason, message: {
-            "conditions": [
-                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
-                _cond("Failed", reason, message),
-            ]
+            "conditions": [_cond("Failed", reason, message)],
+            "jobsStatus": [{"name": "node", "ready": 0, "succeeded": 0, "failed": 1, "active": 0, "suspended": 0}],
         },
     ),
 }

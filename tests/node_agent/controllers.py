@@ -19,6 +19,8 @@ operator reads (finetune_operator.controller.children):
 ``DeepSpeedJob`` (batch.tensorstack.dev/v1beta1)
     What T9k's controller does: worker pods start sshd; a launcher runs DeepSpeed's multi-node launcher with
     a hostfile over SSH into them; ``status.phase`` (:mod:`tests.node_agent.deepspeed`).
+``TrainJob`` (trainer.kubeflow.org/v1alpha1)
+    What Kubeflow Trainer v2, JobSet and the Job controller do together (:mod:`tests.node_agent.trainjob`).
 ``Deployment`` (apps/v1)
     ``spec.replicas`` pods (restarted when they exit, ``restartPolicy: Always``); ``availableReplicas`` counts
     the pods whose rendered readiness probe (``httpGet`` on the named port) answers 2xx; a new generation rolls

@@ -6,9 +6,11 @@ fails the pod; ``valueFrom.fieldRef``), ``volumeMounts`` (one host folder per PV
 files, ``emptyDir`` including ``/dev/shm``, ``subPath``, ``readOnly``), ``securityContext``
 ``runAsUser``/``runAsGroup`` (container over pod over image) and ``fsGroup`` (group ownership and setgid on
 writable volumes, ``fsGroupChangePolicy: OnRootMismatch``), ``workingDir``, the ServiceAccount token when
-``automountServiceAccountToken`` is true, ``HOSTNAME`` and an ``/etc/hosts`` in which the pod's own name and
-every name the cluster DNS would answer for the namespace (Services, pods of headless Services) point to
-this machine (chroot isolation shares the host network); ``initContainers`` (in order, each to completion,
+``automountServiceAccountToken`` is true (not into a container that mounts that path itself), ``projected``
+volumes (``serviceAccountToken``, ConfigMap/Secret keys, downward API ``fieldRef``), ``HOSTNAME`` and an
+``/etc/hosts`` in which the pod's own name and every name the cluster DNS would answer for the namespace
+(Services, pods of headless Services) point to this machine (chroot isolation shares the host network);
+``initContainers`` (in order, each to completion,
 before the containers start).
 
 Pod objects (:class:`PodObjects`): for a pod its workload controller gives an ownerReference, the agent
@@ -257,6 +259,55 @@ class Kubelet:
                 raise PodError(f"volume {name}: kind not supported by the node agent: {sorted(vol)}")
         return out
 
+    def _projected(self, pod: Pod, spec: dict[str, Any], folder: Path) -> None:
+        """A projected volume's files: ServiceAccount token, ConfigMap/Secret keys, downward API fields. A missing
+        non-optional ConfigMap, Secret or key keeps the pod from starting, as with the kubelet."""
+        files: dict[str, tuple[bytes, int | None]] = {}
+        for source in spec.get("sources") or []:
+            if "serviceAccountToken" in source:
+                token = self.token_for(pod.namespace, pod.spec.get("serviceAccountName", "default"))
+                files[source["serviceAccountToken"]["path"]] = (token.encode(), None)
+            elif "configMap" in source or "secret" in source:
+                kind = "configMap" if "configMap" in source else "secret"
+                ref = source[kind]
+                obj = self.lookup("configmaps" if kind == "configMap" else "secrets", pod.namespace, ref["name"])
+                if obj is None:
+                    if ref.get("optional"):
+                        continue
+                    raise PodError(f'{kind.lower()} "{ref["name"]}" not found (projected volume)')
+                data = {
+                    k: base64.b64decode(v)
+                    for k, v in (obj.get("binaryData" if kind == "configMap" else "data") or {}).items()
+                }
+                data |= {
+                    k: str(v).encode()
+                    for k, v in (obj.get("data" if kind == "configMap" else "stringData") or {}).items()
+                }
+                for item in ref.get("items") or [{"key": k} for k in data]:
+                    if item["key"] not in data:
+                        if ref.get("optional"):
+                            continue
+                        raise PodError(
+                            f'{kind.lower()} "{ref["name"]}" key "{item["key"]}" not found (projected volume)'
+                        )
+                    files[item.get("path", item["key"])] = (data[item["key"]], item.get("mode"))
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    if "fieldRef" not in item:
+                        raise PodError(
+                            f"downwardAPI item {item.get('path')}: only fieldRef is supported by the node agent"
+                        )
+                    files[item["path"]] = (self._field(pod, item["fieldRef"]["fieldPath"]).encode(), item.get("mode"))
+            else:
+                raise PodError(f"projected volume source not supported by the node agent: {sorted(source)}")
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o755)
+        for rel, (content, mode) in files.items():
+            path = folder / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            os.chmod(path, mode if mode is not None else int(spec.get("defaultMode", 0o644)))
+
     # ------------------------------------------------------------------ env
 
     def _field(self, pod: Pod, path: str) -> str:
@@ -447,7 +498,9 @@ class Kubelet:
             argv = entry + list(rest)
         if not argv:
             raise PodError(f"container {container['name']}: no command")
-        mounts = list(base)
+        # The ServiceAccount admission plugin adds no token mount to a container that mounts that path itself.
+        own_sa = any(vm.get("mountPath") == SA_DIR for vm in container.get("volumeMounts") or [])
+        mounts = [m for m in base if not (own_sa and m.container == SA_DIR)]
         for vm in container.get("volumeMounts") or []:
             if vm["name"] not in volumes:
                 raise PodError(f"volumeMount {vm['name']}: no such volume")
