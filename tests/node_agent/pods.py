@@ -250,6 +250,10 @@ class Kubelet:
                 out[name] = (folder, False)
             elif "hostPath" in vol:  # only the agent's own (T9k's SSH keys); rendered pods have none
                 out[name] = (Path(vol["hostPath"]["path"]), False)
+            elif "projected" in vol:
+                folder = pod_dir / "projected" / name
+                self._projected(pod, vol["projected"], folder)
+                out[name] = (folder, False)
             elif "emptyDir" in vol:
                 folder = pod_dir / "emptydir" / name
                 folder.mkdir(parents=True, exist_ok=True)
@@ -407,6 +411,10 @@ class Kubelet:
             return self._start(pod, logs)
         except ConfigError as exc:
             pod.states[exc.container] = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+            self._write(pod)
+            raise
+        except PodError:  # what the agent cannot run: the pod fails (a kubelet would keep it waiting)
+            pod.phase = "Failed"
             self._write(pod)
             raise
 
