@@ -15,8 +15,9 @@ canaries are in no object but their Secrets, in no container log and not in the 
 whose publish Secret lacks a key fails with ``SecretNotFound`` before its training step was created (the
 preflight pod's ``check-secrets`` init container cannot be created; the kubelet says why).
 
-Not here (CI time: it needs vLLM and a second training run): a failing gate keeping the old model serving;
-tests/test_operator_eval_publish.py covers it through the operator, tests/test_eval_publish_local.py locally.
+Then a failing gate: the job serves the model with vLLM (in its image); a new run (``spec.runId``) whose gate
+the model misses ends ``Failed`` with reason ``GateFailed``, publishes nothing, and leaves the old model
+serving (the Deployment untouched, ``Ready`` true, a chat completion still answered).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from tests.hub_standin import serve_hub
 from tests.install_tools import ROOT
 from tests.node_agent import available
 from tests.publish_servers import oci_registry, s3_server
+from tests.test_e2e import chat, stop_serving
 from tests.test_local_run import shared_tiny_model
 from tests.test_publish import _oci_pull
 
-pytestmark = [pytest.mark.e2e, pytest.mark.train, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.train, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 EXAMPLE = ROOT / "manifests" / "examples" / "local-demo-eval-publish.yaml"
 HUB_CANARY = "hf_E2E-PUBLISH-CANARY-9c2e71d04b"
@@ -61,7 +63,7 @@ def images() -> None:
     why = available()
     if why:
         pytest.skip(f"containers cannot run here: {why}")
-    proc = build_images("worker")
+    proc = build_images("worker", "vllm")
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
@@ -121,6 +123,17 @@ def spec(name: str, servers: dict[str, Any]) -> dict[str, Any]:
     return dict(doc)
 
 
+#: vLLM's CPU build serving the merged model (as manifests/examples/local-demo-serve.yaml does).
+SERVE = {
+    "enabled": True,
+    "servedModelName": "tiny-evalpub",
+    "maxModelLen": 512,
+    "resources": {"gpusPerNode": 0},
+    "args": ["--dtype", "float32", "--enforce-eager"],
+    "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
+}
+
+
 def apply(cluster: Cluster, doc: dict[str, Any]) -> None:
     path = cluster.root / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -129,6 +142,16 @@ def apply(cluster: Cluster, doc: dict[str, Any]) -> None:
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((x for x in status.get("conditions") or [] if x["type"] == type_), {})
+
+
+def warnings(cluster: Cluster, name: str, reason: str) -> list[str]:
+    """The types of the job's events with ``reason``, once there is one (events are posted after the status)."""
+
+    def found() -> list[str] | None:
+        events = [e for e in cluster.server.list("events", NS) if e["involvedObject"]["name"] == name]
+        return [e["type"] for e in events if e["reason"] == reason] or None
+
+    return cluster.server.wait_for(found, 30, f"no {reason} event about {name}")
 
 
 def test_missing_publish_secret_fails_before_training(cluster: Cluster, servers: dict[str, Any]) -> None:
@@ -147,16 +170,20 @@ def test_missing_publish_secret_fails_before_training(cluster: Cluster, servers:
         j["metadata"]["name"] for j in cluster.server.list("jobs.batch", NS) if j["metadata"]["name"].startswith(name)
     ]
     assert f"{name}-sft" not in jobs, jobs
-    events = [e for e in cluster.server.list("events", NS) if e["involvedObject"]["name"] == name]
-    assert [e["type"] for e in events if e["reason"] == c.Reason.SECRET_NOT_FOUND] == ["Warning"]
+    assert warnings(cluster, name, c.Reason.SECRET_NOT_FOUND) == ["Warning"]
     cluster.kubectl("delete", "ftj", name, "--wait=false")
 
 
-def test_eval_gate_publish_end_to_end(cluster: Cluster, servers: dict[str, Any]) -> None:
+def test_eval_gate_publish_serve_then_a_failing_gate_keeps_it_serving(
+    cluster: Cluster, servers: dict[str, Any]
+) -> None:
     name = "e2e-evalpub"
-    apply(cluster, spec(name, servers))
+    job = spec(name, servers)
+    job["spec"]["serve"] = SERVE
+    apply(cluster, job)
     cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=900s", timeout=960)
     status = cluster.status(name)
+    assert status["state"] == "Serving", status
 
     # The Secret check ran first, in the preflight pod (an init container that read and printed nothing).
     check = [
@@ -219,3 +246,33 @@ def test_eval_gate_publish_end_to_end(cluster: Cluster, servers: dict[str, Any])
         assert not any(x in text for x in CANARIES), f"a canary is in {rec.log_path.name}"
     operator_log = cluster.operator_log.read_text(errors="replace")
     assert not any(x in operator_log for x in CANARIES)
+
+    # The model serves, and the Deployment carries the metrics it passed the gate with.
+    assert chat("tiny-evalpub")["model"] == "tiny-evalpub"
+    deployment = cluster.server.get("deployments.apps", f"{name}-serve", NS)
+    assert deployment is not None
+    assert json.loads(deployment["metadata"]["annotations"][c.ANNOTATION_METRICS])["eval_loss"] == metrics["eval_loss"]
+
+    # A new run whose model misses the gate: nothing published, the old model goes on serving.
+    commits, s3_before = list(repo.commits), dict(s3_files)
+    job["spec"]["runId"] = "strict"
+    job["spec"]["gate"]["threshold"] = 0.0001
+    apply(cluster, job)
+    cluster.kubectl("wait", "--for=condition=Failed", f"ftj/{name}", "--timeout=900s", timeout=960)
+    status = cluster.status(name)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == c.Reason.GATE_FAILED and "misses the threshold" in failed["message"], failed
+    assert status["gate"]["result"] == "Failed" and status["gate"]["value"] > 0.0001, status["gate"]
+    ready = condition(status, "Ready")
+    assert ready["status"] == "True", ready  # the previous run's model is served
+    assert f"{name}-strict-eval" in {j["metadata"]["name"] for j in cluster.server.list("jobs.batch", NS)}
+    assert cluster.server.get("jobs.batch", f"{name}-strict-publish", NS) is None
+    after = cluster.server.get("deployments.apps", f"{name}-serve", NS)
+    assert after is not None and after["metadata"]["generation"] == deployment["metadata"]["generation"]
+    assert after["spec"]["template"] == deployment["spec"]["template"]
+    assert chat("tiny-evalpub")["model"] == "tiny-evalpub"
+    assert repo.commits == commits
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}/")["Contents"]
+    assert {o["Key"][len(name) + 1 :] for o in listing} == set(s3_before)
+    assert warnings(cluster, name, c.Reason.GATE_FAILED) == ["Warning"]
+    stop_serving(cluster, name)
