@@ -1,26 +1,23 @@
 """Model download: atomic (temporary folder + rename), marked complete, never fetched twice, partial ones resumed.
 
-Two stand-ins for the hub, no network: a fetch function that fails halfway (to prove atomicity), and a tiny
-HTTP server on 127.0.0.1 speaking the part of the Hugging Face Hub API that ``huggingface_hub`` uses, so the
-real client code path runs through ``ftctl worker download``.
+Two stand-ins for the hub, no network: a fetch function that fails halfway (to prove atomicity), and the
+end-to-end tests' HTTP server on 127.0.0.1 (tests/node_agent/hub.py) speaking the part of the Hub API that
+``huggingface_hub`` uses, so the real client code path runs through ``ftctl worker download``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from finetune_operator.errors import DownloadError
 from finetune_operator.worker import download, markers
+from tests.node_agent.hub import Hub
 
 FTCTL = str(Path(sys.executable).parent / "ftctl")
 
@@ -140,92 +137,30 @@ def test_not_a_model_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The real huggingface_hub client against a local stand-in of the Hub's HTTP API
+# The real huggingface_hub client against a local stand-in of the Hub's HTTP API (the end-to-end tests' one)
 # ---------------------------------------------------------------------------------------------------------------
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    repo = "org/tiny"
-    requests: list[tuple[str, str, str | None]] = []
-    fail_file: str | None = None
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _file(self) -> tuple[str, bytes] | None:
-        prefix = f"/{self.repo}/resolve/"
-        if not self.path.startswith(prefix):
-            return None
-        _rev, _, name = self.path[len(prefix) :].partition("/")
-        return (name, FILES[name]) if name in FILES else None
-
-    def _send_file_headers(self, name: str, data: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("X-Repo-Commit", SHA)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        type(self).requests.append(("HEAD", self.path, self.headers.get("Authorization")))
-        f = self._file()
-        if f is None:
-            self.send_error(404)
-            return
-        self._send_file_headers(*f)
-
-    def do_GET(self) -> None:
-        type(self).requests.append(("GET", self.path, self.headers.get("Authorization")))
-        if self.path.startswith(f"/api/models/{self.repo}/tree/"):
-            tree = [
-                {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                for n, d in FILES.items()
-            ]
-            body = json.dumps(tree).encode()
-        elif self.path.startswith(f"/api/models/{self.repo}/revision/"):
-            body = json.dumps({"id": self.repo, "sha": SHA, "siblings": [{"rfilename": n} for n in FILES]}).encode()
-        else:
-            body = b""
-        if body:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        f = self._file()
-        if f is None:
-            self.send_error(404)
-            return
-        if f[0] == type(self).fail_file:
-            self.send_error(500, "hub hiccup")
-            return
-        self._send_file_headers(*f)
-        self.wfile.write(f[1])
+HUB_TOKEN = "hf_secret_token"
 
 
 @pytest.fixture()
-def fake_hub() -> Iterator[str]:
-    FakeHub.requests = []
-    FakeHub.fail_file = None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def fake_hub(tmp_path: Path) -> Iterator[Hub]:
+    folder = tmp_path / "hub-repo"
+    folder.mkdir()
+    for name, data in FILES.items():
+        (folder / name).write_bytes(data)
+    hub = Hub("org/tiny", folder, HUB_TOKEN).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield hub
     finally:
-        server.shutdown()
-        server.server_close()
+        hub.stop()
 
 
 def _ftctl_download(hub: str, cfg: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {
         "HF_ENDPOINT": hub,
         "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_TOKEN": "hf_secret_token",
+        "HF_TOKEN": HUB_TOKEN,
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_ETAG_TIMEOUT": "5",
         "HF_HUB_DOWNLOAD_TIMEOUT": "5",
@@ -242,30 +177,30 @@ def _ftctl_download(hub: str, cfg: Path, tmp_path: Path) -> subprocess.Completed
     )
 
 
-def test_ftctl_worker_download_with_huggingface_hub(fake_hub: str, tmp_path: Path) -> None:
+def test_ftctl_worker_download_with_huggingface_hub(fake_hub: Hub, tmp_path: Path) -> None:
     target = tmp_path / "models" / "tiny"
     cfg = tmp_path / "download.yaml"
     cfg.write_text(json.dumps({"source": "org/tiny", "hub": "huggingface", "local_dir": str(target)}))
     (tmp_path / "termination-log").write_text("")
 
-    FakeHub.fail_file = "tokenizer.json"
-    failed = _ftctl_download(fake_hub, cfg, tmp_path)
+    fake_hub.fail_file = "tokenizer.json"
+    failed = _ftctl_download(fake_hub.url, cfg, tmp_path)
     assert failed.returncode == 5, failed.stderr
-    assert "hf_secret_token" not in failed.stderr + failed.stdout
+    assert HUB_TOKEN not in failed.stderr + failed.stdout
     assert "downloading org/tiny from huggingface failed" in (tmp_path / "termination-log").read_text()
     assert not target.exists()
 
-    FakeHub.fail_file = None
-    FakeHub.requests = []
-    done = _ftctl_download(fake_hub, cfg, tmp_path)
+    fake_hub.fail_file = None
+    fake_hub.requests = []
+    done = _ftctl_download(fake_hub.url, cfg, tmp_path)
     assert done.returncode == 0, done.stderr
     assert all((target / n).read_bytes() == d for n, d in FILES.items())
     assert markers.read_marker(target, markers.DOWNLOAD_COMPLETE) is not None
     assert not (target / ".cache").exists()
-    gets = [p for m, p, _ in FakeHub.requests if m == "GET" and "/resolve/" in p]
+    gets = [p for m, p, _ in fake_hub.requests if m == "GET" and "/resolve/" in p]
     assert not any(p.endswith("/config.json") for p in gets)  # fetched by the first attempt: resumed
-    assert all(auth == "Bearer hf_secret_token" for _, _, auth in FakeHub.requests)
+    assert fake_hub.requests and all(authorized for _, _, authorized in fake_hub.requests)
 
-    FakeHub.requests = []
-    again = _ftctl_download(fake_hub, cfg, tmp_path)
-    assert again.returncode == 0 and FakeHub.requests == []  # complete: the hub is not even asked
+    fake_hub.requests = []
+    again = _ftctl_download(fake_hub.url, cfg, tmp_path)
+    assert again.returncode == 0 and fake_hub.requests == []  # complete: the hub is not even asked

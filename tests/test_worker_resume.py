@@ -133,3 +133,30 @@ def test_leftovers_without_checkpoint_start_over(tiny_model: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     assert "incomplete" in proc.stderr and not (out / "checkpoint-1").exists()
     assert trainer_log_steps(out)[0] == 1 and json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.train
+def test_killed_after_the_last_checkpoint_finishes_without_training_again(tiny_model: Path, tmp_path: Path) -> None:
+    """Killed after the final checkpoint, before the final save: the Trainer would resume from ``checkpoint-N``
+    and train step N+1 (it checks ``max_steps`` only after a step); the worker finishes from the checkpoint."""
+    cfg, out = prepare(tmp_path, tiny_model, one_stage_job({"max_steps": 2, "save_steps": 2}))
+    argv = [FTCTL, "worker", "train", "--config", str(cfg), "--backend", "local"]
+    first = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr
+    final = out / "checkpoint-2"
+    assert is_complete_checkpoint(final)
+    # What a kill between the last checkpoint and the end of the final save leaves: the checkpoint only.
+    for path in out.iterdir():
+        if path.is_file():
+            path.unlink()
+    logged = (final / "trainer_state.json").read_text()
+
+    second = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "finishing from" in second.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (out / "trainer_state.json").read_text() == logged
+    assert (out / "adapter_model.safetensors").read_bytes() == (final / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_config.json").is_file() and not (out / "optimizer.pt").exists()
+    marker = markers.read_marker(out)
+    assert marker is not None and marker["steps"] == 2 and marker["totalSteps"] == 2

@@ -3,6 +3,8 @@
 Only what ``huggingface_hub.snapshot_download`` calls: the revision and tree APIs, then HEAD/GET of each
 file under ``/<repo>/resolve/<revision>/<path>``. Every request must carry ``Authorization: Bearer <token>``
 (401 otherwise), so a download that succeeds proves the token travelled from the Secret into the pod.
+``fail_file`` makes the GET of one file fail with 500 (a hub hiccup halfway through a download). Used by the
+end-to-end tests (through the node agent's ``HF_ENDPOINT``) and by tests/test_worker_download.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Hub:
     def __init__(self, repo: str, folder: Path, token: str) -> None:
         self.repo, self.folder, self.token = repo, folder, token
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, authorized)
+        self.fail_file: str | None = None
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         self.files = files
         hub = self
@@ -85,6 +88,9 @@ class Hub:
                 f = self._file()
                 if f is None:
                     self.send_error(404)
+                    return
+                if f[0] == hub.fail_file:
+                    self.send_error(500, "hub hiccup")
                     return
                 self._headers(f[1])
                 self.wfile.write(f[1])

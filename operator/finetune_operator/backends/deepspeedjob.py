@@ -34,6 +34,9 @@ from finetune_operator.render.meta import COMPONENT_TRAIN, metadata, run_scope
 from finetune_operator.render.pods import worker_command
 from finetune_operator.render.workloads import train_pod
 
+#: The preStop hook of the worker containers (see :mod:`finetune_operator.worker.stopping`).
+STOP_COMMAND: Final = ["ftctl", "worker", "stop"]
+
 _PHASES: Final = {
     "Succeeded": Phase.SUCCEEDED,
     "Failed": Phase.FAILED,
@@ -65,6 +68,9 @@ class DeepSpeedJobBackend:
         # image's user, sshd cannot even read its host key).
         tpl["spec"]["securityContext"] = {"runAsUser": 0, "runAsGroup": 0, "seccompProfile": {"type": "RuntimeDefault"}}
         tpl["spec"]["containers"][0]["env"].append({"name": "HOME", "value": "/root"})
+        # PID 1 of a T9k worker pod is sshd, so the kubelet's SIGTERM never reaches our trainers (they die with
+        # sshd): a preStop hook makes them checkpoint and exit first (finetune_operator.worker.stopping).
+        tpl["spec"]["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": STOP_COMMAND}}}
         spec: dict[str, Any] = {
             "config": {
                 "slotsPerWorker": inp.nproc_per_node,

@@ -67,6 +67,8 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _publish(args)
         if step == "eval":
             return _eval(args)
+        if step == "stop":
+            return _stop(args)
         return _progress(args)
     except WorkerError as exc:
         msg = f"{step} failed: {exc}"
@@ -154,6 +156,12 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    from finetune_operator.worker.stopping import stop_running
+
+    return 1 if stop_running(os.environ) else 0
+
+
 def _progress(args: argparse.Namespace) -> int:
     from finetune_operator.worker import markers
     from finetune_operator.worker.progress import TRAINER_LOG, StatusReporter, TrainerLogFollower
@@ -219,6 +227,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     pub = sub.add_parser("publish", help="write the lineage file and publish the model to its destinations")
     pub.add_argument("--config", required=True, help="publish.json")
     pub.set_defaults(func=lambda a: _run("publish", a))
+
+    st = sub.add_parser(
+        "stop",
+        help="preStop hook: make this pod's training workers checkpoint and exit, and wait for them "
+        "(for pods whose PID 1 is not the worker, e.g. sshd under DeepSpeedJob)",
+    )
+    st.set_defaults(func=lambda a: _run("stop", a))
 
     p = sub.add_parser("progress", help="print (and report) the progress of a stage from its trainer log")
     p.add_argument("--output-dir", required=True, help="the stage's output folder")

@@ -9,6 +9,9 @@
    ``overwrite_output_dir`` is false. Checkpoints cut short by a kill (no ``trainer_state.json``) are moved aside
    so that the resume starts from the last *complete* one; an output folder with leftovers but no checkpoint
    (killed before the first save) would make LLaMA-Factory refuse to start, so the run then overwrites it.
+   A last checkpoint that already holds the end of training (killed after it, before the final save) is not
+   resumed: the Trainer checks ``max_steps`` only after a step, so it would train one step too many. The
+   worker finishes the stage from that checkpoint instead (:func:`final_checkpoint`).
 4. Launch LLaMA-Factory's training (through :mod:`.lfentry`, which adds the checkpoint callback) with the
    backend's distributed environment (:mod:`.envmap`), follow progress (:mod:`.progress`). On SIGTERM the
    trainer saves a checkpoint at the next step boundary and exits (:mod:`.preempt`); the signal is forwarded to
@@ -35,13 +38,24 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import envmap, inputcheck, markers, preempt
+from finetune_operator.worker import envmap, inputcheck, markers, preempt, stopping
 from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
 log = logging.getLogger("finetune_operator.worker.train")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+#: Files of a checkpoint that only a resuming Trainer reads; a finished stage's folder does not carry them.
+_RESUME_ONLY = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+#: Any of these makes a checkpoint hold the trained weights (adapters, or a full model, possibly sharded).
+_WEIGHTS = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class Interrupted(WorkerError):
@@ -75,6 +89,35 @@ def checkpoints(output_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint the Trainer can resume from: its state file is written last."""
     return (path / "trainer_state.json").is_file()
+
+
+def final_checkpoint(output_dir: Path) -> Path | None:
+    """The last complete checkpoint when it already is the end of training (``global_step >= max_steps``, as
+    its ``trainer_state.json`` says) and holds the weights; None otherwise (resume, or start)."""
+    complete = [p for _, p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+    if not complete:
+        return None
+    last = complete[-1]
+    try:
+        state = json.loads((last / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step, total = state.get("global_step"), state.get("max_steps")
+    if not isinstance(step, int) or not isinstance(total, int) or total <= 0 or step < total:
+        return None
+    return last if any((last / name).is_file() for name in _WEIGHTS) else None
+
+
+def finish_from_checkpoint(checkpoint: Path, output_dir: Path) -> None:
+    """Make ``output_dir`` what the final save would have made of it: the checkpoint's weights, tokenizer,
+    configs and trainer state, without the optimizer and RNG states. Each file is copied under a temporary name
+    and renamed, and the completion marker is written after all of them, so a kill here is simply redone."""
+    for path in sorted(checkpoint.iterdir()):
+        if not path.is_file() or _RESUME_ONLY.match(path.name):
+            continue
+        partial = output_dir / f".{path.name}.partial"
+        shutil.copy2(path, partial)
+        os.replace(partial, output_dir / path.name)
 
 
 def _is_model_dir(path: str) -> bool:
@@ -212,6 +255,9 @@ def run_train(
     check_inputs(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = resume_overrides(cfg, output_dir, primary=launch.primary)
+    final = None if cfg.get("resume_from_checkpoint") else final_checkpoint(output_dir)
+    if final is not None:
+        return _finish(final, output_dir, stage, backend, launch, env_in)
 
     env = envmap.apply_env(env_in, launch.env)
     env["PATH"] = child_path(env)
@@ -260,6 +306,7 @@ def run_train(
                 return True
 
             graceful = GracefulStop(request=_request, deadline=preempt.stop_deadline(env_in))
+            stack.enter_context(stopping.announced(env_in))
         with monitor:
             result: ChildResult = run_child(
                 argv, env, echo=echo, log_file=log_file, on_start=on_start, graceful=graceful
@@ -281,16 +328,42 @@ def run_train(
     if launch.primary:
         if not (output_dir / TRAINER_LOG).exists() and not any(output_dir.glob("*.safetensors")):
             raise WorkerError(f"training stage {stage!r} exited 0 but wrote nothing to {output_dir}")
-        summary["writer"] = {
-            "backend": backend,
-            "nodeRank": launch.node_rank,
-            "nnodes": launch.nnodes,
-            "nprocPerNode": launch.nproc_per_node,
-            "host": env_in.get("HOSTNAME", ""),
-        }
-        markers.write_marker(output_dir, {"stage": stage, **summary})
-        log.info("stage %s complete: %s", stage, json.dumps(summary, sort_keys=True))
+        _complete(output_dir, stage, summary, backend, launch, env_in)
     return TrainResult(output_dir=output_dir, summary=summary, ran=True, primary=launch.primary)
+
+
+def _finish(
+    checkpoint: Path, output_dir: Path, stage: str, backend: str, launch: envmap.Launch, env_in: Mapping[str, str]
+) -> TrainResult:
+    """The stage's training is over (its last checkpoint says so): finish it without launching anything."""
+    started = time.time()
+    log.info("stage %s: %s is the end of training: finishing from it without training again", stage, checkpoint)
+    if not launch.primary:  # every node sees the same checkpoint on the shared volume; rank 0 finishes
+        return TrainResult(output_dir=output_dir, summary={}, ran=False, primary=False)
+    finish_from_checkpoint(checkpoint, output_dir)
+    summary = summarize(output_dir, started, None)
+    _complete(output_dir, stage, summary, backend, launch, env_in)
+    return TrainResult(output_dir=output_dir, summary=summary, ran=True, primary=True)
+
+
+def _complete(
+    output_dir: Path,
+    stage: str,
+    summary: dict[str, Any],
+    backend: str,
+    launch: envmap.Launch,
+    env_in: Mapping[str, str],
+) -> None:
+    """Rank 0 writes the completion marker: the summary and which process wrote it."""
+    summary["writer"] = {
+        "backend": backend,
+        "nodeRank": launch.node_rank,
+        "nnodes": launch.nnodes,
+        "nprocPerNode": launch.nproc_per_node,
+        "host": env_in.get("HOSTNAME", ""),
+    }
+    markers.write_marker(output_dir, {"stage": stage, **summary})
+    log.info("stage %s complete: %s", stage, json.dumps(summary, sort_keys=True))
 
 
 def clean_stage(output_dir: str | os.PathLike[str]) -> None:
