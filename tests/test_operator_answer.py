@@ -227,16 +227,18 @@ def test_the_real_vllm_behind_the_service_answers_the_check(
     tiny_vllm: ServedModel, cluster: EmulatorServer, operator: OperatorThread
 ) -> None:
     # The real vLLM OpenAI server (CPU build, tiny model) plays the Service's pods.
-    trained(cluster, "real", merge={"enabled": True}, serve={**SERVE, "servedModelName": tiny_vllm.name})
+    cluster.create(minimal("real", merge={"enabled": True}, serve={**SERVE, "servedModelName": tiny_vllm.name}))
+    for step in ("sft", "merge"):
+        wait_child(cluster, "Job", f"real-{step}")
+        succeed(cluster, "Job", f"real-{step}")
     cluster.wait_for_object("services", "real-serve")
     cluster.emulator.service_backends[("default", "real-serve", "8000")] = tiny_vllm.base_url
     make_available(cluster, "real-serve", answer=False)
     status = wait_state(cluster, "real", "Serving", timeout=120)
     assert condition(status, "Ready")["status"] == "True"
-    assert (
-        c.Reason.SERVICE_ANSWERED,
-        f"Service real-serve answered a chat completion of model {tiny_vllm.name!r}",
-    ) in [e[1:] for e in events(cluster, "real")]
+    (event,) = wait_event(cluster, "real", c.Reason.SERVICE_ANSWERED)
+    assert event[2] == f"Service real-serve answered a chat completion of model {tiny_vllm.name!r}"
+    assert answered(cluster, "real-serve") is not None
 
 
 # ------------------------------------------------------------------------------------------------ the rules
