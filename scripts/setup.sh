@@ -8,6 +8,10 @@
 #    torchaudio, which fail to load beside the CPU torch. We install its pure-Python part (--no-deps) and remove
 #    its compiled libraries, which text-only training never calls. The worker image installs the real CUDA
 #    torch/torchaudio instead (images/Dockerfile).
+#  * LLaMA-Factory's PPO trainer needs trl 0.8.6-0.9.6, the rest of it trl >= 0.18 (pinned 0.24 in pyproject):
+#    the old trl and what only it needs go into .venv-trl-ppo (--no-deps --target), which the worker puts first
+#    on PYTHONPATH for `ppo` stages only (FT_PPO_TRL_PATH; operator/finetune_operator/worker/ppo_runtime.py).
+#    images/Dockerfile installs the same pins into /opt/trl-ppo (tests/test_dockerfile.py checks they agree).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +28,12 @@ pip install -e '.[train,publish,dev]'
 pip install --no-deps boto3==1.44.5 botocore==1.44.8 s3transfer==0.19.3
 pip install --no-deps torchaudio==2.11.0
 rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
+PPO_TRL="trl==0.9.6 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1"
+if [ "$(cat .venv-trl-ppo/.pins 2>/dev/null)" != "$PPO_TRL" ]; then
+  rm -rf .venv-trl-ppo
+  # shellcheck disable=SC2086 # one argument per pin
+  pip install --no-deps --target .venv-trl-ppo $PPO_TRL
+  rm -rf .venv-trl-ppo/tests .venv-trl-ppo/bin  # trl's wheel ships a top-level `tests` package and a CLI
+  echo "$PPO_TRL" > .venv-trl-ppo/.pins
+fi
 echo "ready: $(pwd)/.venv ($(.venv/bin/python -c 'import torch, llamafactory; print("torch", torch.__version__, "llamafactory", llamafactory.__version__)' 2>/dev/null | tail -1))"

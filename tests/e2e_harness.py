@@ -1,8 +1,9 @@
 """The emulated cluster of the end-to-end tests (tests/test_e2e.py) and of bench/e2e_vs_local.py.
 
-The API-server emulator with the CRDs, a namespace holding the hub token Secret, the operator started as the
-chart's Deployment starts it (default images pointed at the locally built ones), the node agent running every
-pod in its image, and a stand-in hub serving the shared tiny model only to holders of the token.
+The API-server emulator with the CRDs and Kubeflow Trainer v2's torch-distributed runtime, a namespace holding
+the hub token Secret, the operator started as the chart's Deployment starts it (default images pointed at the
+locally built ones), the node agent running every pod in its image, and a stand-in hub serving the shared tiny
+model only to holders of the token.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.emulator import EmulatorServer
 from tests.install_tools import ROOT, find_helm, render_chart
 from tests.node_agent import NodeAgent
 from tests.node_agent.hub import Hub
+from tests.node_agent.trainjob import install_runtimes
 from tests.operator_session import FTJ, operator_command
 
 TAG = "dev"
@@ -86,7 +88,19 @@ def cluster(root: Path, model: Path, token: str) -> Iterator[Cluster]:
     log_path = root / "operator.log"
     try:
         server.apply_crd(ROOT / "crds")
+        # Kubeflow Trainer v2 as a cluster admin installs it: its runtime kinds and the torch-distributed runtime.
+        install_runtimes(server)
         server.ensure_namespace(NS)
+        # What kube-controller-manager's root-CA publisher puts into every namespace (projected ServiceAccount
+        # token volumes read it). The emulator speaks plain HTTP: there is no CA to publish.
+        server.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "kube-root-ca.crt", "namespace": NS},
+                "data": {"ca.crt": ""},
+            }
+        )
         # The Secret as `kubectl create secret generic` stores it (base64 data).
         server.create(
             {

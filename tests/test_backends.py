@@ -131,10 +131,20 @@ def _cond(type_: str, status: str = "True", reason: str = "", message: str = "")
     return {"type": type_, "status": status, "reason": reason, "message": message}
 
 
+def _jobs(**counts: int) -> dict[str, Any]:
+    """One ``status.jobsStatus`` entry (Trainer v2: counts of the replicated job's Jobs)."""
+    return {"name": "node", **{k: counts.get(k, 0) for k in ("ready", "succeeded", "failed", "active", "suspended")}}
+
+
 @pytest.mark.parametrize(
     ("obj", "phase", "reason", "suspended"),
     [
         ({"spec": {}}, ch.Phase.PENDING, "", False),
+        # The vendored release (kubeflow/trainer 8c0f5059) writes no Created condition: the child Jobs say it.
+        ({"spec": {}, "status": {"jobsStatus": [_jobs()]}}, ch.Phase.PENDING, "", False),
+        ({"spec": {}, "status": {"jobsStatus": [_jobs(active=1, ready=1)]}}, ch.Phase.RUNNING, "", False),
+        ({"spec": {"suspend": True}, "status": {"jobsStatus": [_jobs(active=1)]}}, ch.Phase.SUSPENDED, "", True),
+        # Releases before kubeflow/trainer#2621 wrote Created.
         (
             {"spec": {}, "status": {"conditions": [_cond("Created", reason="JobsCreationSucceeded")]}},
             ch.Phase.RUNNING,
@@ -149,25 +159,51 @@ def _cond(type_: str, status: str = "True", reason: str = "", message: str = "")
             False,
         ),
         (
-            {"spec": {}, "status": {"conditions": [_cond("Suspended", "False", "Resumed"), _cond("Created")]}},
+            {
+                "spec": {},
+                "status": {"conditions": [_cond("Suspended", "False", "Resumed")], "jobsStatus": [_jobs(active=1)]},
+            },
             ch.Phase.RUNNING,
             "",
             False,
         ),
         (
-            {"spec": {}, "status": {"conditions": [_cond("Created"), _cond("Complete", reason="JobSetCompleted")]}},
+            {
+                "spec": {},
+                "status": {
+                    "conditions": [_cond("Complete", reason="AllJobsCompleted")],
+                    "jobsStatus": [_jobs(succeeded=1)],
+                },
+            },
             ch.Phase.SUCCEEDED,
-            "JobSetCompleted",
+            "AllJobsCompleted",
             False,
         ),
         (
-            {"spec": {}, "status": {"conditions": [_cond("Failed", reason="JobSetFailed", message="node-0 exit 7")]}},
+            {
+                "spec": {},
+                "status": {
+                    "conditions": [_cond("Failed", reason="FailedJobs", message="jobset failed")],
+                    "jobsStatus": [_jobs(failed=1)],
+                },
+            },
             ch.Phase.FAILED,
-            "JobSetFailed",
+            "FailedJobs",
             False,
         ),
     ],
-    ids=["new", "created", "suspend-flag", "suspended-cond", "resumed", "complete", "failed"],
+    ids=[
+        "new",
+        "jobs-not-started",
+        "jobs-active",
+        "suspended-with-active-jobs",
+        "created-older-release",
+        "suspend-flag",
+        "suspended-cond",
+        "resumed",
+        "complete",
+        "failed",
+    ],
 )
 def test_trainjob_status(obj: dict[str, Any], phase: str, reason: str, suspended: bool) -> None:
     got = ch.interpret({"kind": "TrainJob", **obj})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_operator.worker import ppo_runtime
 from tests.install_tools import ROOT, run, venv_tool
 
 DOCKERFILE = ROOT / "images" / "Dockerfile"
@@ -153,6 +154,8 @@ def test_every_pip_install_is_pinned_and_agrees_with_pyproject(
     seen: dict[str, str] = {}
     for stage in stages.values():
         for args in _pip_installs(stage):
+            if "--target" in args:
+                continue  # the trl of ppo stages, in a folder of its own: test_ppo_trl_folder_agrees_with_...
             for arg in args:
                 if arg.startswith("-") or arg in {"."}:
                     continue
@@ -243,3 +246,24 @@ def test_dockerignore_keeps_the_context_small() -> None:
                 continue
             copied.update(p.rstrip("/").removeprefix("./") for p in args.split()[:-1])
     assert copied == allowed
+
+
+def test_ppo_trl_folder_agrees_with_the_worker_and_the_development_setup(stages: dict[str, Stage]) -> None:
+    """LLaMA-Factory's PPO trainer needs an older trl than the rest of it (worker/ppo_runtime.py): the image
+    installs exactly ppo_runtime.REQUIREMENTS, without their dependencies, into the folder the worker looks in by
+    default, and the development setup installs the same pins; both drop trl's stray top-level `tests` package."""
+    (install,) = [args for args in _pip_installs(stages["worker"]) if "--target" in args]
+    assert "--no-deps" in install
+    assert install[install.index("--target") + 1] == ppo_runtime.DEFAULT_PATH
+    pins = tuple(a for a in install if PIN.match(a))
+    assert pins == ppo_runtime.REQUIREMENTS
+    worker_runs = " ".join(stages["worker"].all("RUN"))
+    assert f"rm -rf {ppo_runtime.DEFAULT_PATH}/tests" in worker_runs
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    (setup_pins,) = re.findall(r'^PPO_TRL="([^"]+)"$', setup, flags=re.MULTILINE)
+    assert tuple(setup_pins.split()) == ppo_runtime.REQUIREMENTS
+    assert "--no-deps --target .venv-trl-ppo $PPO_TRL" in setup
+    # The trl pinned there is one LLaMA-Factory's PPO trainer accepts.
+    (trl,) = [p for p in pins if p.startswith("trl==")]
+    low, high = ppo_runtime.TRL_ACCEPTED
+    assert low <= tuple(int(x) for x in trl.removeprefix("trl==").split(".")) <= high

@@ -35,6 +35,7 @@ from tests.e2e_harness import NS, REPO, TOKEN_SECRET, Cluster, build_images
 from tests.e2e_harness import cluster as start_cluster
 from tests.install_tools import ROOT
 from tests.node_agent import available
+from tests.node_agent.trainjob import runtime_of, trainer_job
 from tests.test_local_run import shared_tiny_model
 
 #: Each test drives a whole pipeline in containers (minutes on 2 loaded cores); the images are built before.
@@ -122,6 +123,11 @@ def pod_users(cluster: Cluster) -> dict[str, str]:
             templates.append((f"{obj['metadata']['name']}-{role.lower()}", rs["template"]))
         if "worker" in spec_:  # DeepSpeedJob: the workers and T9k's launcher share the template
             templates.append((obj["metadata"]["name"], spec_["worker"]["template"]))
+        if obj.get("kind") == "TrainJob":  # the node pods of the JobSet built from the runtime and its patches
+            runtime = runtime_of(cluster.server, obj)
+            assert runtime is not None
+            node = trainer_job(obj, runtime, master_port=0)
+            templates.append((node.name, node.template))
         for name, tpl in templates:
             sc = tpl["spec"].get("securityContext") or {}
             csc = tpl["spec"]["containers"][0].get("securityContext") or {}
@@ -271,5 +277,29 @@ def test_deepspeedjob_backend_end_to_end(cluster: Cluster) -> None:
     launcher = next(r for r in cluster.agent.records if r.pod == f"{name}-sft-launcher")
     log = launcher.log_path.read_text(errors="replace")
     assert f"{name}-sft-worker-1" in log and launcher.exit_code == 0  # the runner reached both hosts
+    assert_common(cluster, name, "tiny-chat")
+    stop_serving(cluster, name)
+
+
+def test_trainjob_backend_end_to_end(cluster: Cluster) -> None:
+    """Kubeflow Trainer v2: two nodes for both stages, the TrainJob on the torch-distributed runtime as Trainer,
+    JobSet and the Job controller run it (the pods, the torch plugin's environment, the status they write)."""
+    name = "e2e-tj"
+    doc = spec(name, "trainjob", nodes=2)
+    spec_for[name] = doc
+    apply(cluster, doc)
+    cluster.kubectl("wait", "--for=condition=Ready", f"ftj/{name}", "--timeout=900s", timeout=960)
+    for stage in ("sft", "dpo"):
+        pods = {r.pod.rsplit("-", 1)[0] for r in cluster.agent.records if r.pod.startswith(f"{name}-{stage}-")}
+        assert pods == {f"{name}-{stage}-node-0-0", f"{name}-{stage}-node-0-1"}, pods
+        trainjob = cluster.server.get("trainjobs.trainer.kubeflow.org", f"{name}-{stage}", NS)
+        assert trainjob is not None
+        conditions = {c["type"]: c["reason"] for c in trainjob["status"]["conditions"] if c["status"] == "True"}
+        assert conditions == {"Complete": "AllJobsCompleted"}, conditions
+    marker = json.loads((cluster.claim("demo-outputs") / name / "sft" / ".finetune-complete.json").read_text())
+    assert marker["writer"]["nnodes"] == 2 and marker["writer"]["backend"] == "trainjob"
+    # Rank 1 reached rank 0 at the JobSet DNS name the torch plugin gives as PET_MASTER_ADDR.
+    rank1 = next(r for r in cluster.agent.records if r.pod.startswith(f"{name}-sft-node-0-1-"))
+    assert f"{name}-sft-node-0-0.{name}-sft" in rank1.log_path.read_text(errors="replace")
     assert_common(cluster, name, "tiny-chat")
     stop_serving(cluster, name)

@@ -145,3 +145,34 @@ def test_rule_mirrors_llamafactory(
     assert any(e.path.startswith(f"spec.stages[{index}].args.") for e in errors), errors
     with pytest.raises((ValueError, SystemExit)):
         get_train_args(_lf_config(str(tmp_path), stage["type"], method, args))
+
+
+@pytest.mark.train
+def test_template_media_mirrors_llamafactorys_own_refusal() -> None:
+    """Every template and media kind: the validation rule on media columns rejects exactly what LLaMA-Factory's
+    multimodal plugin refuses when it tokenises a sample ("This model does not support image input")."""
+    import os
+
+    os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+    from llamafactory.data.template import TEMPLATES
+
+    from tests.test_validation import base
+
+    table = lfargs.load()
+    kinds = ("images", "videos", "audios")
+    for name, template in sorted(TEMPLATES.items()):
+        for kind in kinds:
+            media: dict[str, list[Any]] = {k: (["x"] if k == kind else []) for k in kinds}
+            try:
+                template.mm_plugin._validate_input(None, media["images"], media["videos"], media["audios"])
+                refused = False
+            except ValueError as exc:
+                refused = "does not support" in str(exc)
+            assert (kind not in table.template_media.get(name, frozenset())) is refused, (name, kind)
+    # and through the validation rule, for one text and one vision template
+    for name, refused in (("qwen", True), ("llava", False)):
+        obj = base()
+        obj["spec"]["model"]["template"] = name
+        obj["spec"]["datasets"][0]["columns"]["images"] = "images"
+        _, errors = check(obj)
+        assert any(e.path == "spec.datasets[0].columns.images" for e in errors) is refused, errors

@@ -9,6 +9,7 @@ readiness probe decides availableReplicas.
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,3 +243,75 @@ def test_deployment_is_available_once_its_probe_answers(agent: NodeAgent, emulat
     assert [r.user for r in agent.records] == ["1000:0"]
     emulator_server.delete("deployments.apps", "web", NS)
     emulator_server.wait_for(lambda: not agent.processes_of_kind("Deployment"), 30, "the pod outlived its Deployment")
+
+
+def pods_of(server: EmulatorServer, job_name: str) -> list[dict[str, Any]]:
+    return [p for p in server.list("pods", NS) if p["metadata"]["labels"].get("job-name") == job_name]
+
+
+def test_pod_objects_with_termination_messages(agent: NodeAgent, emulator_server: EmulatorServer) -> None:
+    """The Job's pod as the Job controller and the kubelet write it: labels, owner, phase, container states with
+    the termination message (what the operator reads eval/publish results from), init containers first."""
+    from finetune_operator.controller import results
+
+    doc = job("term", 'test -f /tmp/init-ran || true; printf \'{"metrics": {"x": 1.5}}\' > "$FT_TERMINATION_LOG"')
+    spec = doc["spec"]["template"]["spec"]
+    doc["spec"]["template"]["metadata"] = {"labels": {"app.kubernetes.io/managed-by": "finetune-operator"}}
+    spec["initContainers"] = [{"name": "first", "image": IMAGE, "command": ["true"]}]
+    created = emulator_server.create(doc)
+    assert "Complete" in conditions(finished(emulator_server, "term"))
+    (pod,) = pods_of(emulator_server, "term")
+    meta = pod["metadata"]
+    assert meta["labels"]["batch.kubernetes.io/job-name"] == "term"
+    assert meta["labels"]["batch.kubernetes.io/controller-uid"] == created["metadata"]["uid"]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+    (owner,) = meta["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "Job",
+        "term",
+        created["metadata"]["uid"],
+        True,
+    )
+    status = pod["status"]
+    assert status["phase"] == "Succeeded"
+    (init,) = status["initContainerStatuses"]
+    assert init["name"] == "first" and init["state"]["terminated"]["exitCode"] == 0
+    (main,) = status["containerStatuses"]
+    assert main["state"]["terminated"]["reason"] == "Completed"
+    # The operator's own reader finds the result.
+    message = results.termination_message([pod], created["metadata"]["uid"])
+    assert json.loads(message or "") == {"metrics": {"x": 1.5}}
+    # Deleting the Job deletes its pod (garbage collection through the ownerReference).
+    emulator_server.delete("jobs.batch", "term", NS)
+    emulator_server.wait_for(lambda: not pods_of(emulator_server, "term"), 30)
+
+
+def test_missing_secret_keeps_the_pod_pending(agent: NodeAgent, emulator_server: EmulatorServer) -> None:
+    """CreateContainerConfigError with the kubelet's message; nothing runs; once the key exists it starts."""
+    from finetune_operator.controller import podstate
+
+    doc = job("nokey", "true", env=[{"name": "T", "valueFrom": {"secretKeyRef": {"name": "later", "key": "tok"}}}])
+    doc["spec"]["template"]["spec"]["initContainers"] = [{"name": "check", "image": IMAGE, "command": ["true"]}]
+    emulator_server.create(doc)
+
+    def waiting() -> Any:
+        pods = pods_of(emulator_server, "nokey")
+        return podstate.stuck(pods) if pods else None
+
+    found = emulator_server.wait_for(waiting, 60, "the pod never reported CreateContainerConfigError")
+    assert (found.secret, found.key, found.container) == ("later", None, "main")
+    assert found.message == 'secret "later" not found'
+    (pod,) = pods_of(emulator_server, "nokey")
+    assert pod["status"]["phase"] == "Pending"
+    assert not [r for r in agent.records if r.pod.startswith("nokey") and r.container == "main"]
+    emulator_server.create(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "later", "namespace": NS}, "data": {}}
+    )
+    found = emulator_server.wait_for(
+        lambda: (f := waiting()) is not None and f.key == "tok" and f, 30, "no message about the key"
+    )
+    assert found.message == f"couldn't find key tok in Secret {NS}/later"
+    emulator_server.patch("secrets", "later", {"data": {"tok": base64.b64encode(b"x").decode()}}, NS)
+    assert "Complete" in conditions(finished(emulator_server, "nokey"))
+    (pod,) = pods_of(emulator_server, "nokey")
+    assert pod["status"]["phase"] == "Succeeded"

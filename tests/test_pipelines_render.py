@@ -460,8 +460,9 @@ def test_volume_reward_model_is_mounted_read_only() -> None:
     assert mounts["/mnt/volumes/rewards"]["readOnly"] is True
 
 
-def _media_job(*media: dict[str, Any] | None) -> dict[str, Any]:
+def _media_job(*media: dict[str, Any] | None, template: str = "qwen2_vl") -> dict[str, Any]:
     doc = base()
+    doc["spec"]["model"]["template"] = template
     doc["spec"]["datasets"] = []
     for j, m in enumerate(media):
         ds: dict[str, Any] = {
@@ -488,3 +489,50 @@ def test_multimodal_validation() -> None:
     assert "columns.images" in errors(doc)["spec.datasets[0].media"]
     doc = graph_job(SFT, RM, {**PPO, "rewardModel": {"volume": {"claimName": "m", "subPath": "/abs"}}})
     assert "relative path" in errors(doc)["spec.stages[2].rewardModel.volume.subPath"]
+
+
+@pytest.mark.parametrize(
+    ("template", "kind", "reads"),
+    [
+        ("qwen", "images", "is text-only"),  # a text template: LLaMA-Factory refuses any media
+        ("llava", "videos", "reads only images"),
+        ("qwen2_vl", "audios", "reads only images, videos"),
+        ("qwen2_audio", "images", "reads only audios"),
+    ],
+)
+def test_media_columns_need_a_template_that_takes_them(template: str, kind: str, reads: str) -> None:
+    doc = _media_job({"claimName": "data", "subPath": "media"}, template=template)
+    cols = doc["spec"]["datasets"][0]["columns"]
+    cols.pop("images")
+    cols[kind] = kind
+    found = errors(doc)
+    message = found.pop(f"spec.datasets[0].columns.{kind}")
+    assert f"spec.model.template {template!r} {reads}" in message, message
+    assert f"LLaMA-Factory refuses {kind}" in message
+    assert not found, found  # one error, on the column
+
+
+@pytest.mark.parametrize(
+    ("template", "kinds"),
+    [
+        ("llava", ["images"]),
+        ("qwen2_vl", ["images", "videos"]),
+        ("qwen2_audio", ["audios"]),
+        ("qwen2_omni", ["images", "videos", "audios"]),
+    ],
+)
+def test_media_columns_a_template_takes_are_accepted(template: str, kinds: list[str]) -> None:
+    doc = _media_job({"claimName": "data", "subPath": "media"}, template=template)
+    cols = doc["spec"]["datasets"][0]["columns"]
+    cols.pop("images")
+    cols.update({k: k for k in kinds})
+    validate(doc)
+
+
+def test_media_rule_suggests_templates_and_leaves_unknown_templates_to_their_own_rule() -> None:
+    doc = _media_job(None, template="qwen")
+    message = errors(doc)["spec.datasets[0].columns.images"]
+    assert "(qwen2_vl, qwen3_vl, llava, gemma3 and " in message
+    found = errors(_media_job(None, template="qwen2-vl"))
+    assert "unknown LLaMA-Factory template" in found["spec.model.template"]
+    assert "spec.datasets[0].columns.images" not in found

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from finetune_operator.api import constants as c
+from finetune_operator.render import secretcheck
 from tests.install_tools import EXAMPLES, load_all, venv_tool
 from tests.operator_session import CANARY, TOKEN_SECRET, session
 
@@ -71,6 +72,23 @@ def _secret_uses(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], st
         if '"secret": {' in text or '"secretName"' in text:
             uses.append((obj, "volumes", "secret volume"))
     return uses
+
+
+def _without_secret_check(
+    objects: list[dict[str, Any]], uses: list[tuple[dict[str, Any], str, Any]]
+) -> list[tuple[dict[str, Any], str, Any]]:
+    """The uses other than the Secret check (render/secretcheck.py), after checking that one: only in the first
+    Job of the plan, an init container that runs ``true`` (reads and prints nothing), each key once."""
+    check = f".initContainers[{secretcheck.CONTAINER}]"
+    first_job = next(o for o in objects if o.get("kind") == "Job")
+    checked = [(obj, where, ref) for obj, where, ref in uses if check in where]
+    for obj, where, _ref in checked:
+        assert obj is first_job, f"{where}: the Secret check runs in the first Job only"
+    for obj in {id(o): o for o, _, _ in checked}.values():
+        (init,) = [x for _, x in _containers(obj) if x["name"] == secretcheck.CONTAINER]
+        assert init["command"] == ["true"] and "args" not in init
+        assert len(checked) == len({(r["name"], r["key"]) for _, _, r in checked})
+    return [u for u in uses if check not in u[1]]
 
 
 def _check_token_only_in_download(objects: list[dict[str, Any]], secret: dict[str, str]) -> None:
@@ -126,7 +144,7 @@ def test_render_passes_tracker_credentials_only_by_reference_into_training_pods(
     assert proc.returncode == 0, proc.stderr
     _assert_no_canary(proc.stdout + proc.stderr, f"ftctl render of {TRACKING.name}")
     objects = load_all(proc.stdout)
-    uses = _secret_uses(objects)
+    uses = _without_secret_check(objects, _secret_uses(objects))
     assert {where.rsplit("[", 1)[1].rstrip("]") for _, where, _ in uses} == {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"}
     for obj, where, ref in uses:
         assert obj["metadata"]["labels"][c.LABEL_COMPONENT] == "train", f"tracker credentials outside training: {where}"

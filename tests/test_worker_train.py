@@ -55,8 +55,9 @@ def test_check_inputs_ok(tmp_path: Path) -> None:
         ({"model_name_or_path": "/nonexistent/model"}, ModelNotFoundError, "base model not found"),
         ({"adapter_name_or_path": "/nonexistent/sft"}, ModelNotFoundError, "adapter of an earlier stage"),
         ({"dataset": "chat,missing"}, DataError, "'missing' is not described"),
+        ({"stage": "ppo", "reward_model": "/nonexistent/rm"}, ModelNotFoundError, "reward model not found"),
     ],
-    ids=["model", "adapter", "undeclared-dataset"],
+    ids=["model", "adapter", "undeclared-dataset", "reward-model"],
 )
 def test_check_inputs_errors(tmp_path: Path, change: dict[str, object], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):

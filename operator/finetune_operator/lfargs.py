@@ -1,11 +1,14 @@
-"""LLaMA-Factory's training arguments as data: names, accepted JSON types and choices, plus the template names.
+"""LLaMA-Factory's training arguments as data: names, accepted JSON types and choices, plus the template names
+and the media each template reads.
 
 Why a generated table: the operator and ``ftctl validate`` must reject a misspelled or mistyped ``args`` key
 *before* a GPU pod starts, but the operator image must not carry torch and LLaMA-Factory just to know the
 argument names. So :func:`generate` reads LLaMA-Factory's own dataclasses (``ModelArguments``,
 ``DataArguments``, ``TrainingArguments`` (transformers' ``Seq2SeqTrainingArguments`` underneath),
 ``FinetuningArguments``, ``GeneratingArguments`` -- exactly what ``llamafactory-cli train`` parses) and the
-``TEMPLATES`` registry, and writes ``lf_arguments.json`` next to this module. At runtime only the JSON is read.
+``TEMPLATES`` registry (names, and which media -- images, videos, audios -- each template's multimodal plugin
+takes: LLaMA-Factory refuses media a template has no placeholder token for, but only once the data is being
+tokenised in a training pod), and writes ``lf_arguments.json`` next to this module. At runtime only the JSON is read.
 ``tests/test_lfargs.py`` regenerates the table from the installed llamafactory and fails on drift, so an
 upgrade of LLaMA-Factory cannot silently leave the table behind.
 
@@ -87,6 +90,9 @@ class LfTable:
     transformers_version: str
     arguments: Mapping[str, ArgSpec]
     templates: frozenset[str]
+    template_media: Mapping[str, frozenset[str]]
+    """Template -> the media columns (``images``, ``videos``, ``audios``) its multimodal plugin accepts; a
+    template that is absent accepts none (text only)."""
 
 
 @functools.cache
@@ -107,6 +113,7 @@ def load() -> LfTable:
         transformers_version=str(raw["transformers_version"]),
         arguments=args,
         templates=frozenset(raw["templates"]),
+        template_media={name: frozenset(media) for name, media in raw["template_media"].items()},
     )
 
 
@@ -181,6 +188,22 @@ def _json_type_of(value: Any) -> str:
     return "str"
 
 
+#: LLaMA-Factory's multimodal plugin attribute -> the dataset column kind it admits.
+_MEDIA_TOKENS = (("image_token", "images"), ("video_token", "videos"), ("audio_token", "audios"))
+
+
+def _template_media(templates: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Media kinds per template, from its plugin's placeholder tokens: LLaMA-Factory's own test
+    (``MMPluginMixin._validate_input``: "This model does not support image input") is that token being set."""
+    out: dict[str, list[str]] = {}
+    for name, template in templates.items():
+        plugin = template.mm_plugin
+        kinds = [kind for attr, kind in _MEDIA_TOKENS if getattr(plugin, attr, None)]
+        if kinds:
+            out[name] = kinds
+    return out
+
+
 def generate() -> dict[str, Any]:
     """Build the table from the installed llamafactory (imports torch, transformers and llamafactory)."""
     import dataclasses
@@ -210,6 +233,7 @@ def generate() -> dict[str, Any]:
         "transformers_version": importlib.metadata.version("transformers"),
         "arguments": arguments,
         "templates": sorted(TEMPLATES),
+        "template_media": _template_media(TEMPLATES),
     }
 
 

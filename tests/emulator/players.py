@@ -5,8 +5,8 @@ those controllers would write. One table per kind, keyed by the backend registry
 fails tests/test_operator_harness.py::test_every_backend_has_a_player), so a new backend is played everywhere
 at once. The shapes follow the upstream controllers: batch/v1 Job (``Complete``/``SuccessCriteriaMet``/
 ``Failed``), Kubeflow training-operator v1 (``Created``/``Running``/``Succeeded``/``Failed`` with
-``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (``Created`` ``JobsCreationSucceeded``,
-``Complete`` ``JobSetCompleted``, ``Failed`` ``JobSetFailed``). Deployments (:func:`make_available`): the
+``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (JobSet's conditions copied: ``Complete``
+``AllJobsCompleted``, ``Failed`` ``FailedJobs``; ``jobsStatus``). Deployments (:func:`make_available`): the
 status of a finished rollout, and pods that answer chat completions through their Service.
 """
 
@@ -64,16 +64,12 @@ PLAYERS: dict[str, Player] = {
     ),
     "TrainJob": Player(
         succeeded=lambda: {
-            "conditions": [
-                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
-                _cond("Complete", "JobSetCompleted", "jobset completed successfully"),
-            ]
+            "conditions": [_cond("Complete", "AllJobsCompleted", "jobset completed successfully")],
+            "jobsStatus": [{"name": "node", "ready": 0, "succeeded": 1, "failed": 0, "active": 0, "suspended": 0}],
         },
         failed=lambda reason, message: {
-            "conditions": [
-                _cond("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"),
-                _cond("Failed", reason, message),
-            ]
+            "conditions": [_cond("Failed", reason, message)],
+            "jobsStatus": [{"name": "node", "ready": 0, "succeeded": 0, "failed": 1, "active": 0, "suspended": 0}],
         },
     ),
 }
@@ -122,3 +118,71 @@ def player(kind: str) -> Player:
         return PLAYERS[kind]
     except KeyError:
         raise KeyError(f"no player for workload kind {kind!r}: add it to tests/emulator/players.py") from None
+
+
+# ------------------------------------------------------------------------------------------ pods (kubelet)
+
+
+def pod_of(owner: dict[str, Any], template: dict[str, Any], name: str) -> dict[str, Any]:
+    """A pod as the workload's controller creates it: the template's labels (plus the Job controller's own
+    ``job-name`` labels for a Job) and a controller ownerReference to the workload."""
+    meta = owner["metadata"]
+    labels = dict((template.get("metadata") or {}).get("labels") or {})
+    if owner["kind"] == "Job":
+        labels |= {
+            "batch.kubernetes.io/job-name": meta["name"],
+            "job-name": meta["name"],
+            "batch.kubernetes.io/controller-uid": meta["uid"],
+            "controller-uid": meta["uid"],
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta.get("namespace") or "default",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": owner["apiVersion"],
+                    "kind": owner["kind"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": template["spec"],
+    }
+
+
+def missing_secret_message(namespace: str, secret: str, key: str, *, secret_exists: bool) -> str:
+    """The kubelet's message for an env ``secretKeyRef`` it cannot resolve (pkg/kubelet/kubelet_pods.go)."""
+    if secret_exists:
+        return f"couldn't find key {key} in Secret {namespace}/{secret}"
+    return f'secret "{secret}" not found'
+
+
+def pod_config_error(spec: dict[str, Any], container: str, message: str) -> dict[str, Any]:
+    """A pod's status while the kubelet cannot create ``container`` (``CreateContainerConfigError``): Pending,
+    init containers before it done, it and every later container waiting."""
+    inits = [c["name"] for c in spec.get("initContainers") or []]
+    mains = [c["name"] for c in spec.get("containers") or []]
+    order = inits + mains
+    at = order.index(container)
+
+    def status(name: str, i: int) -> dict[str, Any]:
+        if i < at:
+            state: dict[str, Any] = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        elif i == at:
+            state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
+        else:
+            state = {"waiting": {"reason": "PodInitializing"}}
+        return {"name": name, "ready": False, "restartCount": 0, "image": "", "imageID": "", "state": state}
+
+    out: dict[str, Any] = {"phase": "Pending"}
+    if inits:
+        out["initContainerStatuses"] = [status(n, i) for i, n in enumerate(inits)]
+    out["containerStatuses"] = [status(n, len(inits) + i) for i, n in enumerate(mains)]
+    return out

@@ -17,12 +17,13 @@ from tests.emulator.players import RESOURCE
 from tests.node_agent.buildah import Containers, Process
 from tests.node_agent.controllers import Controller, DeploymentController, JobController, PyTorchJobController
 from tests.node_agent.deepspeed import DeepSpeedJobController
-from tests.node_agent.pods import ContainerRecord, Kubelet
+from tests.node_agent.pods import ContainerRecord, Kubelet, PodObjects
+from tests.node_agent.trainjob import TrainJobController
 
-#: Workload kind -> its controller. The training kinds are the backend registry's (finetune_operator.backends);
-#: a backend without a controller here (Kubeflow Trainer v2's TrainJob) is not run by the agent.
+#: Workload kind -> its controller. The training kinds are the backend registry's (finetune_operator.backends).
 CONTROLLERS: dict[str, type[Controller]] = {
-    c.kind: c for c in (JobController, PyTorchJobController, DeepSpeedJobController, DeploymentController)
+    c.kind: c
+    for c in (JobController, PyTorchJobController, DeepSpeedJobController, TrainJobController, DeploymentController)
 }
 
 
@@ -41,6 +42,7 @@ class NodeAgent:
             lookup=lambda res, ns, name: self.server.get(res, name, ns),
             namespace_names=self._service_names,
             node_env=node_env,
+            objects=PodObjects(server),
         )
         self._controllers: dict[str, tuple[Controller, threading.Thread]] = {}
         self._procs: dict[str, list[Process]] = {}

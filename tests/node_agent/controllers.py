@@ -19,6 +19,8 @@ operator reads (finetune_operator.controller.children):
 ``DeepSpeedJob`` (batch.tensorstack.dev/v1beta1)
     What T9k's controller does: worker pods start sshd; a launcher runs DeepSpeed's multi-node launcher with
     a hostfile over SSH into them; ``status.phase`` (:mod:`tests.node_agent.deepspeed`).
+``TrainJob`` (trainer.kubeflow.org/v1alpha1)
+    What Kubeflow Trainer v2, JobSet and the Job controller do together (:mod:`tests.node_agent.trainjob`).
 ``Deployment`` (apps/v1)
     ``spec.replicas`` pods (restarted when they exit, ``restartPolicy: Always``); ``availableReplicas`` counts
     the pods whose rendered readiness probe (``httpGet`` on the named port) answers 2xx; a new generation rolls
@@ -40,8 +42,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from finetune_operator import backends
 from tests.emulator.players import RESOURCE
-from tests.node_agent.pods import ContainerRecord, Pod, PodError
+from tests.node_agent.pods import ConfigError, ContainerRecord, Pod, PodError
 
 if TYPE_CHECKING:
     from tests.node_agent.agent import NodeAgent
@@ -120,12 +123,31 @@ class Controller:
         return got[1] if got[0] == "ok" else None
 
     # ---- pods
+    def pod_labels(self) -> dict[str, str]:
+        """Labels this controller adds to its pods besides the template's (the Job controller's own)."""
+        return {}
+
     def run_pod(self, pod: Pod) -> Result:
-        """Run every container of ``pod`` to the end; (first non-zero exit code or 0, message)."""
-        try:
-            started = self.agent.kubelet.start(pod, self.agent.logs)
-        except (PodError, LookupError, OSError, subprocess.SubprocessError) as exc:
-            return 1, f"pod {pod.name}: {exc}"
+        """Run every container of ``pod`` to the end (its Pod object written: tests/node_agent/pods.py); (first
+        non-zero exit code or 0, message). A pod waiting for a missing Secret waits (it does not fail)."""
+        pod.owner = pod.owner or {
+            "apiVersion": backend.api_version if (backend := backends.by_kind(self.kind)) else "v1",
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        pod.labels = {**self.pod_labels(), **pod.labels}
+        while True:
+            try:
+                started = self.agent.kubelet.start(pod, self.agent.logs)
+                break
+            except ConfigError:  # the kubelet tries again until the Secret appears or the workload is deleted
+                if self.stopped.wait(1.0) or self.current() is None:
+                    return 1, f"pod {pod.name}: deleted while its configuration could not be resolved"
+            except (PodError, LookupError, OSError, subprocess.SubprocessError) as exc:
+                return 1, f"pod {pod.name}: {exc}"
         self.agent.track(self.uid, [p for _, p in started])
         code, message = 0, ""
         for record, proc in started:
@@ -133,6 +155,7 @@ class Controller:
             if record.exit_code != 0 and code == 0:
                 code = record.exit_code
                 message = f"pod {pod.name} container {record.container} exited with code {code}"
+        self.agent.kubelet.finish(pod, [r for r, _ in started])
         return code, message
 
     def run(self) -> None:
@@ -144,6 +167,15 @@ class Controller:
 
 class JobController(Controller):
     kind = "Job"
+
+    def pod_labels(self) -> dict[str, str]:
+        # What the Job controller sets on every pod (Kubernetes 1.27+ and the legacy names).
+        return {
+            "batch.kubernetes.io/job-name": self.name,
+            "job-name": self.name,
+            "batch.kubernetes.io/controller-uid": self.uid,
+            "controller-uid": self.uid,
+        }
 
     def _fail_job_codes(self, spec: dict[str, Any]) -> set[int]:
         codes: set[int] = set()

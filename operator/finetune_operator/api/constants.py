@@ -112,6 +112,8 @@ class Reason:
     SERVICE_NOT_ANSWERING: Final = "ServiceNotAnswering"
     #: The Service answered a chat completion after a rollout (event).
     SERVICE_ANSWERED: Final = "ServiceAnswered"
+    #: A pod of the pipeline names a Secret (or a key of one) that does not exist: the kubelet cannot start it.
+    SECRET_NOT_FOUND: Final = "SecretNotFound"
 
 
 class State:

@@ -14,13 +14,15 @@ installs) and overrides what the runtime leaves open:
 
 The torch plugin of the runtime sets ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK`` (the Job
 completion index), ``PET_MASTER_ADDR`` (``<trainjob>-node-0-0.<trainjob>``, JobSet's headless Service) and
-``PET_MASTER_PORT`` (29400) on the ``node`` container; the worker maps them to LLaMA-Factory's launcher. The
+``PET_MASTER_PORT`` (29500) on the ``node`` container; the worker maps them to LLaMA-Factory's launcher. The
 runtime patches cannot set ``automountServiceAccountToken``, so the token for progress reports comes from a
 projected ``serviceAccountToken`` volume at the standard path (every node pod has it; only rank 0 uses it).
 They cannot set ``priorityClassName`` or ``schedulerName`` either: those belong to the runtime (validation
 refuses them with this backend). ``spec.suspend`` is the TrainJob's own; Kueue admits TrainJobs by the
-``kueue.x-k8s.io/queue-name`` label (created suspended). Status: conditions ``Complete``, ``Failed``,
-``Suspended`` (and ``Created``).
+``kueue.x-k8s.io/queue-name`` label (created suspended). Status: conditions ``Complete``, ``Failed`` (JobSet's
+``Completed``/``Failed`` copied, reasons ``AllJobsCompleted``, ``FailedJobs``...) and ``Suspended``; running is
+``status.jobsStatus`` with an active or ready Job (this release writes no ``Created`` condition since
+kubeflow/trainer#2621; an older release's ``Created`` is still read as running).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from finetune_operator.api.types import TrainingRuntimeRef
 from finetune_operator.backends.base import (
     ChildStatus,
     ConditionKinds,
+    Phase,
     Rule,
     StageInput,
     by_conditions,
@@ -86,6 +89,18 @@ def _token_volume() -> dict[str, Any]:
 
 #: What the controller's condition types mean (see :func:`~finetune_operator.backends.base.by_conditions`).
 _CONDITIONS = ConditionKinds(succeeded=("Complete",), running=("Created",))
+
+
+def _jobs_started(obj: Mapping[str, Any]) -> bool:
+    """A child Job of the TrainJob's JobSet is active or ready (``status.jobsStatus``, counts of Jobs)."""
+    for job in (obj.get("status") or {}).get("jobsStatus") or []:
+        if isinstance(job, Mapping) and any(_count(job.get(k)) > 0 for k in ("active", "ready")):
+            return True
+    return False
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class TrainJobBackend:
@@ -166,8 +181,12 @@ class TrainJobBackend:
         return [wl], wl
 
     def interpret(self, obj: Mapping[str, Any]) -> ChildStatus:
-        """Conditions ``Complete``/``Failed``; ``Suspended`` (or our flag); running once ``Created``."""
-        return by_conditions(obj, self.suspend_path, _CONDITIONS)
+        """Conditions ``Complete``/``Failed``; ``Suspended`` (or our flag); running once a child Job is active or
+        ready (``status.jobsStatus``), or ``Created`` (releases before kubeflow/trainer#2621)."""
+        got = by_conditions(obj, self.suspend_path, _CONDITIONS)
+        if got.phase == Phase.PENDING and _jobs_started(obj):
+            return ChildStatus(Phase.RUNNING)
+        return got
 
     def rules(self) -> tuple[Rule, ...]:
         return (workload_rule(self, "training stages of the trainjob backend (Kubeflow Trainer v2)"),)

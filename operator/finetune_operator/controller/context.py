@@ -54,6 +54,9 @@ class ReconcilerConfig:
     #: First delay before a failed answer check is repeated; doubled per failure up to ``answer_retry_max``.
     answer_retry_initial: float = 2.0
     answer_retry_max: float = 60.0
+    #: Seconds between looks at the pods of a step that have not started (pods are not watched): a pod
+    #: waiting for a missing Secret fails the job. The wait grows with the step's age, up to 5 minutes.
+    pod_check_interval: float = 5.0
 
 
 class StepOutcome(enum.Enum):

@@ -65,6 +65,9 @@ class OperatorConfig:
     drift_interval: float = 300.0
     #: Minimum seconds between progress-only status writes per job (``FT_PROGRESS_INTERVAL_SECONDS``).
     progress_interval: float = 10.0
+    #: Seconds between looks at a step's pods while they have not started (a missing Secret fails the job);
+    #: growing with the step's age up to 5 minutes (``FT_POD_CHECK_SECONDS``).
+    pod_check_interval: float = 5.0
     #: Concurrent reconciles (different jobs) (``FT_RECONCILE_WORKERS``).
     workers: int = 16
     #: Port of the Prometheus ``/metrics`` endpoint; None: not served.
@@ -115,6 +118,7 @@ class OperatorConfig:
             "resync_interval": _env_float(e, "FT_RESYNC_SECONDS", 60.0),
             "progress_interval": _env_float(e, "FT_PROGRESS_INTERVAL_SECONDS", 10.0),
             "drift_interval": _env_float(e, "FT_DRIFT_SECONDS", 300.0),
+            "pod_check_interval": _env_float(e, "FT_POD_CHECK_SECONDS", 5.0),
             "workers": int(_env_float(e, "FT_RECONCILE_WORKERS", 16)),
             "api_retry_initial": _env_float(e, "FT_API_RETRY_SECONDS", 1.0),
             "api_retry_max": _env_float(e, "FT_API_RETRY_MAX_SECONDS", 30.0),
@@ -252,6 +256,7 @@ class Controller:
                 answer_timeout=config.answer_timeout,
                 answer_retry_initial=config.answer_retry_initial,
                 answer_retry_max=config.answer_retry_max,
+                pod_check_interval=config.pod_check_interval,
             ),
         )
         self.queue: WorkQueue[Key] = WorkQueue(self._process, workers=config.workers, on_error=self._on_error)

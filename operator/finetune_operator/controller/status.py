@@ -18,7 +18,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -355,6 +355,14 @@ def summary_state(summary: Summary) -> str:
 
 # ------------------------------------------------------------------------------------------------ events
 
+#: Reasons of a step's failure decided once and for all (no retry): its stage message starts with ``<reason>:``.
+VERDICT_REASONS: Final = (Reason.WILL_NOT_FIT, Reason.INVALID_DATA, Reason.SECRET_NOT_FOUND)
+
+
+def verdict_reason(message: str | None) -> str | None:
+    """The verdict reason a failed stage's message starts with, if any."""
+    return next((r for r in VERDICT_REASONS if (message or "").startswith(f"{r}:")), None)
+
 
 @dataclass(frozen=True)
 class Event:
@@ -394,8 +402,9 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
             )
         elif now == StageState.FAILED:
             message = str(st.get("message") or "")
-            # The preflight step refuses with its own reason (the message starts with it); others exhaust retries.
-            refused = next((r for r in (Reason.WILL_NOT_FIT, Reason.INVALID_DATA) if message.startswith(f"{r}:")), None)
+            # A verdict has its own reason (the message starts with it: preflight, a missing Secret); others
+            # exhausted their retries.
+            refused = verdict_reason(message)
             events.append(Event("Warning", refused or Reason.RETRIES_EXHAUSTED, f"stage {name}: {message}"))
     old_ready = condition_true(old, ConditionType.READY)
     if condition_true(new, ConditionType.READY) and not old_ready:

@@ -15,6 +15,9 @@ Decisions that live here:
   the failed workload is deleted, so a crash between two API calls neither loses nor doubles a retry.
 * **Suspend** (:meth:`Stepping._suspend`): the operator suspends on the user's behalf and never fights Kueue.
 * **Drift repair** of a step's other objects on the resync (:meth:`Stepping._ensure_present`).
+* **Pods that cannot start** (:meth:`Stepping._pods_cannot_start`, rules in :mod:`.podstate`): a pod waiting
+  for a Secret that does not exist fails the job for good (``SecretNotFound``, recorded first; the next
+  reconcile deletes the workload).
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api import constants as c
+from finetune_operator.api import secretrefs
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.history import add_point, point_from_report
 from finetune_operator.api.types import FineTuneJob, StageStatus
 from finetune_operator.controller import children as ch
-from finetune_operator.controller import metrics
+from finetune_operator.controller import metrics, podstate
 from finetune_operator.controller import status as st
 from finetune_operator.controller.accepting import Accepting
-from finetune_operator.controller.context import Blocked, Ctx, StepOutcome
+from finetune_operator.controller.context import Blocked, Ctx, StepOutcome, parse_time
 from finetune_operator.controller.kube import AlreadyExists, fresh_reads
 from finetune_operator.render.plan import Plan, Step
 
@@ -40,6 +44,8 @@ PREFLIGHT_EXIT_REASONS: dict[int, str] = {3: Reason.INVALID_DATA, 12: Reason.WIL
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 #: Longest explanation taken from the (pod-written) plan.
 _PLAN_MESSAGE_MAX = 2048
+#: Longest wait (seconds) between two looks at the pods of a step that has not started.
+_POD_CHECK_MAX = 300.0
 
 
 def _plan_message(ftj: Mapping[str, Any]) -> str | None:
@@ -175,12 +181,24 @@ class Stepping(Accepting):
                 "it is left alone (delete it to let the pipeline continue)",
                 warn=not child["metadata"].get("deletionTimestamp"),
             )
+        if (
+            child is not None
+            and sst.state == StageState.FAILED
+            and st.verdict_reason(sst.message) == Reason.SECRET_NOT_FOUND
+        ):
+            # Failed for good last time because its pod cannot start (recorded first): stop the workload, whose
+            # pod would otherwise wait for the Secret forever, holding its node's resources.
+            ctx.failed_reason = Reason.SECRET_NOT_FOUND
+            if not child["metadata"].get("deletionTimestamp"):
+                await self.kube.delete(wl["apiVersion"], wl["kind"], ctx.namespace, wl["metadata"]["name"])
+            return StepOutcome.FAILED
         if child is not None and child["metadata"].get("deletionTimestamp"):
             raise Blocked(f"waiting for the old {wl['kind']} {wl['metadata']['name']} to be deleted", warn=False)
 
         if child is None and sst.state == StageState.FAILED:
             # Failed for good and its workload since deleted: the pipeline stays failed (failing closed: a
             # forged failure can only stop the job whose pod wrote it, which that pod could do by exiting).
+            ctx.failed_reason = st.verdict_reason(sst.message)
             return StepOutcome.FAILED
         if child is None:
             attempts = sst.attempts
@@ -258,7 +276,47 @@ class Stepping(Accepting):
                 sst.message = f"waiting for admission by Kueue queue {queue}" if queue else "resuming"
         else:
             sst.state, sst.message = StageState.RUNNING, None
+            if await self._pods_cannot_start(ctx, job, step, sst, child):
+                return StepOutcome.FAILED
         return StepOutcome.STAY
+
+    async def _pods_cannot_start(
+        self, ctx: Ctx, job: FineTuneJob, step: Step, sst: StageStatus, child: Mapping[str, Any]
+    ) -> bool:
+        """Whether the step's pods wait for a Secret that does not exist (then the stage failed for good).
+
+        Looked at only while the step's pods have not all started and its worker reported nothing; until then
+        the step is looked at again on a timer (pods are not watched), less often the longer it waits.
+        """
+        reported = (ctx.ftj.get("status") or {}).get("reported")
+        if isinstance(reported, Mapping) and reported.get(step.name):
+            return False  # its worker runs
+        listed = await self.kube.list("v1", "Pod", ctx.namespace, podstate.selector(step.workload))
+        pods = podstate.of_workload(listed, child)
+        found = podstate.stuck(pods)
+        if found is None or found.secret is None:
+            if found is not None:
+                sst.message = f"pod {found.pod} container {found.container}: {podstate.CONFIG_ERROR}: {found.message}"
+            if found is not None or not podstate.all_started(pods):
+                started = parse_time(sst.start_time)
+                age = ctx.now - started if started is not None else 0.0
+                interval = self.config.pod_check_interval
+                ctx.requeue_after(max(interval, min(age / 4, max(interval, _POD_CHECK_MAX))))
+            return False
+        fields = secretrefs.fields_naming(job.spec, found.secret, found.key) or secretrefs.fields_naming(
+            job.spec, found.secret
+        )
+        what = f'Secret "{found.secret}"' + (f' has no key "{found.key}"' if found.key else " does not exist")
+        named = f" (named by {', '.join(fields)})" if fields else ""
+        sst.state, sst.completion_time = StageState.FAILED, ctx.stamp
+        sst.message = (
+            f"{Reason.SECRET_NOT_FOUND}: {what}{named}: the kubelet cannot start pod {found.pod} "
+            f"(container {found.container}): {found.message}; nothing ran after it. Create the Secret, then start "
+            "a new run (spec.runId) or re-create the FineTuneJob"
+        )
+        ctx.failed_reason = Reason.SECRET_NOT_FOUND
+        ctx.requeue_after(0.0)  # the next reconcile stops the workload
+        return True
 
     async def _suspend(self, ctx: Ctx, job: FineTuneJob, child: dict[str, Any]) -> None:
         """Apply ``spec.suspend`` to a running workload, without ever fighting Kueue.

@@ -18,6 +18,7 @@ DROP_REASONS: dict[str, str] = {
     "wrong_roles": "messages do not alternate user/assistant as the tags say",
     "wrong_turns": "wrong number of messages (sft: pairs; ranking data: an odd prompt)",
     "invalid": "LLaMA-Factory's processor drops it (no response, or a malformed preference pair)",
+    "media": "an image, video or audio it names is missing from the media folder or unreadable",
 }
 
 

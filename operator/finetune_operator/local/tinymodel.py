@@ -80,7 +80,7 @@ def _qa(rng: random.Random) -> tuple[str, str, str]:
     return q, f"It is {a + b}.", f"It is {(a + b + 1 + rng.randrange(5)) % 19}, maybe."
 
 
-def _train_tokenizer(corpus: list[str], out_dir: Path) -> Any:
+def _train_tokenizer(corpus: list[str], out_dir: Path, extra_special_tokens: tuple[str, ...] = ()) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,7 +90,7 @@ def _train_tokenizer(corpus: list[str], out_dir: Path) -> Any:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -99,12 +99,22 @@ def _train_tokenizer(corpus: list[str], out_dir: Path) -> Any:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra_special_tokens],
         model_max_length=512,
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def build_tokenizer(
+    directory: str | os.PathLike[str], seed: int = 0, extra_special_tokens: tuple[str, ...] = ()
+) -> Any:
+    """The tiny model's tokenizer, saved in ``directory``; ``extra_special_tokens`` get the ids after
+    :data:`SPECIAL_TOKENS` (a vision-language model's ``<image>`` placeholder must be one token)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    return _train_tokenizer(_corpus(random.Random(seed)), out, extra_special_tokens)
 
 
 def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -10,6 +10,7 @@ Plan layout::
                                         dataset_info.json, ds_<stage>.json), mounted at /etc/finetune
     steps:    download   Job                       (only when model.source is set)
               preflight  Job (CPU only)            (unless spec.preflight.mode is Disabled)
+                         (the first of the two first resolves every Secret key of the plan: .secretcheck)
               <stage>... Job | Indexed Job + headless Service | PyTorchJob | DeepSpeedJob | TrainJob
               merge      Job                       (merge.enabled)
               eval       Job  (ftctl worker eval)  (spec.evaluate; the promotion gate reads its metrics)
@@ -26,6 +27,7 @@ reach raise :class:`~finetune_operator.errors.RenderError`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.api.naming import config_map_name
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.errors import RenderError
-from finetune_operator.render import evaluation, identity, paths, serve, workloads
+from finetune_operator.render import evaluation, identity, paths, secretcheck, serve, workloads
 from finetune_operator.render import llamafactory as lf
 from finetune_operator.render.deepspeed import deepspeed_config
 from finetune_operator.render.dump import to_json, to_yaml, to_yaml_documents
@@ -178,7 +180,23 @@ def render(job: FineTuneJob, options: RenderOptions | None = None) -> Plan:
         outputs["endpoint"] = serve.endpoint(job)
         outputs["servedModelName"] = cmd.served_model_name
     own_identity = [] if opts.worker_service_account else identity.worker_identity(job)
-    return Plan(shared=(config_map, *own_identity), steps=tuple(steps), outputs=outputs)
+    return Plan(shared=(config_map, *own_identity), steps=tuple(_check_secrets_first(steps)), outputs=outputs)
+
+
+def _check_secrets_first(steps: list[Step]) -> list[Step]:
+    """The first download or preflight Job resolves every Secret key of the plan first (:mod:`.secretcheck`)."""
+    refs = secretcheck.referenced(obj for step in steps for obj in step.objects)
+    for i, step in enumerate(steps):
+        if step.kind in ("download", "preflight"):
+            # Keys the Job's own pod uses are resolved by the kubelet for it anyway.
+            own = set(secretcheck.referenced([step.workload]))
+            others = [r for r in refs if r not in own]
+            if others:
+                wl = secretcheck.with_check(step.workload, others)
+                objects = tuple(wl if obj is step.workload else obj for obj in step.objects)
+                steps[i] = dataclasses.replace(step, objects=objects, workload=wl)
+            break
+    return steps
 
 
 def render_yaml(job: FineTuneJob, options: RenderOptions | None = None) -> str:

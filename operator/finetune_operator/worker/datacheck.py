@@ -170,6 +170,7 @@ def check_stage(
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.hparams.model_args import ProcessorArguments
     from llamafactory.model import load_tokenizer
     from transformers import HfArgumentParser
 
@@ -179,11 +180,19 @@ def check_stage(
     try:
         (data_args,) = HfArgumentParser(DataArguments).parse_dict(data_cfg, allow_extra_keys=True)
         model_path = str(tokenizer_dir or cfg["model_name_or_path"])
+        # The stage's image/video/audio settings (image_max_pixels, video_fps, ...) shape the multimodal
+        # processor, hence how many placeholder tokens each image becomes.
+        media_cfg = {k: v for k, v in cfg.items() if k in {f.name for f in fields(ProcessorArguments)}}
         (model_args,) = HfArgumentParser(ModelArguments).parse_dict(
-            {"model_name_or_path": model_path, "trust_remote_code": bool(cfg.get("trust_remote_code", False))},
+            {
+                **media_cfg,
+                "model_name_or_path": model_path,
+                "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
+            },
             allow_extra_keys=True,
         )
-        tokenizer = load_tokenizer(model_args)["tokenizer"]
+        loaded = load_tokenizer(model_args)
+        tokenizer, mm_processor = loaded["tokenizer"], loaded["processor"]
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         attrs = get_dataset_list(data_args.dataset, data_args.dataset_dir)
     except (ValueError, OSError, KeyError) as exc:
@@ -192,7 +201,9 @@ def check_stage(
     unlimited = copy.copy(data_args)
     unlimited.cutoff_len = UNLIMITED
     unlimited.packing = False
-    processor = _get_dataset_processor(unlimited, _lf_stage(stage), template, tokenizer, None)
+    # The model's multimodal processor (None for text models), as in training: without it LLaMA-Factory's
+    # multimodal plugin refuses every row with media ("Processor was not found").
+    processor = _get_dataset_processor(unlimited, _lf_stage(stage), template, tokenizer, mm_processor)
     max_samples = data_args.max_samples
     stats = [
         _check_dataset(
@@ -297,6 +308,8 @@ def _check_row(
     }
     try:
         model_inputs = processor.preprocess_dataset(batch)
+    except OSError as exc:  # an image/video/audio the row names is missing or not a readable file of its kind
+        return "media", f"cannot read its media: {type(exc).__name__}: {exc}"[: QUOTE * 2]
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
         return "malformed", f"cannot tokenise: {type(exc).__name__}: {exc}"[: QUOTE * 2]
     measured = _lengths(stage, model_inputs)

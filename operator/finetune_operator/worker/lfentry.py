@@ -8,7 +8,8 @@ offers no hook, and under torchrun it starts its own launcher file. So this modu
   way LLaMA-Factory's launcher does (same variables: ``NNODES``, ``NODE_RANK``, ``NPROC_PER_NODE``,
   ``MASTER_ADDR``, ``MASTER_PORT``; ``RDZV_ID`` for elastic runs) with this module as the script;
 * the trainer: otherwise it calls ``run_exp`` with :class:`PreemptionCallback`, reading the config and
-  ``key=value`` overrides from the command line exactly like LLaMA-Factory.
+  ``key=value`` overrides from the command line exactly like LLaMA-Factory. In a ``ppo`` stage (the worker sets
+  ``FT_PPO_RUNTIME``) it first applies :mod:`.ppocompat`.
 
 This module runs inside the trainer process and imports transformers/LLaMA-Factory; the worker never imports it.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from finetune_operator.worker import ppo_runtime
 from finetune_operator.worker.preempt import PREEMPTED_EXIT_CODE, Policy
 
 log = logging.getLogger("finetune_operator.worker.lfentry")
@@ -156,10 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Initializing {env.get('NPROC_PER_NODE', '1')} distributed tasks at: {where}", flush=True)
         return subprocess.run(argv, env=env, check=False).returncode
 
+    runtime = os.environ.get(ppo_runtime.RUNTIME_ENV)
+    shims: list[str] = []
+    if runtime:  # a ppo stage, started by the worker with the PPO trl first on PYTHONPATH
+        from finetune_operator.worker import ppocompat
+
+        shims = ppocompat.install(runtime)
+
     from llamafactory.train.tuner import run_exp
 
     sys.argv = [sys.argv[0], *args]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if runtime:
+        log.info("ppo stage: the PPO trl from %s; shims: %s", runtime, ", ".join(shims) or "none")
     run_exp(callbacks=[PreemptionCallback()])
     return 0
 

@@ -13,9 +13,10 @@
    resumed: the Trainer checks ``max_steps`` only after a step, so it would train one step too many. The
    worker finishes the stage from that checkpoint instead (:func:`final_checkpoint`).
 4. Launch LLaMA-Factory's training (through :mod:`.lfentry`, which adds the checkpoint callback) with the
-   backend's distributed environment (:mod:`.envmap`), follow progress (:mod:`.progress`). On SIGTERM the
-   trainer saves a checkpoint at the next step boundary and exits (:mod:`.preempt`); the signal is forwarded to
-   the process group only when that does not finish within the pod's grace period.
+   backend's distributed environment (:mod:`.envmap`; a ``ppo`` stage also gets the trl its trainer needs,
+   :mod:`.ppo_runtime`), follow progress (:mod:`.progress`). On SIGTERM the trainer saves a checkpoint at the
+   next step boundary and exits (:mod:`.preempt`); the signal is forwarded to the process group only when that
+   does not finish within the pod's grace period.
 5. Rank 0 writes ``.finetune-complete.json`` with a summary (final loss, steps, runtime).
 """
 
@@ -38,7 +39,7 @@ from typing import IO, Any
 import yaml
 
 from finetune_operator.errors import DataError, ModelNotFoundError, WorkerError
-from finetune_operator.worker import envmap, inputcheck, markers, preempt, stopping
+from finetune_operator.worker import envmap, inputcheck, markers, ppo_runtime, preempt, stopping
 from finetune_operator.worker.process import ChildResult, GracefulStop, check_file, child_path, diagnose, run_child
 from finetune_operator.worker.progress import TRAINER_LOG, Progress, ProgressMonitor, StatusReporter
 
@@ -139,6 +140,9 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
     for adapter in str(cfg.get("adapter_name_or_path") or "").split(","):
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"adapter of an earlier stage not found: {adapter} has no adapter_config.json")
+    reward = str(cfg.get("reward_model") or "")  # ppo: an rm stage's output or a model on a volume
+    if os.path.isabs(reward) and not _is_model_dir(reward):
+        raise ModelNotFoundError(f"reward model not found: {reward} has no config.json or adapter_config.json")
     names = [n.strip() for n in str(cfg.get("dataset") or "").split(",") if n.strip()]
     if not names:
         return
@@ -253,6 +257,8 @@ def run_train(
 
     launch = envmap.plan_launch(backend, env_in, force_torchrun=_uses_deepspeed(cfg))
     check_inputs(cfg)
+    # LLaMA-Factory's PPO needs its own trl (ppo_runtime): a missing one is reported before anything starts.
+    stage_env = ppo_runtime.stage_env(env_in) if cfg.get("stage") == "ppo" else {}
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = resume_overrides(cfg, output_dir, primary=launch.primary)
     final = None if cfg.get("resume_from_checkpoint") else final_checkpoint(output_dir)
@@ -260,6 +266,7 @@ def run_train(
         return _finish(final, output_dir, stage, backend, launch, env_in)
 
     env = envmap.apply_env(env_in, launch.env)
+    env.update(stage_env)
     env["PATH"] = child_path(env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     # One entry point for every mode: in "direct" mode (an outer launcher, DeepSpeed's, made this process one
