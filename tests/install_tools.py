@@ -136,7 +136,9 @@ _CHART_CACHE: dict[str, list[dict[str, Any]]] = {}
 
 
 def installed_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The chart rendered with ``values`` as Helm installs it (once per process and values set)."""
+    """The chart rendered with ``values`` as Helm installs it (rendered once per process and values set; each
+    call gets its own copy, so a test that edits the installed rules, e.g. revokes one, cannot leak the edit)."""
+    import copy
     import json
     import tempfile
 
@@ -146,7 +148,7 @@ def installed_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]
             _CHART_CACHE[key] = render_chart(
                 find_helm(), values or {}, tmp_path=Path(tmp), namespace=OPERATOR_SA[0], release="finetune-operator"
             )
-    return _CHART_CACHE[key]
+    return copy.deepcopy(_CHART_CACHE[key])
 
 
 def worker_identity(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, str]]:

@@ -35,7 +35,7 @@ import yaml
 
 from finetune_operator.api import constants as c
 from tests.emulator import EmulatorServer, RequestRecord
-from tests.emulator.players import PLAYERS, RESOURCE
+from tests.emulator.players import PLAYERS, RESOURCE, make_available
 from tests.emulator.players import player as play
 from tests.install_tools import EXAMPLES, OPERATOR_SA, OPERATOR_TOKEN, ROOT, find_helm, one, render_chart
 
@@ -127,16 +127,9 @@ class Player:
 
     def succeed(self, kind: str, name: str, ns: str) -> None:
         if kind in PLAYERS:
-            status = play(kind).succeeded()
-        else:
-            replicas = int(self.server.get(RESOURCE[kind], name, ns)["spec"].get("replicas") or 1)
-            status = {
-                "replicas": replicas,
-                "readyReplicas": replicas,
-                "availableReplicas": replicas,
-                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-            }
-        self.server.patch_status(RESOURCE[kind], name, status, ns)
+            self.server.patch_status(RESOURCE[kind], name, play(kind).succeeded(), ns)
+        else:  # the Deployment: rolled out, its pods answering chat completions through the Service
+            make_available(self.server, name, ns)
 
     def fail(self, kind: str, name: str, ns: str) -> None:
         self.server.patch_status(RESOURCE[kind], name, play(kind).failed("BackoffLimitExceeded", "exit code 7"), ns)

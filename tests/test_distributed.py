@@ -191,7 +191,7 @@ def test_two_nodes_with_trainjob_environment(tiny_model: Path, tmp_path: Path, e
     """Kubeflow Trainer v2: the TrainJob's trainer command and env, plus exactly the variables the
     torch-distributed runtime's torch plugin puts into each ``node`` pod (PET_NNODES = numNodes,
     PET_NPROC_PER_NODE = numProcPerNode, PET_NODE_RANK = the Job completion index, PET_MASTER_ADDR =
-    ``<trainjob>-node-0-0.<trainjob>``, PET_MASTER_PORT; the port is a free one here instead of 29400, which
+    ``<trainjob>-node-0-0.<trainjob>``, PET_MASTER_PORT; the port is a free one here instead of 29500, which
     another process on this machine may hold)."""
     _ftj(emulator_server, "dist")
     doc = one_stage_job({"max_steps": 4, "save_steps": 2}, name="dist")

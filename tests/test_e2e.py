@@ -142,6 +142,11 @@ def assert_common(cluster: Cluster, name: str, served: str) -> None:
     status = cluster.status(name)
     endpoint = status["outputs"]["endpoint"]
     assert endpoint == f"http://{name}-serve.{NS}.svc:{VLLM_PORT}/v1"
+    # Ready came after the operator's chat completion through the Service proxy reached the vLLM container.
+    ready = next(x for x in status["conditions"] if x["type"] == "Ready")
+    assert ready["message"] == "the vLLM Deployment is available and its Service answered a chat completion", ready
+    proxied = [r for r in cluster.server.emulator.request_log if r.subresource == "proxy" and r.name == f"{name}-serve"]
+    assert proxied and all(r.verb == "create" for r in proxied)
     # The Service name resolves to this machine (shared network): the container answers under servedModelName.
     answer = chat(served)
     assert answer["model"] == served and answer["choices"][0]["message"]["content"] is not None

@@ -227,10 +227,18 @@ def test_deployment_is_available_once_its_probe_answers(agent: NodeAgent, emulat
             or 0
         )
 
+    service = {"selector": {"a": "b"}, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}
+    emulator_server.create(
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": NS}, "spec": service}
+    )
     emulator_server.wait_for(lambda: available_replicas() == 1, 60, "never available")
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+        assert resp.status == 200
+    # The Service reaches the ready pod through the API server's Service proxy (the agent plays kube-proxy).
+    proxied = f"{emulator_server.url}/api/v1/namespaces/{NS}/services/web:80/proxy/"
+    with urllib.request.urlopen(proxied, timeout=10) as resp:
         assert resp.status == 200
     assert [r.user for r in agent.records] == ["1000:0"]
     emulator_server.delete("deployments.apps", "web", NS)

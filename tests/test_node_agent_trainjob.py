@@ -216,6 +216,14 @@ def test_two_nodes_find_each_other_after_resume(agent: NodeAgent, emulator_serve
         ports.add(port)
     assert len(ports) == 1
     assert sorted(r.pod.rsplit("-", 1)[0] for r in agent.records) == ["tj-node-0-0", "tj-node-0-1"]
+    # Their Pod objects: the JobSet's and the Job controller's labels, deleted with the TrainJob.
+    pods = emulator_server.list("pods", NS)
+    assert sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
+    for pod in pods:
+        assert pod["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == "tj"
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "TrainJob" and pod["status"]["phase"] == "Succeeded"
+    emulator_server.delete(TJ, "tj", NS)
+    emulator_server.wait_for(lambda: not emulator_server.list("pods", NS), 30, "the pods outlived their TrainJob")
 
 
 @pytest.mark.e2e

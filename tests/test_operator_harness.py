@@ -28,7 +28,7 @@ from finetune_operator.api import constants as c
 from finetune_operator.controller import children as ch
 from finetune_operator.controller.runtime import OperatorConfig
 
-from .emulator import EmulatorServer
+from .emulator import EmulatorServer, players
 from .emulator.players import PLAYERS, RESOURCE, player
 from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
 
@@ -86,16 +86,9 @@ def fail_child(
     return server.patch_status(RESOURCE[kind], name, player(kind).failed(reason, "exit code 7"), namespace)
 
 
-def make_available(server: EmulatorServer, name: str, namespace: str = "default") -> dict[str, Any]:
-    dep = server.get(RESOURCE["Deployment"], name, namespace)
-    replicas = int(((dep or {}).get("spec") or {}).get("replicas") or 1)
-    status = {
-        "replicas": replicas,
-        "readyReplicas": replicas,
-        "availableReplicas": replicas,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-    }
-    return server.patch_status(RESOURCE["Deployment"], name, status, namespace)
+def make_available(server: EmulatorServer, name: str, namespace: str = "default", *, answer: bool = True) -> dict:
+    """The Deployment rolled out and available, its pods answering chat completions (see players.py)."""
+    return players.make_available(server, name, namespace, answer=answer)
 
 
 def children(server: EmulatorServer, job: str, namespace: str = "default") -> list[tuple[str, str]]:

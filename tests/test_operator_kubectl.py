@@ -23,7 +23,8 @@ import yaml
 from finetune_operator.controller.runtime import OperatorConfig, make_render, make_validate
 
 from .emulator import EmulatorServer
-from .emulator.players import PLAYERS, RESOURCE, player
+from .emulator.chat_backend import serve_deployment
+from .emulator.players import PLAYERS, RESOURCE, deployment_status, player
 from .install_tools import OPERATOR_SA, OPERATOR_TOKEN, installed_chart
 from .test_operator_harness import CRDS, EXAMPLE_IMAGE_PREFIXES, EXAMPLES, ftj_status
 
@@ -36,14 +37,7 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 def success_patch(kind: str) -> dict[str, Any]:
     if kind in PLAYERS:
         return {"status": player(kind).succeeded()}
-    return {
-        "status": {
-            "replicas": 1,
-            "availableReplicas": 1,
-            "readyReplicas": 1,
-            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-        }
-    }
+    return {"status": deployment_status({"metadata": {"generation": 1}, "spec": {"replicas": 1}})}
 
 
 def free_port() -> int:
@@ -122,6 +116,8 @@ def test_kubectl_apply_and_wait_for_ready(
             emulator_server.wait_for(lambda: ftj_status(emulator_server, name, ns).get("progress") == "30/60 (50%)")
             row = kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
             assert step.name in row and "30/60" in row and "1.2500" in row
+        if kind == "Deployment":  # its pods answer chat completions through the Service (the answer check)
+            serve_deployment(emulator_server, child, ns)
         kubectl(
             "patch",
             RESOURCE[kind],

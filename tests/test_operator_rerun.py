@@ -15,7 +15,7 @@ import yaml
 from finetune_operator.api import constants as c
 
 from . import test_operator_harness as harness
-from .emulator import EmulatorServer
+from .emulator import EmulatorServer, players
 from .test_operator_harness import (
     FTJ,
     OperatorThread,
@@ -38,18 +38,9 @@ ENDPOINT = "http://rerun-serve.default.svc:8000/v1"
 
 
 def finish_rollout(server: EmulatorServer, name: str) -> dict[str, Any]:
-    """What the Deployment controller reports once every replica runs the current template."""
-    dep = server.get("deployments.apps", name)
-    replicas = int(dep["spec"]["replicas"])
-    status = {
-        "observedGeneration": dep["metadata"]["generation"],
-        "replicas": replicas,
-        "updatedReplicas": replicas,
-        "readyReplicas": replicas,
-        "availableReplicas": replicas,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-    }
-    return server.patch_status("deployments.apps", name, status)
+    """What the Deployment controller reports once every replica runs the current template (its pods answer
+    chat completions through the Service)."""
+    return players.make_available(server, name)
 
 
 class ReadySampler:
@@ -113,8 +104,8 @@ def test_a_new_run_id_reruns_the_pipeline_and_rolls_the_deployment(
         ("Role", "rerun-worker"),
         ("RoleBinding", "rerun-worker"),
         ("Job", "rerun-sft"),
-        ("Deployment", "rerun-serve"),
         ("Service", "rerun-serve"),
+        ("Deployment", "rerun-serve"),  # written last: the answer check's record (after the Service)
         ("ConfigMap", "rerun-r2-config"),
         ("Job", "rerun-r2-sft"),
     ]

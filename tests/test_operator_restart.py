@@ -100,6 +100,9 @@ class CrashingKube:
     async def list(self, *a: Any) -> Any:
         return await self._call(self.inner.list(*a))
 
+    async def post_raw(self, *a: Any, **kw: Any) -> Any:
+        return await self._call(self.inner.post_raw(*a, **kw))
+
 
 async def drive(
     server: EmulatorServer, kube: Kube, name: str, ns: str, crash_at: int | None, after: bool, *, full: bool = False

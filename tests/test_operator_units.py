@@ -613,3 +613,22 @@ def _deployment(generation: int, want: int, **status: int) -> dict[str, Any]:
 )
 def test_rollout_complete(dep: dict[str, Any], done: bool) -> None:
     assert ch.rollout_complete(dep) is done
+
+
+async def test_the_service_proxy_post_is_sent_once_and_answers_as_is() -> None:
+    """The answer check's POST: a proxied 503 is a result to report (no retry), a hang is Unavailable."""
+    request, sent = fake([(503, {"reason": "ServiceUnavailable"})])
+    kube = RestKube(request, backoff=0.001)
+    status, body = await kube.post_raw(
+        "/api/v1/namespaces/n/services/s:8000/proxy/v1/chat/completions", {"a": 1}, timeout=5
+    )
+    assert status == 503 and json.loads(body)["reason"] == "ServiceUnavailable"
+    assert [s[:3] for s in sent] == [
+        ("POST", "/api/v1/namespaces/n/services/s:8000/proxy/v1/chat/completions", {"a": 1})
+    ]
+
+    async def hang(method: str, url: str, headers: Any, data: Any) -> Any:
+        await asyncio.sleep(10)
+
+    with pytest.raises(Unavailable, match=r"no answer within 0\.05s"):
+        await RestKube(hang).post_raw("/x", {}, timeout=0.05)

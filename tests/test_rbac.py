@@ -34,11 +34,6 @@ _RERUN_UNSERVED = (
 ALLOWED_UNUSED: dict[Permission, str] = {
     Permission("apps", "deployments", "delete"): _RERUN_UNSERVED,
     Permission("", "services", "delete"): _RERUN_UNSERVED,
-    Permission("", "pods", "list"): (
-        "reading the evaluation and publish pods' termination messages (no example of the session has "
-        "evaluate or publish); exercised by tests/test_operator_eval_publish.py under the same chart RBAC "
-        "enforced by the emulator"
-    ),
 }
 
 _ADOPTION = (

@@ -11,7 +11,7 @@ from finetune_operator.worker.envmap import DistributedEnvError, apply_env, map_
 # (id, backend, pod environment, force_torchrun, expected mode, primary, expected variables (None: removed))
 CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = [
     # Kubeflow Trainer v2, torch-distributed runtime: the torch plugin's PET_* (node rank = Job completion index,
-    # master = <trainjob>-node-0-0.<trainjob>, port 29400); FT_NPROC_PER_NODE is overridden by PET_NPROC_PER_NODE.
+    # master = <trainjob>-node-0-0.<trainjob>, port 29500); FT_NPROC_PER_NODE is overridden by PET_NPROC_PER_NODE.
     (
         "trainjob-rank0",
         "trainjob",
@@ -20,7 +20,7 @@ CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = 
             "PET_NPROC_PER_NODE": "4",
             "PET_NODE_RANK": "0",
             "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft",
-            "PET_MASTER_PORT": "29400",
+            "PET_MASTER_PORT": "29500",
             "FT_NPROC_PER_NODE": "1",
         },
         False,
@@ -32,7 +32,7 @@ CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = 
             "NODE_RANK": "0",
             "NPROC_PER_NODE": "4",
             "MASTER_ADDR": "tj-sft-node-0-0.tj-sft",
-            "MASTER_PORT": "29400",
+            "MASTER_PORT": "29500",
         },
     ),
     (
@@ -43,12 +43,12 @@ CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = 
             "PET_NPROC_PER_NODE": "1",
             "PET_NODE_RANK": "1",
             "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft",
-            "PET_MASTER_PORT": "29400",
+            "PET_MASTER_PORT": "29500",
         },
         False,
         "torchrun",
         False,
-        {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1", "MASTER_PORT": "29400"},
+        {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1", "MASTER_PORT": "29500"},
     ),
     (
         "trainjob-one-node-one-process",
@@ -58,7 +58,7 @@ CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = 
             "PET_NPROC_PER_NODE": "1",
             "PET_NODE_RANK": "0",
             "PET_MASTER_ADDR": "tj-sft-node-0-0.tj-sft",
-            "PET_MASTER_PORT": "29400",
+            "PET_MASTER_PORT": "29500",
         },
         False,
         "single",
@@ -74,7 +74,7 @@ CASES: list[tuple[str, str, dict[str, str], bool, str, bool, dict[str, Any]]] = 
             "PET_NODE_RANK": "0",
             "FT_NPROC_PER_NODE": "2",
             "PET_MASTER_ADDR": "m",
-            "PET_MASTER_PORT": "29400",
+            "PET_MASTER_PORT": "29500",
         },
         False,
         "torchrun",

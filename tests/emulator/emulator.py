@@ -541,6 +541,10 @@ class FidelityEmulator(kmock.KubernetesEmulator):
         self.request_log_meta.append(RequestMeta(raw.headers.get("User-Agent", ""), 0))
         index = len(self.request_log_meta) - 1
         try:
+            if self.authorizer is not None:  # authorised like any request: create on services/proxy for a POST
+                denied = self.authorizer.check(raw.headers.get("Authorization"), rec)
+                if denied is not None:
+                    raise denied
             service = self.find("", "services", m["ns"], name)
             response = await proxy.forward(raw, m, service, self.service_backends, body)
         except ApiError as e:

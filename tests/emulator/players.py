@@ -6,7 +6,8 @@ fails tests/test_operator_harness.py::test_every_backend_has_a_player), so a new
 at once. The shapes follow the upstream controllers: batch/v1 Job (``Complete``/``SuccessCriteriaMet``/
 ``Failed``), Kubeflow training-operator v1 (``Created``/``Running``/``Succeeded``/``Failed`` with
 ``PyTorchJob*`` reasons), T9k (``status.phase``), Kubeflow Trainer v2 (JobSet's conditions copied: ``Complete``
-``AllJobsCompleted``, ``Failed`` ``FailedJobs``; ``jobsStatus``).
+``AllJobsCompleted``, ``Failed`` ``FailedJobs``; ``jobsStatus``). Deployments (:func:`make_available`): the
+status of a finished rollout, and pods that answer chat completions through their Service.
 """
 
 from __future__ import annotations
@@ -84,6 +85,31 @@ RESOURCE: dict[str, str] = {
     "Role": "roles.rbac.authorization.k8s.io",
     "RoleBinding": "rolebindings.rbac.authorization.k8s.io",
 }
+
+
+def deployment_status(deployment: dict[str, Any]) -> dict[str, Any]:
+    """What the Deployment controller reports once every replica runs the current template and is available."""
+    replicas = int((deployment.get("spec") or {}).get("replicas") or 1)
+    return {
+        "observedGeneration": deployment["metadata"].get("generation") or 1,
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+    }
+
+
+def make_available(server: Any, name: str, namespace: str = "default", *, answer: bool = True) -> dict[str, Any]:
+    """Play a Deployment rolled out and available: its status, and (``answer``) its pods answering chat
+    completions behind its Services like vLLM (tests/emulator/chat_backend.py) for the operator's answer check."""
+    from .chat_backend import serve_deployment
+
+    if answer:
+        serve_deployment(server, name, namespace)
+    dep = server.get(RESOURCE["Deployment"], name, namespace)
+    result: dict[str, Any] = server.patch_status(RESOURCE["Deployment"], name, deployment_status(dep or {}), namespace)
+    return result
 
 
 def player(kind: str) -> Player:

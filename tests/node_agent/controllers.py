@@ -24,7 +24,8 @@ operator reads (finetune_operator.controller.children):
 ``Deployment`` (apps/v1)
     ``spec.replicas`` pods (restarted when they exit, ``restartPolicy: Always``); ``availableReplicas`` counts
     the pods whose rendered readiness probe (``httpGet`` on the named port) answers 2xx; a new generation rolls
-    the pods; ``observedGeneration``, ``updatedReplicas``, condition ``Available``.
+    the pods; ``observedGeneration``, ``updatedReplicas``, condition ``Available``. Once ready, the Services
+    selecting the pods are routed to them in the API server's Service proxy (``service_backends``).
 """
 
 from __future__ import annotations
@@ -455,6 +456,7 @@ class DeploymentController(Controller):
                 continue
             if procs and not ready and self._probe_ok(template):
                 ready = True
+                self._route_services(template)
                 self.patch_status(
                     {
                         "readyReplicas": want,
@@ -471,6 +473,21 @@ class DeploymentController(Controller):
             self.wait_changed(gen, period)
         for p in procs:
             p.kill()
+
+    def _route_services(self, template: dict[str, Any]) -> None:
+        """Play kube-proxy for the API server's Service proxy: each Service selecting these pods reaches them
+        on 127.0.0.1 at the container port its targetPort names (the operator's answer check goes there)."""
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        ports = {p.get("name"): p["containerPort"] for p in template["spec"]["containers"][0].get("ports") or []}
+        for svc in self.agent.server.list("services", self.namespace):
+            selector = (svc.get("spec") or {}).get("selector") or {}
+            if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            for port in svc["spec"].get("ports") or []:
+                target = port.get("targetPort", port["port"])
+                target = ports.get(target, target) if isinstance(target, str) else target
+                key = (self.namespace, svc["metadata"]["name"], str(port["port"]))
+                self.agent.server.emulator.service_backends[key] = f"http://127.0.0.1:{target}"
 
     def wait_changed(self, generation: int, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -37,8 +37,10 @@ Where a cluster would differ: a failed node pod leaves its peers waiting in torc
 restarts only the failed container, ``OnFailure``); here the peers are stopped and the whole group restarts,
 each failed pod counting against ``backoffLimit``. ``spec.suspend`` set while running stops the pods (JobSet
 suspends its Jobs; the Job controller deletes their pods, not counted as failures) and starts them again on
-resume. No JobSet or Job objects are stored (the operator watches TrainJobs only). ``activeDeadlineSeconds`` is
-not enforced.
+resume. No JobSet or Job objects are stored (the operator watches TrainJobs only), so the Pod objects the agent
+writes have the TrainJob as their controller ownerReference (in a cluster: the Job ``<trainjob>-node-0``, owned by
+the JobSet, owned by the TrainJob); the garbage collector still deletes them with the TrainJob.
+``activeDeadlineSeconds`` is not enforced.
 """
 
 from __future__ import annotations
@@ -384,6 +386,8 @@ class TrainJobController(Controller):
                 extra_env={"JOB_COMPLETION_INDEX": str(index), "PYTHONUNBUFFERED": "1"},
                 annotations={COMPLETION_INDEX: str(index)},
                 hosts=hosts,
+                # The Job controller's labels (the JobSet's are on the template, see trainer_job).
+                labels={COMPLETION_INDEX: str(index), "job-name": job.name},
             )
             code, message = self.run_pod(pod)
             if code == 0:

@@ -45,6 +45,12 @@ tests' API server enforces these rules.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "delete"]
+# The answer check: after each rollout one chat completion is POSTed to the vLLM Service through the
+# API server's Service proxy (a POST is authorised as create on services/proxy) before Ready turns
+# true. POST only (create); the operator sends nothing else through the proxy.
+- apiGroups: [""]
+  resources: ["services/proxy"]
+  verbs: ["create"]
 # Events about FineTuneJobs (stage started/succeeded/retrying, serving, ...).
 - apiGroups: [""]
   resources: ["events"]

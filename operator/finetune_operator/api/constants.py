@@ -40,6 +40,9 @@ ANNOTATION_RUN: Final = f"{GROUP}/run"
 #: On the vLLM Deployment: the evaluation metrics (JSON) of the model it serves, the promotion gate's
 #: ``noWorseThanServing`` baseline. Only the operator may write Deployments; worker pods may write status.
 ANNOTATION_METRICS: Final = f"{GROUP}/metrics"
+#: On the vLLM Deployment: ``<uid>:<template hash>`` of the rollout that answered a real chat completion through
+#: its Service (``Ready`` waits for it; see finetune_operator/controller/answering.py).
+ANNOTATION_ANSWERED: Final = f"{GROUP}/answered"
 
 # Default images (overridable per job with ``spec.image``/``spec.serve.image`` and per install with Helm values).
 DEFAULT_WORKER_IMAGE: Final = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
@@ -54,7 +57,8 @@ class ConditionType:
     """Condition types in ``status.conditions`` (Kubernetes API conventions: positive polarity)."""
 
     READY: Final = "Ready"
-    """The model is served: the vLLM Deployment is available (or, without serve, the pipeline succeeded)."""
+    """The model is served: the vLLM Deployment is available and its Service answered a chat completion (or,
+    without serve, the pipeline succeeded)."""
     SUCCEEDED: Final = "Succeeded"
     """Every stage up to (not including) serving finished successfully."""
     FAILED: Final = "Failed"
@@ -104,6 +108,10 @@ class Reason:
     PLANNED: Final = "Planned"
     #: The promotion gate (spec.gate) refused the run's model: not published, not served.
     GATE_FAILED: Final = "GateFailed"
+    #: The vLLM Deployment is available but its Service has not answered a chat completion (yet).
+    SERVICE_NOT_ANSWERING: Final = "ServiceNotAnswering"
+    #: The Service answered a chat completion after a rollout (event).
+    SERVICE_ANSWERED: Final = "ServiceAnswered"
     #: A pod of the pipeline names a Secret (or a key of one) that does not exist: the kubelet cannot start it.
     SECRET_NOT_FOUND: Final = "SecretNotFound"
 

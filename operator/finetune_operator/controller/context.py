@@ -49,6 +49,11 @@ class ReconcilerConfig:
     refused_interval: float = 30.0
     #: Times a reconcile is recomputed after a status write conflict before giving up (then backoff).
     conflict_retries: int = 8
+    #: Seconds one chat completion through the vLLM Service may take (the answer check, :mod:`.answering`).
+    answer_timeout: float = 30.0
+    #: First delay before a failed answer check is repeated; doubled per failure up to ``answer_retry_max``.
+    answer_retry_initial: float = 2.0
+    answer_retry_max: float = 60.0
     #: Seconds between looks at the pods of a step that have not started (pods are not watched): a pod
     #: waiting for a missing Secret fails the job. The wait grows with the step's age, up to 5 minutes.
     pod_check_interval: float = 5.0
@@ -187,3 +192,7 @@ class Base:
         self._results: OrderedDict[str, Any] = OrderedDict()
         #: (namespace, name) -> status.state, for the jobs-by-state gauge.
         self.states: dict[tuple[str, str], str] = {}
+        #: Failed answer checks by rollout (``answered`` annotation value, see :mod:`.answering`): consecutive
+        #: failures, the time before which no new check is sent (backoff), and the last failure's detail.
+        #: Lost on a restart, which only restarts the backoff.
+        self._answer_failures: OrderedDict[str, tuple[int, float, str]] = OrderedDict()

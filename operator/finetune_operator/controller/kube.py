@@ -103,6 +103,14 @@ class Kube(Protocol):
         """The objects of ``kind`` in ``namespace`` matching ``label_selector`` (uncached)."""
         ...
 
+    async def post_raw(self, path: str, body: Mapping[str, Any], *, timeout: float) -> tuple[int, bytes]:
+        """One POST of JSON to ``path`` (the Service proxy), without retries; (HTTP status, body).
+
+        Any answer is returned as it is (a proxied server's 503 is a result, not an outage to retry);
+        a connection failure or ``timeout`` raises :class:`Unavailable`.
+        """
+        ...
+
 
 #: Kinds the operator only reads (never creates): the evaluation and publish Jobs' pods, whose termination
 #: messages carry the workers' results (see :mod:`finetune_operator.controller.results`).
@@ -238,6 +246,17 @@ class RestKube:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         with contextlib.suppress(NotFound):
             await self.call("DELETE", resource_path(api_version, kind, namespace, name), body=body)
+
+    async def post_raw(self, path: str, body: Mapping[str, Any], *, timeout: float) -> tuple[int, bytes]:
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        try:
+            async with asyncio.timeout(timeout):
+                status, _, payload = await self._request("POST", path, headers, json.dumps(body).encode())
+        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+            raise Unavailable(0, type(exc).__name__, str(exc) or f"no answer within {timeout:g}s") from None
+        if self._on_request is not None:
+            self._on_request("POST", status)
+        return status, payload
 
     async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         result = await self.call(
@@ -496,6 +515,10 @@ class CachingKube:
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self.drop(kind, namespace, name)
         await self.inner.delete(api_version, kind, namespace, name)
+
+    async def post_raw(self, path: str, body: Mapping[str, Any], *, timeout: float) -> tuple[int, bytes]:
+        """Not cached: the Service proxy (the answer check)."""
+        return await self.inner.post_raw(path, body, timeout=timeout)
 
     async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         """Not cached: only pods are listed, rarely (once per finished evaluation/publish Job)."""

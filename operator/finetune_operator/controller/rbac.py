@@ -65,6 +65,14 @@ NAMESPACED_RULES: Final[tuple[Rule, ...]] = (
         "deleted with its Deployment when a new run no longer serves.",
     ),
     Rule(
+        ("",),
+        ("services/proxy",),
+        ("create",),
+        "The answer check: after each rollout one chat completion is POSTed to the vLLM Service through the API "
+        "server's Service proxy (a POST is authorised as create on services/proxy) before Ready turns true. "
+        "POST only (create); the operator sends nothing else through the proxy.",
+    ),
+    Rule(
         ("",), ("events",), ("create",), "Events about FineTuneJobs (stage started/succeeded/retrying, serving, ...)."
     ),
     Rule(

@@ -204,9 +204,11 @@ class Reconciler(Gating):
                     stages[j] = fresh_stage(plan.steps[j])
             try:
                 if step.kind == "serve":
-                    summary_kw["serving"], summary_kw["rolling"] = await self._serve(
-                        ctx, job, step, sst, summary_kw.get("metrics")
-                    )
+                    served = await self._serve(ctx, job, step, sst, summary_kw.get("metrics"))
+                    summary_kw["serving"], summary_kw["rolling"] = served.serving, served.rolling
+                    summary_kw["not_answering"], summary_kw["serve_note"] = served.not_answering, served.note
+                    if served.not_answering is not None:
+                        summary_kw["current_message"] = served.not_answering
                     summary_kw["suspended"] = sst.state == StageState.SUSPENDED
                     break
                 outcome = await self._drive(ctx, job, plan, step, sst, first=i == 0, deep=deep)

@@ -88,6 +88,12 @@ class OperatorConfig:
     allowed_image_prefixes: tuple[str, ...] = ()
     #: Whether specs may set ``trust_remote_code`` / ``--trust-remote-code`` (``FT_ALLOW_TRUST_REMOTE_CODE``).
     allow_trust_remote_code: bool = False
+    #: The answer check after a rollout (controller/answering.py): seconds one chat completion may take
+    #: (``FT_ANSWER_TIMEOUT_SECONDS``), the first delay before a failed one is repeated, doubled per failure
+    #: (``FT_ANSWER_RETRY_SECONDS``), and the longest delay (``FT_ANSWER_RETRY_MAX_SECONDS``).
+    answer_timeout: float = 30.0
+    answer_retry_initial: float = 2.0
+    answer_retry_max: float = 60.0
 
     def policy(self) -> Policy:
         """The validation policy of this install: a FineTuneJob grants its author no image the install did not
@@ -116,6 +122,9 @@ class OperatorConfig:
             "workers": int(_env_float(e, "FT_RECONCILE_WORKERS", 16)),
             "api_retry_initial": _env_float(e, "FT_API_RETRY_SECONDS", 1.0),
             "api_retry_max": _env_float(e, "FT_API_RETRY_MAX_SECONDS", 30.0),
+            "answer_timeout": _env_float(e, "FT_ANSWER_TIMEOUT_SECONDS", 30.0),
+            "answer_retry_initial": _env_float(e, "FT_ANSWER_RETRY_SECONDS", 2.0),
+            "answer_retry_max": _env_float(e, "FT_ANSWER_RETRY_MAX_SECONDS", 60.0),
         }
         if e.get("FT_METRICS_PORT"):
             kw["metrics_port"] = int(e["FT_METRICS_PORT"])
@@ -243,7 +252,11 @@ class Controller:
             render=make_render(config),
             events=self.events,
             config=ReconcilerConfig(
-                progress_interval=config.progress_interval, pod_check_interval=config.pod_check_interval
+                progress_interval=config.progress_interval,
+                answer_timeout=config.answer_timeout,
+                answer_retry_initial=config.answer_retry_initial,
+                answer_retry_max=config.answer_retry_max,
+                pod_check_interval=config.pod_check_interval,
             ),
         )
         self.queue: WorkQueue[Key] = WorkQueue(self._process, workers=config.workers, on_error=self._on_error)

@@ -9,24 +9,52 @@ Decisions that live here:
   (:meth:`Serving._roll`): the same object keeps answering until a new pod is ready.
 * **Serving the previous run** while a new one trains (:meth:`Serving._serving_previous`): Ready and the
   endpoint stay.
+* **Answering** (:meth:`Serving._answers`, rules in :mod:`.answering`): after a rollout is complete, one real
+  chat completion through the Service must succeed before the job counts as serving (``Ready``); until then
+  ``Ready`` is False with reason ``ServiceNotAnswering`` and the check is retried with backoff.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from finetune_operator.api import constants as c
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.types import FineTuneJob, StageStatus
+from finetune_operator.controller import answering
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import status as st
 from finetune_operator.controller.context import Blocked, Ctx, with_deletions
+from finetune_operator.controller.kube import Unavailable
 from finetune_operator.controller.stepping import Stepping
 from finetune_operator.render.plan import Plan, Step
+from finetune_operator.render.serve import served_model_name
+
+log = logging.getLogger(__name__)
+
+#: Rollouts whose failed answer checks are remembered (oldest dropped first).
+_ANSWERS_MAX: Final = 4096
+
+
+@dataclass(frozen=True)
+class ServeOutcome:
+    """What the serve step found: whether the model is served, whether it rolls, why it does not answer yet."""
+
+    #: The Deployment is available and its Service answered a chat completion for this rollout (or, while it
+    #: rolls, for the previous one: the old pods still answer).
+    serving: bool
+    #: The Deployment is rolling to the new run's model (old pods may still answer).
+    rolling: bool
+    #: Available, but the answer check has not passed: why (None when it passed or was not due).
+    not_answering: str | None = None
+    #: A note on the Ready message (the check is skipped with an API key).
+    note: str = ""
 
 
 def metrics_annotation(metrics: Mapping[str, float] | None) -> dict[str, str]:
@@ -121,8 +149,8 @@ class Serving(Stepping):
 
     async def _serve(
         self, ctx: Ctx, job: FineTuneJob, step: Step, sst: StageStatus, metrics: Mapping[str, float] | None = None
-    ) -> tuple[bool, bool]:
-        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; (serving, rolling).
+    ) -> ServeOutcome:
+        """Ensure the vLLM Deployment and Service; scale to ``serve.replicas``; check that it answers.
 
         ``spec.suspend`` while serving scales the Deployment to 0 (the GPUs are what suspending frees) and
         resuming scales it back; the endpoint leaves ``status.outputs`` while nothing answers there. After a
@@ -171,24 +199,111 @@ class Serving(Stepping):
         want = 0 if job.spec.suspend else job.spec.serve.replicas
         have = (deployment.get("spec") or {}).get("replicas")
         if have != want:
+            scale: dict[str, Any] = {"spec": {"replicas": want}}
+            if want == 0:  # nothing answers at zero: the next scale-up is a rollout to check again
+                scale["metadata"] = {"annotations": {c.ANNOTATION_ANSWERED: None}}
             deployment = await self.kube.patch(
-                "apps/v1", "Deployment", ctx.namespace, deployment["metadata"]["name"], {"spec": {"replicas": want}}
+                "apps/v1", "Deployment", ctx.namespace, deployment["metadata"]["name"], scale
             )
             why = " (spec.suspend)" if job.spec.suspend else ""
             reason = Reason.SUSPENDED if job.spec.suspend else Reason.SCALED
             ctx.events.append(
                 st.Event("Normal", reason, f"scaled Deployment {deployment['metadata']['name']} to {want}{why}")
             )
-        serving = want > 0 and ch.is_available(deployment)
+        available = want > 0 and ch.is_available(deployment)
         # Only runs roll an existing Deployment; without a runId the first rollout is the only one.
         rolling = bool(job.spec.run_id) and want > 0 and not ch.rollout_complete(deployment)
+        outcome = ServeOutcome(serving=False, rolling=rolling)
+        if available and rolling:
+            # The old pods answer until the new ones replace them: serving if this Deployment answered before.
+            answered = str((deployment["metadata"].get("annotations") or {}).get(c.ANNOTATION_ANSWERED) or "")
+            before = answered.startswith(f"{deployment['metadata'].get('uid')}:")
+            outcome = ServeOutcome(serving=before or job.spec.serve.api_key_secret_ref is not None, rolling=True)
+        elif available:
+            outcome = await self._answers(ctx, job, step, deployment)
+        serving = outcome.serving
         if job.spec.suspend:
             sst.state, sst.message = StageState.SUSPENDED, "suspended (spec.suspend): scaled to 0 replicas"
         elif serving and rolling:
             sst.message = f"rolling out the model of run {job.spec.run_id}"
         elif serving:
             sst.message = None
+        elif outcome.not_answering is not None:
+            sst.message = outcome.not_answering
         else:
             cs = ch.interpret(deployment)
             sst.message = cs.message or ("scaled to 0 replicas" if want == 0 else "waiting for the Deployment")
-        return serving, rolling
+        return outcome
+
+    async def _answers(self, ctx: Ctx, job: FineTuneJob, step: Step, deployment: Mapping[str, Any]) -> ServeOutcome:
+        """The answer check of this rollout (see :mod:`.answering`): recorded, due, or sent now.
+
+        Passed once for this rollout (the Deployment's annotation names its uid and template hash): serving.
+        Otherwise one chat completion is sent through the Service proxy unless a failed one's backoff is still
+        running; a pass is recorded on the Deployment with a Normal event, a failure is remembered (backoff,
+        one Warning event after :data:`~.answering.WARN_AFTER` in a row) and keeps the job not serving.
+        """
+        if job.spec.serve.api_key_secret_ref is not None:
+            return ServeOutcome(
+                serving=True,
+                rolling=False,
+                note=" (no chat completion check: serve.apiKeySecretRef is set and the operator holds no API key)",
+            )
+        meta = deployment["metadata"]
+        template = (step.workload["spec"]["template"].get("metadata") or {}).get("annotations") or {}
+        key = answering.answered_value(str(meta.get("uid") or ""), str(template.get(c.ANNOTATION_SPEC_HASH) or ""))
+        if (meta.get("annotations") or {}).get(c.ANNOTATION_ANSWERED) == key:
+            return ServeOutcome(serving=True, rolling=False)
+        service = next(o for o in step.objects if o["kind"] == "Service")
+        svc_name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
+        failures, not_before, detail = self._answer_failures.get(key, (0, 0.0, ""))
+        if failures and ctx.now < not_before:
+            ctx.requeue_after(not_before - ctx.now)
+            return ServeOutcome(
+                serving=False, rolling=False, not_answering=self._not_answering(svc_name, failures, detail)
+            )
+        model = served_model_name(job)
+        path = answering.proxy_path(ctx.namespace, svc_name, port)
+        try:
+            status, body = await self.kube.post_raw(
+                path, answering.request_body(model), timeout=self.config.answer_timeout
+            )
+            answer = answering.judge(status, body, model)
+        except Unavailable as exc:
+            answer = answering.Answer(False, f"no answer: {exc.reason or 'error'}")
+        if answer.ok:
+            self._answer_failures.pop(key, None)
+            patch = {"metadata": {"annotations": {c.ANNOTATION_ANSWERED: key}}}
+            updated = await self.kube.patch("apps/v1", "Deployment", ctx.namespace, meta["name"], patch)
+            updated.setdefault("apiVersion", "apps/v1")
+            updated.setdefault("kind", "Deployment")
+            self._note_own_write(ctx, updated)
+            run = f" (run {job.spec.run_id})" if job.spec.run_id else ""
+            ctx.events.append(
+                st.Event(
+                    "Normal",
+                    Reason.SERVICE_ANSWERED,
+                    f"Service {svc_name} answered a chat completion of model {model!r}{run}",
+                )
+            )
+            return ServeOutcome(serving=True, rolling=False)
+        failures += 1
+        delay = answering.retry_delay(failures, self.config.answer_retry_initial, self.config.answer_retry_max)
+        self._answer_failures[key] = (failures, ctx.now + delay, answer.detail)
+        self._answer_failures.move_to_end(key)
+        while len(self._answer_failures) > _ANSWERS_MAX:
+            self._answer_failures.popitem(last=False)
+        message = self._not_answering(svc_name, failures, answer.detail)
+        log.info("%s/%s: %s", ctx.namespace, ctx.name, message)
+        if failures == answering.WARN_AFTER:
+            ctx.events.append(st.Event("Warning", Reason.SERVICE_NOT_ANSWERING, message))
+        ctx.requeue_after(delay)
+        return ServeOutcome(serving=False, rolling=False, not_answering=message)
+
+    @staticmethod
+    def _not_answering(service: str, failures: int, detail: str) -> str:
+        tries = "1 try" if failures == 1 else f"{failures} tries"
+        return (
+            f"the vLLM Deployment is available but Service {service} did not answer a chat completion "
+            f"({tries}, last: {detail}); retrying"
+        )

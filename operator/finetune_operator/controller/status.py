@@ -224,7 +224,11 @@ class Summary:
     failed_reason: str = Reason.RETRIES_EXHAUSTED
     suspended: bool = False
     succeeded: bool = False  # every step before serve succeeded
-    serving: bool = False  # the serve Deployment is available
+    serving: bool = False  # the serve Deployment is available and its Service answered a chat completion
+    #: The serve Deployment is available but its Service has not answered a chat completion: why.
+    not_answering: str | None = None
+    #: Appended to the Ready message while serving (e.g. why the answer check was skipped).
+    serve_note: str = ""
     #: A new run (spec.runId) trains while the Deployment still serves the previous run's model.
     serving_previous: bool = False
     #: The Deployment is rolling to the new run's model (old pods may still answer).
@@ -307,6 +311,14 @@ def build_conditions(
         msg = "the vLLM Deployment is available" if s.serving else "waiting for training and the vLLM Deployment"
         if s.serving and s.rolling:
             msg = "the vLLM Deployment is available, rolling to the new run's model"
+        elif s.serving:
+            msg = (
+                f"the vLLM Deployment is available{s.serve_note}"
+                if s.serve_note
+                else "the vLLM Deployment is available and its Service answered a chat completion"
+            )
+        elif s.not_answering is not None:
+            reason, msg = Reason.SERVICE_NOT_ANSWERING, s.not_answering
     else:
         ready, reason = s.succeeded, (Reason.PIPELINE_SUCCEEDED if s.succeeded else Reason.PENDING)
         msg = "every stage succeeded" if s.succeeded else ""
