@@ -401,7 +401,7 @@ class DeploymentController(Controller):
         record_list: list[ContainerRecord] = []
         while True:
             obj = self.current()
-            if obj is None:
+            if obj is None or self.stopped.is_set():  # stopped: no restart (vLLM left behind holds its port)
                 break
             gen = int(obj["metadata"].get("generation") or 1)
             want = int(obj["spec"].get("replicas", 1))
