@@ -8,6 +8,7 @@ Layout (kubebuilder-style: pure pieces separate from the loop that talks to the 
     accepting.py   which spec and run the pipeline runs; terminal jobs; the validation/render cache
     stepping.py    one training step's workload: create/adopt, success, retry, failure, suspend, drift
     serving.py     the vLLM Deployment and Service: create, scale, suspend, roll to a new run
+    answering.py   pure: the chat completion through the Service proxy that Ready waits for after a rollout
     writing.py     status built from the API models, when it is written, our own watch echoes, events
     context.py     what the decision modules share: config, per-reconcile scratch, enum outcomes
     queue.py       client-go style work queue: dedupe, one worker per key, delayed re-adds, error backoff
