@@ -203,3 +203,57 @@ def test_pods_that_have_started() -> None:
     assert not podstate.all_started([])
     assert not podstate.all_started([{"status": {"phase": "Pending"}}, {"status": {"phase": "Running"}}])
     assert podstate.all_started([{"status": {"phase": "Running"}}, {"status": {"phase": "Succeeded"}}])
+
+
+def test_every_secret_field_is_named_and_checked_by_the_first_job() -> None:
+    """The walk over the API models finds every credential field by its wire path; the first Job's check
+    covers every key the other pods use (the download's own token is resolved for its own container)."""
+    from finetune_operator.api.secretrefs import secret_fields
+    from finetune_operator.render import render
+    from finetune_operator.validation import validate
+
+    ref = {"name": "s", "key": "k"}
+    doc = minimal(
+        "all",
+        preflight={"mode": "Enforce"},
+        publish=PUBLISH,
+        tracking={
+            "wandb": {"project": "p", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}},
+            "mlflow": {
+                "trackingUri": "http://mlflow:5000",
+                "usernameSecretRef": {"name": "ml", "key": "user"},
+                "passwordSecretRef": {"name": "ml", "key": "pw"},
+            },
+        },
+        serve={
+            "enabled": True,
+            "resources": {"gpusPerNode": 1},
+            "env": [{"name": "EXTRA", "valueFrom": {"secretKeyRef": ref}}],
+            "apiKeySecretRef": {"name": "vllm", "key": "api-key"},
+        },
+    )
+    doc["spec"]["model"] |= {"source": "org/tiny", "tokenSecretRef": {"name": "hf", "key": "token"}}
+    job = validate(doc)
+    assert sorted(p for p, _ in secret_fields(job.spec)) == sorted(
+        [
+            "spec.model.tokenSecretRef",
+            "spec.serve.env[0].valueFrom.secretKeyRef",
+            "spec.serve.apiKeySecretRef",
+            "spec.tracking.wandb.apiKeySecretRef",
+            "spec.tracking.mlflow.usernameSecretRef",
+            "spec.tracking.mlflow.passwordSecretRef",
+            "spec.publish.destinations[0].s3.accessKeyIdSecretRef",
+            "spec.publish.destinations[0].s3.secretAccessKeySecretRef",
+            "spec.publish.destinations[1].huggingface.tokenSecretRef",
+        ]
+    )
+    plan = render(job)
+    first = plan.steps[0]
+    assert first.kind == "download"
+    (init,) = first.workload["spec"]["template"]["spec"]["initContainers"]
+    checked = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]) for e in init["env"]}
+    everything = set(secretcheck.referenced(plan.objects()))
+    assert checked == everything - {("hf", "token")} and ("hf", "token") in everything
+    assert all(
+        "initContainers" not in s.workload.get("spec", {}).get("template", {}).get("spec", {}) for s in plan.steps[1:]
+    )
