@@ -134,6 +134,55 @@ class Player:
     def fail(self, kind: str, name: str, ns: str) -> None:
         self.server.patch_status(RESOURCE[kind], name, play(kind).failed("BackoffLimitExceeded", "exit code 7"), ns)
 
+    def answer(self, name: str, ns: str) -> None:
+        """Play the answer Job of a Service with an API key: its pod answered ok (termination message), it
+        succeeded (as the Job controller and the kubelet would report it)."""
+        selector = f"{c.LABEL_JOB}={name},{c.LABEL_COMPONENT}=answer"
+        job = self.wait(
+            lambda: next(iter(self.server.list(RESOURCE["Job"], ns, label_selector=selector)), None), "no answer Job"
+        )
+        job_name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+        pod = self.server.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"{job_name[:50]}-abcde",
+                    "namespace": ns,
+                    "labels": {"batch.kubernetes.io/job-name": job_name},
+                    "ownerReferences": [
+                        {"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid, "controller": True}
+                    ],
+                },
+                "spec": {"containers": [{"name": "worker", "image": "worker"}], "restartPolicy": "Never"},
+            }
+        )
+        terminated = {
+            "exitCode": 0,
+            "reason": "Completed",
+            "message": '{"answer": "ok"}',
+            "finishedAt": "2026-01-01T00:00:00Z",
+        }
+        self.server.patch_status(
+            "pods",
+            pod["metadata"]["name"],
+            {
+                "phase": "Succeeded",
+                "containerStatuses": [
+                    {
+                        "name": "worker",
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "worker",
+                        "imageID": "",
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            },
+            ns,
+        )
+        self.server.patch_status(RESOURCE["Job"], job_name, play("Job").succeeded(), ns)
+
     def steps(self, doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         """(step kind, workload kind, workload name) in pipeline order, from the pure renderer."""
         from finetune_operator.controller.runtime import OperatorConfig, make_render, make_validate
@@ -163,6 +212,8 @@ class Player:
                 self.server.patch(FTJ, name, {"spec": {"suspend": False}}, ns)
                 self.wait(lambda: self.status(name, ns).get("state") == "Running", f"{name} not resumed")
             self.succeed(kind, child, ns)
+        if (doc["spec"].get("serve") or {}).get("apiKeySecretRef"):
+            self.answer(name, ns)
         final = "Serving" if any(s[0] == "serve" for s in self.steps(doc)) else "Succeeded"
         self.wait(
             lambda: self.status(name, ns).get("state") == final, f"{name}: {final} not reached: {self.status(name, ns)}"
@@ -243,6 +294,12 @@ def record_session(mode: str) -> Session:
                     lambda: player.run_pipeline(trainer, fail_first="train", suspend_at="train"),
                 )
             )
+            # Serving with an API key from the canary Secret: the answer Job checks it from inside the cluster.
+            keyed = _example("05-", "ml")
+            keyed["metadata"]["name"] = "keyed-faq"
+            del keyed["spec"]["scheduling"]["queueName"]
+            keyed["spec"]["serve"]["apiKeySecretRef"] = dict(TOKEN_SECRET)
+            jobs.append(("ml/keyed-faq", lambda: player.run_pipeline(keyed)))
             for key, fn in jobs:
                 thread = threading.Thread(target=scenario, args=(key, fn), name=key)
                 thread.start()

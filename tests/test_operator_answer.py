@@ -15,18 +15,21 @@ from typing import Any
 import pytest
 
 from finetune_operator.api import constants as c
+from finetune_operator.api.naming import short_hash
 from finetune_operator.controller import answering
 
 from . import test_operator_harness as harness
 from .emulator import EmulatorServer
 from .emulator.chat_backend import behaviour_of, serve_deployment
-from .emulator.players import make_available
+from .emulator.players import RESOURCE, make_available
 from .served_model import ServedModel
+from .test_operator_eval_publish import finish_with_result, job_pod
 from .test_operator_harness import (
     FTJ,
     OperatorThread,
     condition,
     events,
+    fail_child,
     fast_config,
     ftj_status,
     minimal,
@@ -211,14 +214,101 @@ def test_without_the_proxy_permission_ready_stays_false_and_says_so(
     assert behaviour_of(cluster, "noproxy-serve").requests == []
 
 
-def test_with_an_api_key_the_check_is_skipped_and_ready_says_so(
+KEYED = {**SERVE, "apiKeySecretRef": {"name": "vllm-key", "key": "key"}}
+
+
+def answer_job_of(server: EmulatorServer, name: str, deployment: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """The answer Job of the Deployment's current rollout, attempt ``attempt``, once the operator created it."""
+    spec_hash = deployment["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+    rollout = f"{deployment['metadata']['uid']}:{spec_hash}"
+    return server.wait_for_object(RESOURCE["Job"], f"{name}-answer-{short_hash(rollout)}-{attempt}")
+
+
+def test_with_an_api_key_an_answer_job_checks_from_inside_the_cluster(
     cluster: EmulatorServer, operator: OperatorThread
 ) -> None:
-    trained(cluster, "keyed", serve={**SERVE, "apiKeySecretRef": {"name": "vllm-key", "key": "key"}})
-    make_available(cluster, "keyed-serve")
-    status = wait_state(cluster, "keyed", "Serving")
-    assert "no chat completion check: serve.apiKeySecretRef is set" in condition(status, "Ready")["message"]
+    dep = trained(cluster, "keyed", serve=KEYED)
+    serve_deployment(cluster, "keyed-serve")
+    make_available(cluster, "keyed-serve", answer=False)
+    # The operator holds no key: it does not send the completion itself, it creates the answer Job.
+    job = answer_job_of(cluster, "keyed", dep, 1)
+    status = wait_ready(cluster, "keyed", "False", c.Reason.SERVICE_NOT_ANSWERING)
+    assert f"waiting for the answer Job {job['metadata']['name']}" in condition(status, "Ready")["message"]
+    assert "endpoint" not in (status.get("outputs") or {})
     assert behaviour_of(cluster, "keyed-serve").requests == []
+    assert not [r for r in cluster.emulator.request_log if r.subresource == "proxy"]
+
+    # Its pod: the worker image, the Service's cluster DNS URL, the key only as a secretKeyRef, no token.
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    (owner,) = job["metadata"]["ownerReferences"]
+    assert owner["kind"] == "FineTuneJob" and owner["name"] == "keyed" and owner["controller"] is True
+    assert job["metadata"]["labels"][c.LABEL_JOB] == "keyed"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["command"][:3] == ["ftctl", "worker", "answer"]
+    cmd = container["command"]
+    assert cmd[cmd.index("--url") + 1] == "http://keyed-serve.default.svc:8000/v1/chat/completions"
+    assert cmd[cmd.index("--model") + 1] == "keyed"
+    (key_env,) = [e for e in container["env"] if e["name"] == "FT_API_KEY"]
+    assert key_env == {"name": "FT_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vllm-key", "key": "key"}}}
+
+    # A failed verdict in its pod's termination message: Ready stays False with the worker's detail, retried
+    # with a new Job.
+    job_pod(cluster, job["metadata"]["name"], json.dumps({"answer": "failed", "detail": "HTTP 401 Unauthorized"}), 1)
+    fail_child(cluster, "Job", job["metadata"]["name"])
+    status = wait_ready(cluster, "keyed", "False", c.Reason.SERVICE_NOT_ANSWERING)
+    cluster.wait_for(
+        lambda: "HTTP 401 Unauthorized" in condition(ftj_status(cluster, "keyed"), "Ready")["message"],
+        30,
+        "the failed verdict is not in Ready",
+    )
+    assert answered(cluster, "keyed-serve") is None
+    second = answer_job_of(cluster, "keyed", dep, 2)
+    operator.wait_reconciled("keyed", times=1)
+    ready = condition(ftj_status(cluster, "keyed"), "Ready")
+    assert ready["status"] == "False" and "HTTP 401 Unauthorized" in ready["message"], ready
+
+    # The next attempt's pod answers ok: Ready turns true for this rollout, recorded like the proxy check.
+    finish_with_result(cluster, second["metadata"]["name"], {"answer": "ok"})
+    status = wait_state(cluster, "keyed", "Serving")
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Ready")["message"] == (
+        "the vLLM Deployment is available and its Service answered a chat completion"
+    )
+    assert status["outputs"]["endpoint"] == "http://keyed-serve.default.svc:8000/v1"
+    spec_hash = dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+    assert answered(cluster, "keyed-serve") == f"{dep['metadata']['uid']}:{spec_hash}"
+    assert wait_event(cluster, "keyed", c.Reason.SERVICE_ANSWERED)
+    assert behaviour_of(cluster, "keyed-serve").requests == []
+
+
+def test_an_ok_from_a_pod_that_exited_non_zero_does_not_count(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    dep = trained(cluster, "forged", serve=KEYED)
+    make_available(cluster, "forged-serve", answer=False)
+    job = answer_job_of(cluster, "forged", dep, 1)
+    name = job["metadata"]["name"]
+    # An ok from a container that exited 1 is a failure.
+    job_pod(cluster, name, json.dumps({"answer": "ok"}), 1)
+    fail_child(cluster, "Job", name)
+    second = answer_job_of(cluster, "forged", dep, 2)
+    status = ftj_status(cluster, "forged")
+    assert condition(status, "Ready")["status"] == "False", condition(status, "Ready")
+    assert "the answer check exited 1" in condition(status, "Ready")["message"]
+    # A Job that fails without any verdict (its deadline) is a failed check too.
+    fail_child(cluster, "Job", second["metadata"]["name"], reason="DeadlineExceeded")
+    cluster.wait_for(
+        lambda: (
+            "failed without a verdict (DeadlineExceeded)"
+            in condition(ftj_status(cluster, "forged"), "Ready")["message"]
+        ),
+        30,
+        "a Job without a verdict did not fail the check",
+    )
+    assert answered(cluster, "forged-serve") is None
 
 
 @pytest.mark.vllm

@@ -56,6 +56,7 @@ EXPECTED_FINAL_STATES = {
     "research/mistral-full-sft": "Serving",
     "ml/assistant-dpo": "Serving",
     "ml/llama-support-trainer": "Succeeded",
+    "ml/keyed-faq": "Serving",
 }
 
 

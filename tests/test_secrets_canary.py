@@ -194,8 +194,38 @@ def test_operator_session_downloaded_with_the_secret(recorded: Any) -> None:
         if o.get("kind") == "Job" and o["metadata"].get("labels", {}).get(c.LABEL_COMPONENT) == "download"
     ]
     assert downloads, "the scenario ran a download stage"
-    workloads = [o for o in recorded.objects if o.get("kind") in ("Job", "PyTorchJob", "DeepSpeedJob", "Deployment")]
+    workloads = [
+        o
+        for o in recorded.objects
+        if o.get("kind") in ("Job", "PyTorchJob", "DeepSpeedJob", "Deployment")
+        and o["metadata"].get("labels", {}).get(c.LABEL_JOB) != KEYED
+    ]
     _check_token_only_in_download(workloads, TOKEN_SECRET)
+
+
+KEYED = "keyed-faq"
+
+
+def test_operator_session_served_with_the_api_key_only_by_reference(recorded: Any) -> None:
+    """serve.apiKeySecretRef (the canary Secret): the key reaches the vLLM container (VLLM_API_KEY) and the answer
+    Job's pod (FT_API_KEY, ``ftctl worker answer``), each only as a secretKeyRef, and no other object of that job."""
+    objects = [o for o in recorded.objects if o["metadata"].get("labels", {}).get(c.LABEL_JOB) == KEYED]
+    uses = _without_secret_check(objects, _secret_uses(objects))
+    found = {
+        (o["kind"], o["metadata"]["labels"][c.LABEL_COMPONENT], where.rsplit("[", 1)[1].rstrip("]"))
+        for o, where, _ in uses
+    }
+    assert found == {("Deployment", "serve", "VLLM_API_KEY"), ("Job", "answer", "FT_API_KEY")}, found
+    for _obj, where, ref in uses:
+        assert ref == TOKEN_SECRET, where
+    (answer_job,) = [
+        o for o in objects if o.get("kind") == "Job" and o["metadata"]["labels"][c.LABEL_COMPONENT] == "answer"
+    ]
+    pod = answer_job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert container["command"][:3] == ["ftctl", "worker", "answer"]
+    assert all("value" not in e for e in container["env"] if e["name"] == "FT_API_KEY")
 
 
 def test_canary_is_in_no_object_but_its_secret(recorded: Any) -> None:

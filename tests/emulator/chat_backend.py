@@ -36,6 +36,10 @@ class Behaviour:
     status: int | None = None
     #: Claim this model in a 200 answer instead of the one asked for (a Service routed to another server).
     claim_model: str | None = None
+    #: Answer only requests carrying ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``), else 401.
+    api_key: str | None = None
+    #: The ``Authorization`` headers of the completion requests received.
+    authorizations: list[str | None] = field(default_factory=list)
     #: Completion requests received (their JSON bodies).
     requests: list[dict[str, Any]] = field(default_factory=list)
 
@@ -92,6 +96,11 @@ class ChatStandIn:
                             self._send(400, _error("invalid JSON", "BadRequestError", 400))
                             return
                         b.requests.append(req)
+                        auth = self.headers.get("Authorization")
+                        b.authorizations.append(auth)
+                        if b.api_key is not None and auth != f"Bearer {b.api_key}":
+                            self._send(401, {"error": "Unauthorized"})  # vLLM's API-key middleware
+                            return
                         if b.status is not None:
                             self._send(b.status, _error("the server is not ready", "ServiceUnavailableError", b.status))
                             return

@@ -1,5 +1,5 @@
 """``ftctl worker``: the entry point of worker pods (``download``, ``preflight``, ``train``, ``merge``, ``eval``,
-``publish``, ``progress``).
+``publish``, ``answer``, ``progress``).
 
 Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 1 an input/output error on a volume
 (read-only, full; the message names the file), 3 bad data, 4 model missing,
@@ -7,7 +7,8 @@ Exit codes (see :mod:`finetune_operator.errors`): 0 done (or already done), 1 an
 10 publishing failed, 12 will not fit (preflight), 128+N stopped by signal N (resumable). The message of a
 failure is also written to the container's termination message file so that ``kubectl describe`` and the
 operator show it without reading logs; ``eval`` and ``publish`` write their result there on success (one JSON
-line).
+line). ``answer`` writes its verdict there (``{"answer": "ok"}`` or ``{"answer": "failed", "detail": ...}``)
+and exits 0 or 1.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def _run(step: str, args: argparse.Namespace) -> int:
             return _publish(args)
         if step == "eval":
             return _eval(args)
+        if step == "answer":
+            return _answer(args)
         if step == "stop":
             return _stop(args)
         return _progress(args)
@@ -156,6 +159,17 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer(args: argparse.Namespace) -> int:
+    from finetune_operator.chatcheck import verdict_message
+    from finetune_operator.worker.answer import run_answer
+
+    answer = run_answer(args.url, args.model, timeout=args.timeout)
+    print(f"answer: ok (model {args.model!r})" if answer.ok else f"answer: failed: {answer.detail}")
+    # The operator reads the verdict from the termination message (see worker.answer).
+    _termination_message(verdict_message(answer))
+    return 0 if answer.ok else 1
+
+
 def _stop(args: argparse.Namespace) -> int:
     from finetune_operator.worker.stopping import stop_running
 
@@ -227,6 +241,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     pub = sub.add_parser("publish", help="write the lineage file and publish the model to its destinations")
     pub.add_argument("--config", required=True, help="publish.json")
     pub.set_defaults(func=lambda a: _run("publish", a))
+
+    ans = sub.add_parser(
+        "answer",
+        help="send one chat completion to a vLLM Service with the API key from $FT_API_KEY; verdict, exit 0/1",
+    )
+    ans.add_argument(
+        "--url", required=True, help="the completions URL, e.g. http://svc.ns.svc:8000/v1/chat/completions"
+    )
+    ans.add_argument("--model", required=True, help="the served model name")
+    ans.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    ans.set_defaults(func=lambda a: _run("answer", a))
 
     st = sub.add_parser(
         "stop",

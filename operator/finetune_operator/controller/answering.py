@@ -13,10 +13,11 @@ NetworkPolicy hole towards the serving pods, and is authorised as ``create`` on 
 extra permission, see :mod:`.rbac`). The API server authenticates the request and does not forward the
 operator's credentials to vLLM.
 
-What counts (:func:`judge`): HTTP 200, a JSON ``chat.completion`` whose ``choices[0].message`` is an object and
-whose ``model`` (when given) is the served name asked for. Anything else is a failure described by its HTTP
-status and the error's reason/type and message fields only (never the raw body: the detail goes into status
-and events, which must not carry whatever an unexpected server put in its answer).
+What counts (:func:`judge`, in :mod:`finetune_operator.chatcheck`, shared with the answer Job below): HTTP 200,
+a JSON ``chat.completion`` whose ``choices[0].message`` is an object and whose ``model`` (when given) is the
+served name asked for. Anything else is a failure described by its HTTP status and the error's reason/type and
+message fields only (never the raw body: the detail goes into status and events, which must not carry whatever
+an unexpected server put in its answer).
 
 Where the result lives: on the Deployment, annotation :data:`ANNOTATION_ANSWERED` = ``<uid>:<template
 hash>`` (see :func:`answered_value`). Only the operator writes Deployments (worker pods may patch the
@@ -33,39 +34,47 @@ corrected spec under a new ``runId``, or whatever broke the server). A check tha
 true with a Normal event.
 
 With ``serve.apiKeySecretRef`` vLLM answers only requests carrying the key, which the operator does not hold (it
-reads no Secrets) and could not send through the proxy (the API server consumes the Authorization header):
-there the check is skipped and ``Ready`` follows the Deployment's availability, as the condition's message says.
+reads no Secrets) and could not send through the proxy (the API server consumes the Authorization header). There
+the check runs inside the cluster instead: the operator creates a small batch/v1 **answer Job**
+(:mod:`finetune_operator.render.answer`) running ``ftctl worker answer`` in the worker image, which POSTs the
+same request to the Service's cluster DNS URL (the ``status.outputs.endpoint`` one) with ``Authorization:
+Bearer`` and the key, which reaches the pod only as a ``secretKeyRef`` env var. The worker judges the answer
+with the same :func:`judge` and writes its verdict (ok, or failed with the sanitized detail: never the key, never
+the raw body) to its termination message; the operator reads it from the Job's pod (controller ownerReference
+= that Job's uid, as the eval/publish results: :mod:`.results`), never from status. The Job is one attempt
+(``backoffLimit`` 0, no ServiceAccount token, Pod Security "restricted", ``ttlSecondsAfterFinished`` one hour,
+owned by the FineTuneJob); a failed verdict (or a Job that failed without one) is a failed check with the same
+backoff, and the next attempt is a new Job named after the rollout and the attempt number
+(:func:`~finetune_operator.render.answer.answer_job_name`), so at most one runs per rollout at a time. After an
+operator restart the attempts count again from 1, adopting the Jobs that still exist.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import quote
 
 from finetune_operator.api import constants as c
+from finetune_operator.chatcheck import COMPLETIONS_PATH, MAX_TOKENS, PROMPT, Answer, judge, request_body
+
+__all__ = [
+    "ANNOTATION_ANSWERED",
+    "COMPLETIONS_PATH",
+    "MAX_TOKENS",
+    "PROMPT",
+    "WARN_AFTER",
+    "Answer",
+    "answered_value",
+    "judge",
+    "proxy_path",
+    "request_body",
+    "retry_delay",
+]
 
 #: On the vLLM Deployment: ``<uid>:<template hash>`` of the rollout a chat completion succeeded on.
 ANNOTATION_ANSWERED: Final = c.ANNOTATION_ANSWERED
-#: The completion path of vLLM's OpenAI-compatible server.
-COMPLETIONS_PATH: Final = "/v1/chat/completions"
-#: A prompt any chat model answers; the answer's content is not judged, only that one is produced.
-PROMPT: Final = "Reply with the single word: ready"
-#: Few tokens: the check proves the model generates, it does not measure it.
-MAX_TOKENS: Final = 4
 #: Consecutive failures after which one Warning event is posted.
 WARN_AFTER: Final = 3
-#: Longest error detail kept (status and events are small).
-_DETAIL_MAX: Final = 200
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The outcome of one check: ``ok``, else ``detail`` says why (HTTP status and the error's own words)."""
-
-    ok: bool
-    detail: str = ""
 
 
 def proxy_path(namespace: str, service: str, port: int | str, path: str = COMPLETIONS_PATH) -> str:
@@ -74,59 +83,6 @@ def proxy_path(namespace: str, service: str, port: int | str, path: str = COMPLE
         f"/api/v1/namespaces/{quote(namespace, safe='')}/services/"
         f"{quote(service, safe='')}:{quote(str(port), safe='')}/proxy{path}"
     )
-
-
-def request_body(model: str) -> dict[str, Any]:
-    """The chat completion sent: deterministic (temperature 0), a few tokens, not streamed."""
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "stream": False,
-    }
-
-
-def _one_line(text: Any) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= _DETAIL_MAX else flat[: _DETAIL_MAX - 3] + "..."
-
-
-def _error_words(body: bytes) -> str:
-    """The reason/type and message of a JSON error answer (an API server Status or an OpenAI-style error)."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return ""
-    if not isinstance(doc, dict):
-        return ""
-    inner = doc.get("error")
-    err: dict[str, Any] = inner if isinstance(inner, dict) else doc
-    kind = err.get("reason") or err.get("type") or ""
-    message = err.get("message") or ""
-    if not isinstance(kind, str) or not isinstance(message, str):
-        return ""
-    return _one_line(f"{kind}: {message}" if kind and message else kind or message)
-
-
-def judge(status: int, body: bytes, model: str) -> Answer:
-    """Whether an answer of the completions endpoint is a well-formed completion by ``model``."""
-    if status != 200:
-        words = _error_words(body)
-        return Answer(False, f"HTTP {status}" + (f" {words}" if words else ""))
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return Answer(False, "HTTP 200 but the answer is not JSON")
-    choices = doc.get("choices") if isinstance(doc, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return Answer(False, "HTTP 200 but the answer has no choices")
-    if not isinstance(choices[0].get("message"), dict):
-        return Answer(False, "HTTP 200 but choices[0] has no message")
-    answered_by = doc.get("model")
-    if answered_by is not None and answered_by != model:
-        return Answer(False, f"HTTP 200 but the answer is from model {_one_line(answered_by)!r}, not {model!r}")
-    return Answer(True)
 
 
 def answered_value(uid: str, template_hash: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from finetune_operator.api.constants import Reason
+from finetune_operator.api.constants import DEFAULT_WORKER_IMAGE, Reason
 from finetune_operator.api.types import FineTuneJob
 from finetune_operator.controller import status as st
 from finetune_operator.controller.kube import Kube
@@ -54,6 +54,8 @@ class ReconcilerConfig:
     #: First delay before a failed answer check is repeated; doubled per failure up to ``answer_retry_max``.
     answer_retry_initial: float = 2.0
     answer_retry_max: float = 60.0
+    #: Image of the answer Job (``ftctl worker answer``) of FineTuneJobs without ``spec.image``.
+    worker_image: str = DEFAULT_WORKER_IMAGE
     #: Seconds between looks at the pods of a step that have not started (pods are not watched): a pod
     #: waiting for a missing Secret fails the job. The wait grows with the step's age, up to 5 minutes.
     pod_check_interval: float = 5.0

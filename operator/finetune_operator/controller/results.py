@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from finetune_operator.api.types import PublishedCopy
+from finetune_operator.chatcheck import Answer, parse_verdict
 
 #: The kubelet keeps at most 4096 bytes of a termination message.
 MAX_MESSAGE: Final = 4096
@@ -69,6 +70,26 @@ def termination_message(pods: Iterable[Mapping[str, Any]], job_uid: str) -> str 
             finished = str(term.get("finishedAt") or "")
             if best is None or finished >= best[0]:
                 best = (finished, message)
+    return best[1] if best is not None else None
+
+
+def answer_verdict(pods: Iterable[Mapping[str, Any]], job_uid: str) -> Answer | None:
+    """The verdict of an answer Job's latest finished container (pods the Job controls only; ``ok`` only from
+    exit code 0: see :func:`finetune_operator.chatcheck.parse_verdict`); None when none finished with one."""
+    best: tuple[str, Answer] | None = None
+    for pod in pods:
+        if not _owned_by(pod, job_uid):
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = ((cs or {}).get("state") or {}).get("terminated") or {}
+            code = term.get("exitCode")
+            message = term.get("message")
+            if not isinstance(code, int) or not isinstance(message, str):
+                continue
+            verdict = parse_verdict(message, code)
+            finished = str(term.get("finishedAt") or "")
+            if verdict is not None and (best is None or finished >= best[0]):
+                best = (finished, verdict)
     return best[1] if best is not None else None
 
 

@@ -256,6 +256,7 @@ class Controller:
                 answer_timeout=config.answer_timeout,
                 answer_retry_initial=config.answer_retry_initial,
                 answer_retry_max=config.answer_retry_max,
+                worker_image=config.worker_image,
                 pod_check_interval=config.pod_check_interval,
             ),
         )

@@ -11,7 +11,9 @@ Decisions that live here:
   endpoint stay.
 * **Answering** (:meth:`Serving._answers`, rules in :mod:`.answering`): after a rollout is complete, one real
   chat completion through the Service must succeed before the job counts as serving (``Ready``); until then
-  ``Ready`` is False with reason ``ServiceNotAnswering`` and the check is retried with backoff.
+  ``Ready`` is False with reason ``ServiceNotAnswering`` and the check is retried with backoff. With
+  ``serve.apiKeySecretRef`` the completion is sent by an answer Job inside the cluster instead
+  (:meth:`Serving._answer_by_job`), judged by the same rules.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Any, Final
 from finetune_operator.api import constants as c
 from finetune_operator.api.constants import Reason, StageState
 from finetune_operator.api.types import FineTuneJob, StageStatus
-from finetune_operator.controller import answering
+from finetune_operator.controller import answering, results
 from finetune_operator.controller import children as ch
 from finetune_operator.controller import status as st
 from finetune_operator.controller.context import Blocked, Ctx, with_deletions
 from finetune_operator.controller.kube import Unavailable
 from finetune_operator.controller.stepping import Stepping
+from finetune_operator.render.answer import answer_job, answer_job_name
 from finetune_operator.render.plan import Plan, Step
 from finetune_operator.render.serve import served_model_name
 
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Rollouts whose failed answer checks are remembered (oldest dropped first).
 _ANSWERS_MAX: Final = 4096
+#: Seconds between looks at a running answer Job (its pod's termination is not watched).
+_ANSWER_JOB_POLL: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class ServeOutcome:
     rolling: bool
     #: Available, but the answer check has not passed: why (None when it passed or was not due).
     not_answering: str | None = None
-    #: A note on the Ready message (the check is skipped with an API key).
+    #: A note on the Ready message (none today: every rollout is checked, with an API key by an answer Job).
     note: str = ""
 
 
@@ -218,7 +223,7 @@ class Serving(Stepping):
             # The old pods answer until the new ones replace them: serving if this Deployment answered before.
             answered = str((deployment["metadata"].get("annotations") or {}).get(c.ANNOTATION_ANSWERED) or "")
             before = answered.startswith(f"{deployment['metadata'].get('uid')}:")
-            outcome = ServeOutcome(serving=before or job.spec.serve.api_key_secret_ref is not None, rolling=True)
+            outcome = ServeOutcome(serving=before, rolling=True)
         elif available:
             outcome = await self._answers(ctx, job, step, deployment)
         serving = outcome.serving
@@ -243,12 +248,6 @@ class Serving(Stepping):
         running; a pass is recorded on the Deployment with a Normal event, a failure is remembered (backoff,
         one Warning event after :data:`~.answering.WARN_AFTER` in a row) and keeps the job not serving.
         """
-        if job.spec.serve.api_key_secret_ref is not None:
-            return ServeOutcome(
-                serving=True,
-                rolling=False,
-                note=" (no chat completion check: serve.apiKeySecretRef is set and the operator holds no API key)",
-            )
         meta = deployment["metadata"]
         template = (step.workload["spec"]["template"].get("metadata") or {}).get("annotations") or {}
         key = answering.answered_value(str(meta.get("uid") or ""), str(template.get(c.ANNOTATION_SPEC_HASH) or ""))
@@ -263,14 +262,30 @@ class Serving(Stepping):
                 serving=False, rolling=False, not_answering=self._not_answering(svc_name, failures, detail)
             )
         model = served_model_name(job)
-        path = answering.proxy_path(ctx.namespace, svc_name, port)
-        try:
-            status, body = await self.kube.post_raw(
-                path, answering.request_body(model), timeout=self.config.answer_timeout
-            )
-            answer = answering.judge(status, body, model)
-        except Unavailable as exc:
-            answer = answering.Answer(False, f"no answer: {exc.reason or 'error'}")
+        if job.spec.serve.api_key_secret_ref is not None:
+            # vLLM needs the key, which the operator does not hold: the answer Job checks from inside.
+            by_job = await self._answer_by_job(ctx, job, key, failures + 1)
+            if by_job is None:
+                ctx.requeue_after(_ANSWER_JOB_POLL)
+                waiting = (
+                    self._not_answering(svc_name, failures, detail)
+                    if failures
+                    else (
+                        f"the vLLM Deployment is available; waiting for the answer Job "
+                        f"{answer_job_name(job, key, 1)} (a chat completion with the API key)"
+                    )
+                )
+                return ServeOutcome(serving=False, rolling=False, not_answering=waiting)
+            answer = by_job
+        else:
+            path = answering.proxy_path(ctx.namespace, svc_name, port)
+            try:
+                status, body = await self.kube.post_raw(
+                    path, answering.request_body(model), timeout=self.config.answer_timeout
+                )
+                answer = answering.judge(status, body, model)
+            except Unavailable as exc:
+                answer = answering.Answer(False, f"no answer: {exc.reason or 'error'}")
         if answer.ok:
             self._answer_failures.pop(key, None)
             patch = {"metadata": {"annotations": {c.ANNOTATION_ANSWERED: key}}}
@@ -299,6 +314,29 @@ class Serving(Stepping):
             ctx.events.append(st.Event("Warning", Reason.SERVICE_NOT_ANSWERING, message))
         ctx.requeue_after(delay)
         return ServeOutcome(serving=False, rolling=False, not_answering=message)
+
+    async def _answer_by_job(self, ctx: Ctx, job: FineTuneJob, rollout: str, attempt: int) -> answering.Answer | None:
+        """The verdict of attempt ``attempt`` of the answer Job of ``rollout`` (created when missing); None while
+        it runs. Read from the termination message of the Job's own pod (:func:`.results.answer_verdict`), never
+        from status; a Job that failed without a verdict (deadline, image pull) is a failed check."""
+        body = answer_job(job, job.spec.image or self.config.worker_image, rollout, attempt)
+        name = body["metadata"]["name"]
+        found = await self.kube.get("batch/v1", "Job", ctx.namespace, name)
+        if found is not None and not ch.is_ours(found, ctx.uid):
+            raise Blocked(f"Job {name} exists but is not owned by this FineTuneJob", warn=True)
+        if found is None:
+            found = await self._create(ctx, ch.with_owner(body, ctx.ftj))
+            return None
+        uid = str(found["metadata"].get("uid") or "")
+        pods = await self.kube.list("v1", "Pod", ctx.namespace, results.job_pod_selector(name))
+        verdict = results.answer_verdict(pods, uid)
+        if verdict is not None:
+            return verdict
+        for cond in (found.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Failed" and cond.get("status") == "True":
+                why = cond.get("reason") or "Failed"
+                return answering.Answer(False, f"answer Job {name} failed without a verdict ({why})")
+        return None
 
     @staticmethod
     def _not_answering(service: str, failures: int, detail: str) -> str:
