@@ -1,4 +1,4 @@
-"""The evaluation and publish workers' results, read from their pods' termination messages. Pure functions.
+"""The evaluation, publish and answer workers' results, read from their pods' termination messages. Pure functions.
 
 Why the termination message: ``ftctl worker eval`` and ``ftctl worker publish`` write one JSON line there on
 success (``{"metrics": {...}}``, ``{"published": [...]}``). The kubelet copies it into the pod's
@@ -6,6 +6,9 @@ success (``{"metrics": {...}}``, ``{"published": [...]}``). The kubelet copies i
 worker pods have no RBAC on pods, so no other pod (and no worker patching ``status.reported`` of the
 FineTuneJob) can forge it. ``status`` of the FineTuneJob, which workers may patch, is never read back as a
 result.
+
+The answer Job (``ftctl worker answer``, serving with an API key) writes its verdict there the same way
+(:func:`answer_verdict`; an ``ok`` counts only from a container that exited 0).
 
 It is still worker output: it is treated as data. A message longer than the kubelet's limit, not JSON, or not
 an object yields nothing; inside it only known keys with the right types within bounds are kept (metric names
