@@ -220,7 +220,8 @@ KEYED = {**SERVE, "apiKeySecretRef": {"name": "vllm-key", "key": "key"}}
 def answer_job_of(server: EmulatorServer, name: str, deployment: dict[str, Any], attempt: int) -> dict[str, Any]:
     """The answer Job of the Deployment's current rollout, attempt ``attempt``, once the operator created it."""
     spec_hash = deployment["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
-    rollout = f"{deployment['metadata']['uid']}:{spec_hash}"
+    generation = (server.get("deployments.apps", f"{name}-serve") or {})["metadata"]["generation"]
+    rollout = f"{deployment['metadata']['uid']}:{spec_hash}@{generation}"
     return server.wait_for_object(RESOURCE["Job"], f"{name}-answer-{short_hash(rollout)}-{attempt}")
 
 
@@ -282,6 +283,38 @@ def test_with_an_api_key_an_answer_job_checks_from_inside_the_cluster(
     assert answered(cluster, "keyed-serve") == f"{dep['metadata']['uid']}:{spec_hash}"
     assert wait_event(cluster, "keyed", c.Reason.SERVICE_ANSWERED)
     assert behaviour_of(cluster, "keyed-serve").requests == []
+
+
+def test_with_an_api_key_resuming_is_checked_again_by_a_new_answer_job(
+    cluster: EmulatorServer, operator: OperatorThread
+) -> None:
+    trained(cluster, "resumed", serve=KEYED)
+    make_available(cluster, "resumed-serve", answer=False)
+    first = cluster.wait_for(lambda: answer_jobs(cluster, "resumed"), 30, "no answer Job")[0]
+    finish_with_result(cluster, first, {"answer": "ok"})
+    wait_state(cluster, "resumed", "Serving")
+    # Suspend and resume: the same Deployment and template, but a new rollout. The finished Job of the
+    # first one (kept until its TTL) must not answer for it.
+    cluster.patch(FTJ, "resumed", {"spec": {"suspend": True}})
+    wait_state(cluster, "resumed", "Suspended")
+    cluster.patch(FTJ, "resumed", {"spec": {"suspend": False}})
+    cluster.wait_for_object("deployments.apps", "resumed-serve", condition=lambda d: d["spec"]["replicas"] == 1)
+    make_available(cluster, "resumed-serve", answer=False)
+    jobs = cluster.wait_for(
+        lambda: len(answer_jobs(cluster, "resumed")) == 2 and answer_jobs(cluster, "resumed"),
+        30,
+        "resuming made no new answer Job",
+    )
+    status = wait_ready(cluster, "resumed", "False", c.Reason.SERVICE_NOT_ANSWERING)
+    assert answered(cluster, "resumed-serve") is None, status
+    (second,) = [j for j in jobs if j != first]
+    finish_with_result(cluster, second, {"answer": "ok"})
+    wait_state(cluster, "resumed", "Serving")
+
+
+def answer_jobs(server: EmulatorServer, name: str) -> list[str]:
+    selector = f"{c.LABEL_JOB}={name},{c.LABEL_COMPONENT}=answer"
+    return sorted(j["metadata"]["name"] for j in server.list(RESOURCE["Job"], "default", label_selector=selector))
 
 
 def test_an_ok_from_a_pod_that_exited_non_zero_does_not_count(

@@ -44,9 +44,10 @@ the raw body) to its termination message; the operator reads it from the Job's p
 = that Job's uid, as the eval/publish results: :mod:`.results`), never from status. The Job is one attempt
 (``backoffLimit`` 0, no ServiceAccount token, Pod Security "restricted", ``ttlSecondsAfterFinished`` one hour,
 owned by the FineTuneJob); a failed verdict (or a Job that failed without one) is a failed check with the same
-backoff, and the next attempt is a new Job named after the rollout and the attempt number
-(:func:`~finetune_operator.render.answer.answer_job_name`), so at most one runs per rollout at a time. After an
-operator restart the attempts count again from 1, adopting the Jobs that still exist.
+backoff, and the next attempt is a new Job named after the rollout (Deployment uid, template hash and
+generation: a resume is a new rollout whose check a finished Job of the previous one cannot answer) and the
+attempt number (:func:`~finetune_operator.render.answer.answer_job_name`), so at most one runs per rollout at a
+time. After an operator restart the attempts count again from 1, adopting the Jobs that still exist.
 """
 
 from __future__ import annotations

@@ -264,7 +264,10 @@ class Serving(Stepping):
         model = served_model_name(job)
         if job.spec.serve.api_key_secret_ref is not None:
             # vLLM needs the key, which the operator does not hold: the answer Job checks from inside.
-            by_job = await self._answer_by_job(ctx, job, key, failures + 1)
+            # One Job name per rollout *occurrence*: a resume keeps uid and template (the same ``key``) but
+            # changes the generation, and the first occurrence's finished Job must not answer for it.
+            rollout = f"{key}@{meta.get('generation') or 0}"
+            by_job = await self._answer_by_job(ctx, job, rollout, failures + 1)
             if by_job is None:
                 ctx.requeue_after(_ANSWER_JOB_POLL)
                 waiting = (
@@ -272,7 +275,7 @@ class Serving(Stepping):
                     if failures
                     else (
                         f"the vLLM Deployment is available; waiting for the answer Job "
-                        f"{answer_job_name(job, key, 1)} (a chat completion with the API key)"
+                        f"{answer_job_name(job, rollout, 1)} (a chat completion with the API key)"
                     )
                 )
                 return ServeOutcome(serving=False, rolling=False, not_answering=waiting)
@@ -316,7 +319,8 @@ class Serving(Stepping):
         return ServeOutcome(serving=False, rolling=False, not_answering=message)
 
     async def _answer_by_job(self, ctx: Ctx, job: FineTuneJob, rollout: str, attempt: int) -> answering.Answer | None:
-        """The verdict of attempt ``attempt`` of the answer Job of ``rollout`` (created when missing); None while
+        """The verdict of attempt ``attempt`` of the answer Job of ``rollout`` (``<uid>:<template hash>@<Deployment
+        generation>``; created when missing); None while
         it runs. Read from the termination message of the Job's own pod (:func:`.results.answer_verdict`), never
         from status; a Job that failed without a verdict (deadline, image pull) is a failed check."""
         body = answer_job(job, job.spec.image or self.config.worker_image, rollout, attempt)
