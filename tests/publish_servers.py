@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -121,3 +122,36 @@ def s3_server(workdir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with _process([binary, "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/", workdir / "log", env):
         yield url
+
+
+@contextmanager
+def publish_servers(
+    workdir: Path,
+    *,
+    hub_token: str,
+    s3_key_id: str,
+    s3_secret: str,
+    registry_user: str,
+    registry_password: str,
+    bucket: str,
+) -> Iterator[dict[str, Any]]:
+    """All three destinations at once: the stand-in hub (``hub``, ``hub_state``), S3 with ``bucket`` created
+    (``s3``, ``s3_client``: a real boto3 client) and an authenticated OCI registry (``registry``)."""
+    from tests.hub_standin import serve_hub
+
+    with (
+        serve_hub(hub_token) as (hub, state),
+        s3_server(workdir / "s3") as s3,
+        oci_registry(workdir / "registry", registry_user, registry_password) as registry,
+    ):
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3,
+            aws_access_key_id=s3_key_id,
+            aws_secret_access_key=s3_secret,
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=bucket)
+        yield {"hub": hub, "hub_state": state, "s3": s3, "s3_client": client, "registry": registry}

@@ -36,10 +36,9 @@ from finetune_operator.render import secretcheck
 from finetune_operator.worker import lineage
 from tests.e2e_harness import NS, Cluster, build_images
 from tests.e2e_harness import cluster as start_cluster
-from tests.hub_standin import serve_hub
 from tests.install_tools import ROOT
 from tests.node_agent import available
-from tests.publish_servers import oci_registry, s3_server
+from tests.publish_servers import publish_servers
 from tests.test_e2e import chat, stop_serving
 from tests.test_local_run import shared_tiny_model
 from tests.test_publish import _oci_pull
@@ -69,25 +68,17 @@ def images() -> None:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("e2e-publish-servers")
-    creds = SECRETS["registry-credentials"]
-    with (
-        serve_hub(HUB_CANARY) as (hub, state),
-        s3_server(base / "s3") as s3,
-        oci_registry(base / "registry", creds["username"], creds["password"]) as registry,
-    ):
-        import boto3
-
-        s3c = SECRETS["s3-credentials"]
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3,
-            aws_access_key_id=s3c["accessKeyId"],
-            aws_secret_access_key=s3c["secretAccessKey"],
-            region_name="us-east-1",
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield {"hub": hub, "hub_state": state, "s3": s3, "s3_client": client, "registry": registry}
+    creds, s3c = SECRETS["registry-credentials"], SECRETS["s3-credentials"]
+    with publish_servers(
+        tmp_path_factory.mktemp("e2e-publish-servers"),
+        hub_token=HUB_CANARY,
+        s3_key_id=s3c["accessKeyId"],
+        s3_secret=s3c["secretAccessKey"],
+        registry_user=creds["username"],
+        registry_password=creds["password"],
+        bucket=BUCKET,
+    ) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import yaml
 
 from finetune_operator.local.tinymodel import build_demo_data
 from finetune_operator.worker import lineage
-from tests.hub_standin import serve_hub
-from tests.publish_servers import oci_registry, s3_server
+from tests.publish_servers import publish_servers
 from tests.test_local_run import FTCTL, ROOT, lf_env, shared_tiny_model
 
 EXAMPLE = ROOT / "manifests" / "examples" / "local-demo-eval-publish.yaml"
@@ -40,25 +39,17 @@ def _secrets_dir(root: Path, skip: tuple[str, str] | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("local-servers")
-    creds = SECRETS["registry-credentials"]
-    with (
-        serve_hub(SECRETS["hub-token"]["token"]) as (hub, state),
-        s3_server(base / "s3") as s3,
-        oci_registry(base / "registry", creds["username"], creds["password"]) as registry,
-    ):
-        import boto3
-
-        s3c = SECRETS["s3-credentials"]
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3,
-            aws_access_key_id=s3c["accessKeyId"],
-            aws_secret_access_key=s3c["secretAccessKey"],
-            region_name="us-east-1",
-        )
-        client.create_bucket(Bucket="models")
-        yield {"hub": hub, "hub_state": state, "s3": s3, "s3_client": client, "registry": registry}
+    creds, s3c = SECRETS["registry-credentials"], SECRETS["s3-credentials"]
+    with publish_servers(
+        tmp_path_factory.mktemp("local-servers"),
+        hub_token=SECRETS["hub-token"]["token"],
+        s3_key_id=s3c["accessKeyId"],
+        s3_secret=s3c["secretAccessKey"],
+        registry_user=creds["username"],
+        registry_password=creds["password"],
+        bucket="models",
+    ) as servers:
+        yield servers
 
 
 def _spec(servers: dict[str, Any], path: Path, **gate: Any) -> Path:

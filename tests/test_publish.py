@@ -22,8 +22,8 @@ import pytest
 from finetune_operator.errors import PublishError
 from finetune_operator.worker import lineage, markers
 from finetune_operator.worker.publish import oci, run_publish
-from tests.hub_standin import HubState, serve_hub
-from tests.publish_servers import Registry, oci_registry, s3_server
+from tests.hub_standin import HubState
+from tests.publish_servers import Registry, publish_servers
 
 FTCTL = str(Path(sys.executable).parent / "ftctl")
 pytestmark = pytest.mark.slow
@@ -52,19 +52,16 @@ def _online(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("servers")
-    with (
-        serve_hub(HUB_TOKEN) as (hub, hub_state),
-        s3_server(base / "s3") as s3,
-        oci_registry(base / "registry", OCI_USER, OCI_PASSWORD) as registry,
-    ):
-        import boto3
-
-        client = boto3.client(
-            "s3", endpoint_url=s3, aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET, region_name="us-east-1"
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield {"hub": hub, "hub_state": hub_state, "s3": s3, "s3_client": client, "registry": registry}
+    with publish_servers(
+        tmp_path_factory.mktemp("servers"),
+        hub_token=HUB_TOKEN,
+        s3_key_id=S3_KEY_ID,
+        s3_secret=S3_SECRET,
+        registry_user=OCI_USER,
+        registry_password=OCI_PASSWORD,
+        bucket=BUCKET,
+    ) as servers:
+        yield servers
 
 
 def _model(root: Path) -> Path:
