@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.local.tinymodel import CHATML_TEMPLATE, build_tokenizer
+from finetune_operator.local.tinymodel import CHATML_TEMPLATE, build_tokenizer, tiny_qwen2_config
 
 #: LLaMA-Factory's template for LLaVA-1.5 models (``mm_plugin`` ``llava``, placeholder ``<image>``).
 TEMPLATE = "llava"
@@ -44,7 +44,6 @@ def build_tiny_vlm(directory: str | Path, seed: int = 0) -> Path:
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        Qwen2Config,
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -63,20 +62,7 @@ def build_tiny_vlm(directory: str | Path, seed: int = 0) -> Path:
         chat_template=CHATML_TEMPLATE,
     )
     processor.save_pretrained(str(out))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", IMAGE_TOKEN)}
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    text = tiny_qwen2_config(tokenizer)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -89,7 +75,7 @@ def build_tiny_vlm(directory: str | Path, seed: int = 0) -> Path:
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=ids[IMAGE_TOKEN],
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",

@@ -117,23 +117,11 @@ def build_tokenizer(
     return _train_tokenizer(_corpus(random.Random(seed)), out, extra_special_tokens)
 
 
-def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Create a tokenizer and a randomly initialised Qwen2 model in ``directory`` (created if missing).
+def tiny_qwen2_config(tokenizer: Any) -> Any:
+    """The tiny Qwen2 text model's config for ``tokenizer`` (also the language model of the tests' tiny VLM)."""
+    from transformers import Qwen2Config
 
-    Deterministic for a given ``seed``: the same text, the same tokenizer, the same weights. Returns the
-    directory. Takes a few seconds (mostly importing transformers).
-    """
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.5 MB model needs no bar
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    tokenizer = _train_tokenizer(_corpus(rng), out)
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -146,6 +134,25 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
+
+
+def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Create a tokenizer and a randomly initialised Qwen2 model in ``directory`` (created if missing).
+
+    Deterministic for a given ``seed``: the same text, the same tokenizer, the same weights. Returns the
+    directory. Takes a few seconds (mostly importing transformers).
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.5 MB model needs no bar
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tokenizer = _train_tokenizer(_corpus(rng), out)
+    config = tiny_qwen2_config(tokenizer)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)  # type: ignore[no-untyped-call]
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
