@@ -46,6 +46,12 @@ def lf_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_local(spec: Path, workdir: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``ftctl run --local -f SPEC --workdir WORKDIR EXTRA...`` in :func:`lf_env`, its output captured."""
+    argv = [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir), *extra]
+    return subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_tiny_model(tmp_path_factory)
@@ -95,18 +101,8 @@ def test_local_demo_pipeline_sft_dpo_merge(tiny_model: Path, tmp_path: Path) -> 
     build_demo_data(data)
     spec = tmp_path / "job.yaml"
     spec.write_text(demo.demo_spec_text())
-    argv = [
-        FTCTL,
-        "run",
-        "--local",
-        "-f",
-        str(spec),
-        "--workdir",
-        str(workdir),
-        "--volume",
-        f"{demo.MODEL_CLAIM}={tiny_model.parent}",
-    ]
-    proc = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=900, check=False)
+    volume = f"{demo.MODEL_CLAIM}={tiny_model.parent}"
+    proc = run_local(spec, workdir, "--volume", volume)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     state = json.loads((workdir / ".finetune/local-demo/outputs.json").read_text())
@@ -151,7 +147,7 @@ def test_local_demo_pipeline_sft_dpo_merge(tiny_model: Path, tmp_path: Path) -> 
 
     # Re-running a finished pipeline is a no-op: nothing is retrained or re-merged.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = subprocess.run(argv, env=lf_env(), capture_output=True, text=True, timeout=300, check=False)
+    again = run_local(spec, workdir, "--volume", volume, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("already complete") == 3
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
@@ -176,35 +172,11 @@ def test_missing_model_and_bad_data_exit_codes(tiny_model: Path, tmp_path: Path)
     paths = build_demo_data(workdir / demo.DATA_CLAIM)
     spec = tmp_path / "job.yaml"
     spec.write_text(demo.demo_spec_text())
-    missing = subprocess.run(
-        [FTCTL, "run", "--local", "-f", str(spec), "--workdir", str(workdir)],
-        env=lf_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    missing = run_local(spec, workdir, timeout=300)
     assert missing.returncode == 4, missing.stderr
     assert "base model not found" in missing.stderr
     paths["sft_sharegpt"].write_text('{"messages": [oops\n')
-    bad = subprocess.run(
-        [
-            FTCTL,
-            "run",
-            "--local",
-            "-f",
-            str(spec),
-            "--workdir",
-            str(workdir),
-            "--volume",
-            f"{demo.MODEL_CLAIM}={tiny_model.parent}",
-        ],
-        env=lf_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    bad = run_local(spec, workdir, "--volume", f"{demo.MODEL_CLAIM}={tiny_model.parent}", timeout=300)
     assert bad.returncode == 3, bad.stderr
     # the preflight step finds it before training starts: LLaMA-Factory's loader would fail on the whole file
     assert "InvalidData: stage sft: dataset chat:" in " ".join(bad.stderr.split())
